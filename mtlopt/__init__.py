@@ -1,0 +1,39 @@
+"""mtlopt: multi-task optimization for PyTorch.
+
+Wrap the optimizer you already have and pick a strategy by name::
+
+    opt = mtlopt.MTLOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-4), strategy="pcgrad")
+    opt.zero_grad(); opt.step(losses)
+"""
+
+from . import strategies as _strategies  # noqa: F401  (registers the built-in strategies)
+from .optimizer import MTLOptimizer, StepInfo
+from .registry import Cost, Kind, StrategyInfo, available, create, info, register
+from .strategies.base import (
+    Combined,
+    GradientStrategy,
+    GramianStrategy,
+    LossStrategy,
+    Scalarized,
+    Strategy,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Combined",
+    "Cost",
+    "GradientStrategy",
+    "GramianStrategy",
+    "Kind",
+    "LossStrategy",
+    "MTLOptimizer",
+    "Scalarized",
+    "StepInfo",
+    "Strategy",
+    "StrategyInfo",
+    "available",
+    "create",
+    "info",
+    "register",
+]

@@ -1,0 +1,104 @@
+"""Per-task gradients: which parameters each task reaches, and the T×P Jacobian of the shared ones."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+def reached_parameters(loss: Tensor, candidates: Sequence[Tensor]) -> list[int]:
+    """Indices of ``candidates`` that ``loss`` depends on, found by walking its autograd graph once."""
+    index_of = {id(p): i for i, p in enumerate(candidates)}
+    reached: set[int] = set()
+    if loss.grad_fn is None:
+        return [index_of[id(loss)]] if id(loss) in index_of else []
+    seen = {loss.grad_fn}
+    stack = [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        variable = getattr(node, "variable", None)
+        if variable is not None and id(variable) in index_of:
+            reached.add(index_of[id(variable)])
+        for child, _ in node.next_functions:
+            if child is not None and child not in seen:
+                seen.add(child)
+                stack.append(child)
+    return sorted(reached)
+
+
+@dataclass
+class Partition:
+    """Which trainable parameters are shared, and which belong to one task only."""
+
+    shared: list[Tensor]
+    specific: list[list[Tensor]]
+    """``specific[i]``: parameters reached by task ``i`` and not shared."""
+
+    @property
+    def num_shared(self) -> int:
+        return sum(p.numel() for p in self.shared)
+
+
+def partition_parameters(
+    losses: Sequence[Tensor], trainable: Sequence[Tensor], shared: set[int] | None
+) -> tuple[Partition, list[int]]:
+    """Split ``trainable`` into shared and task-specific parameters.
+
+    With ``shared=None`` the shared parameters are those reached by two tasks or more. Returns the
+    partition and the indices of non-shared parameters that several tasks reach (a likely mistake
+    in a user-given ``shared``).
+    """
+    reach = [set(reached_parameters(loss, trainable)) for loss in losses]
+    counts = [sum(i in r for r in reach) for i in range(len(trainable))]
+    if shared is None:
+        is_shared = [c >= 2 for c in counts]
+    else:
+        is_shared = [id(p) in shared for p in trainable]
+    specific = [[trainable[i] for i in sorted(r) if not is_shared[i]] for r in reach]
+    multiply_reached = [i for i, c in enumerate(counts) if c >= 2 and not is_shared[i]]
+    partition = Partition([p for p, s in zip(trainable, is_shared, strict=True) if s], specific)
+    return partition, multiply_reached
+
+
+@dataclass
+class TaskGradients:
+    jacobian: Tensor
+    """T×P: row i is task i's gradient with respect to the flattened shared parameters."""
+    specific: list[list[Tensor | None]]
+    """Gradients of each task's own parameters, aligned with ``Partition.specific``."""
+
+
+def task_gradients(losses: Sequence[Tensor], partition: Partition) -> TaskGradients:
+    """One ``autograd.grad`` per task over (shared + that task's parameters); graph freed at the end.
+
+    Each task's shared gradient is written straight into its row of a preallocated T×P matrix.
+    """
+    shared = partition.shared
+    num_tasks = len(losses)
+    dtype = _common_dtype(shared) if shared else torch.get_default_dtype()
+    device = shared[0].device if shared else losses[0].device
+    jacobian = torch.empty(num_tasks, partition.num_shared, dtype=dtype, device=device)
+    specific: list[list[Tensor | None]] = []
+    for i, loss in enumerate(losses):
+        inputs = [*shared, *partition.specific[i]]
+        if not inputs:
+            jacobian[i].zero_()
+            specific.append([])
+            continue
+        grads = torch.autograd.grad(
+            loss, inputs, retain_graph=i < num_tasks - 1, allow_unused=True, materialize_grads=True
+        )
+        if shared:
+            torch.cat([g.reshape(-1) for g in grads[: len(shared)]], out=jacobian[i])
+        specific.append(list(grads[len(shared) :]))
+    return TaskGradients(jacobian, specific)
+
+
+def _common_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype

@@ -1,0 +1,105 @@
+"""The strategy registry: ``register`` / ``create`` / ``available`` and the metadata each strategy declares."""
+
+from __future__ import annotations
+
+import difflib
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from .strategies.base import Strategy
+
+
+class Kind(str, enum.Enum):
+    """What a strategy acts on."""
+
+    LOSS = "loss"
+    """Turns the vector of task losses into one scalar objective (one backward pass)."""
+    GRADIENT = "gradient"
+    """Turns the T×P matrix of per-task shared gradients into one update direction."""
+    TOKEN = "token"
+    """Works on per-task gradients of a transformer's token activations (DTME-MTL)."""
+
+
+class Cost(str, enum.Enum):
+    """How many backward passes one training step costs."""
+
+    ONE_BACKWARD = "1 backward"
+    T_BACKWARD = "T backward"
+    REPRESENTATION = "representation"
+
+
+@dataclass(frozen=True)
+class StrategyInfo:
+    """Metadata a strategy declares at registration; the docs' catalogue table is generated from it."""
+
+    name: str
+    kind: Kind
+    cost: Cost
+    stateful: bool
+    paper: str
+    conventions: str = ""
+
+    def as_row(self) -> dict[str, str]:
+        return {
+            "name": self.name,
+            "kind": self.kind.value,
+            "cost": self.cost.value,
+            "stateful": "yes" if self.stateful else "no",
+            "paper": self.paper,
+            "conventions": self.conventions,
+        }
+
+
+_REGISTRY: dict[str, type[Strategy]] = {}
+
+S = TypeVar("S", bound="type[Strategy]")
+
+
+def register(
+    name: str,
+    *,
+    kind: Kind | str,
+    cost: Cost | str,
+    stateful: bool,
+    paper: str,
+    conventions: str = "",
+) -> Callable[[S], S]:
+    """Class decorator that adds a strategy to the registry under a lower-case ``name``."""
+    if name != name.lower() or not name.replace("_", "").isalnum():
+        raise ValueError(f"strategy names are lower-case identifiers, got {name!r}")
+
+    def decorate(cls: S) -> S:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"a strategy named {name!r} is already registered ({_REGISTRY[name]})")
+        cls.info = StrategyInfo(name, Kind(kind), Cost(cost), stateful, paper, conventions)
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def _lookup(name: str) -> type[Strategy]:
+    key = name.lower().replace("-", "_")
+    if key not in _REGISTRY:
+        close = difflib.get_close_matches(key, _REGISTRY, n=3)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise KeyError(f"unknown strategy {name!r}.{hint} Available: {', '.join(available())}.")
+    return _REGISTRY[key]
+
+
+def create(name: str, **kwargs: Any) -> Strategy:
+    """Instantiate the strategy registered as ``name`` with its hyperparameters."""
+    return _lookup(name)(**kwargs)
+
+
+def available() -> list[str]:
+    """Names of all registered strategies, sorted."""
+    return sorted(_REGISTRY)
+
+
+def info(name: str) -> StrategyInfo:
+    """Metadata of the strategy registered as ``name``."""
+    return _lookup(name).info

@@ -1,0 +1,189 @@
+"""The small shared base every strategy stands on.
+
+Three families, after torchjd's taxonomy:
+
+* :class:`LossStrategy` maps the vector of task losses to one scalar objective (EW, UW, DWA, ...).
+* :class:`GradientStrategy` maps the T×P matrix ``J`` of per-task shared gradients to one P-vector.
+* :class:`GramianStrategy` is the common special case of a gradient strategy whose weights depend on
+  ``J`` only through the Gramian ``G = J Jᵀ``: the weights are computed on the small T×T matrix (in
+  float64, on the host) and the direction is ``wᵀ J``, so ``J`` is read twice in all.
+
+State is functional: ``combine``/``scalarize`` never mutate the strategy. They return a ``commit``
+callable that the optimizer runs once per optimizer step. Gradient accumulation can therefore combine
+as often as it likes (after every micro-batch, so that gradient clipping sees the final gradient)
+while stateful and random strategies advance exactly once per step.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..registry import StrategyInfo
+
+Commit = Callable[[], None]
+
+
+def _noop() -> None:
+    return None
+
+
+@dataclass
+class Combined:
+    """Result of combining per-task gradients."""
+
+    direction: Tensor
+    """The combined P-vector written to the shared parameters' gradients."""
+    weights: Tensor | None
+    """Effective task weights (``direction = weights @ J``) where the method is linear in ``J``."""
+    commit: Commit = _noop
+
+
+@dataclass
+class Scalarized:
+    """Result of scalarizing the task losses."""
+
+    loss: Tensor
+    """The scalar objective to back-propagate."""
+    weights: Tensor
+    """Effective task weights ``∂loss/∂L_i`` (detached), for diagnostics."""
+    commit: Commit = _noop
+
+
+class Strategy:
+    """Common base: metadata, optional task count, state (de)serialization."""
+
+    info: ClassVar[StrategyInfo]
+
+    def __init__(self, num_tasks: int | None = None) -> None:
+        if num_tasks is not None and num_tasks < 1:
+            raise ValueError(f"num_tasks must be at least 1, got {num_tasks}")
+        self.num_tasks = num_tasks
+
+    # State -------------------------------------------------------------------------------------
+    _state_attrs: ClassVar[tuple[str, ...]] = ()
+    """Names of the attributes that make up the strategy's state (saved by ``state_dict``)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: copy.deepcopy(getattr(self, name)) for name in self._state_attrs}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = set(self._state_attrs) - set(state)
+        if missing:
+            raise KeyError(f"{type(self).__name__} state is missing {sorted(missing)}")
+        for name in self._state_attrs:
+            setattr(self, name, copy.deepcopy(state[name]))
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """Learnable parameters the wrapped optimizer should train (e.g. UW's log-variances)."""
+        return []
+
+    def check_num_tasks(self, num_tasks: int) -> None:
+        if self.num_tasks is not None and num_tasks != self.num_tasks:
+            raise ValueError(
+                f"{self.info.name} was created for {self.num_tasks} tasks but got {num_tasks} losses"
+            )
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())
+        return f"{type(self).__name__}({params})"
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {}
+
+
+class LossStrategy(Strategy):
+    """Scalarizes the vector of task losses; costs one backward pass."""
+
+    def scalarize(self, losses: Tensor) -> Scalarized:
+        raise NotImplementedError
+
+
+class GradientStrategy(Strategy):
+    """Combines per-task gradients of the shared parameters, given as the rows of ``J``."""
+
+    def combine(self, jacobian: Tensor, losses: Tensor | None = None) -> Combined:
+        """Combine without changing the strategy's state; ``commit`` advances it."""
+        raise NotImplementedError
+
+    def aggregate(self, jacobian: Tensor, losses: Tensor | None = None) -> Tensor:
+        """Combine the rows of a T×P matrix into one P-vector (advancing any state once)."""
+        jacobian = _as_matrix(jacobian)
+        self.check_num_tasks(jacobian.shape[0])
+        result = self.combine(jacobian, losses)
+        result.commit()
+        return result.direction
+
+
+class GramianStrategy(GradientStrategy):
+    """A gradient strategy whose task weights are a function of the Gramian ``G = J Jᵀ``.
+
+    Subclasses implement :meth:`weigh`, which works on float64 NumPy arrays of size T×T.
+    """
+
+    def weigh(self, gramian: np.ndarray, losses: np.ndarray | None) -> tuple[np.ndarray, Commit]:
+        raise NotImplementedError
+
+    def combine(self, jacobian: Tensor, losses: Tensor | None = None) -> Combined:
+        gramian = gramian_of(jacobian)
+        loss_array = None if losses is None else losses.detach().double().cpu().numpy()
+        weights, commit = self.weigh(gramian, loss_array)
+        if not np.all(np.isfinite(weights)):
+            raise FloatingPointError(f"{self.info.name} produced non-finite task weights {weights}")
+        w = torch.from_numpy(np.ascontiguousarray(weights)).to(jacobian.device, jacobian.dtype)
+        return Combined(direction=w @ jacobian, weights=w, commit=commit)
+
+
+def gramian_of(jacobian: Tensor) -> np.ndarray:
+    """``J Jᵀ`` as a float64 host array (one matrix product on the device, one transfer)."""
+    gramian = (jacobian @ jacobian.T).double().cpu().numpy()
+    return (gramian + gramian.T) / 2
+
+
+def _as_matrix(jacobian: Tensor) -> Tensor:
+    if not isinstance(jacobian, Tensor):
+        jacobian = torch.as_tensor(jacobian, dtype=torch.get_default_dtype())
+    if jacobian.dim() != 2:
+        raise ValueError(f"expected a T×P matrix of task gradients, got shape {tuple(jacobian.shape)}")
+    if jacobian.shape[0] == 0:
+        raise ValueError("expected at least one task gradient (J has no rows)")
+    return jacobian
+
+
+class Randomized:
+    """Mixin for strategies that draw random numbers: a private generator whose state is saved.
+
+    ``seed=None`` draws the seed from torch's global generator, so ``torch.manual_seed`` makes runs
+    reproducible. Each step draws from a copy of the committed state; the commit advances it.
+    """
+
+    _rng_state: dict[str, Any]
+
+    def _init_rng(self, seed: int | None) -> None:
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (), generator=None).item())
+        self._rng_state = np.random.Generator(np.random.PCG64(seed)).bit_generator.state
+
+    def _step_rng(self) -> tuple[np.random.Generator, Commit]:
+        bit_generator = np.random.PCG64()
+        bit_generator.state = copy.deepcopy(self._rng_state)
+        rng = np.random.Generator(bit_generator)
+
+        def commit() -> None:
+            self._rng_state = bit_generator.state
+
+        return rng, commit
+
+
+def chain(*commits: Commit) -> Commit:
+    def run() -> None:
+        for commit in commits:
+            commit()
+
+    return run
