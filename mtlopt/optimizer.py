@@ -189,7 +189,9 @@ class MTLOptimizer(torch.optim.Optimizer):
             return self._backward_scalarized(names, tensors, detached)
         return self._backward_jacobian(names, tensors, detached)
 
-    def _backward_scalarized(self, names: list[str], losses: list[Tensor], detached: Tensor) -> StepInfo:
+    def _backward_scalarized(
+        self, names: list[str], losses: list[Tensor], detached: Tensor
+    ) -> StepInfo:
         assert isinstance(self.strategy, LossStrategy)
         window = self._window
         stacked = torch.stack([loss.reshape(()) for loss in losses])
@@ -207,7 +209,9 @@ class MTLOptimizer(torch.optim.Optimizer):
         window.info = StepInfo(list(names), window.losses.clone(), scalarized.weights.detach())
         return window.info
 
-    def _backward_jacobian(self, names: list[str], losses: list[Tensor], detached: Tensor) -> StepInfo:
+    def _backward_jacobian(
+        self, names: list[str], losses: list[Tensor], detached: Tensor
+    ) -> StepInfo:
         assert isinstance(self.strategy, GradientStrategy)
         window = self._window
         partition = self._partition_for(losses)
@@ -221,9 +225,13 @@ class MTLOptimizer(torch.optim.Optimizer):
         losses_sum = detached if window.losses is None else window.losses + detached
         combined = self.strategy.combine(jacobian, losses_sum.to(jacobian.device))
         if not bool(torch.isfinite(combined.direction).all()):
-            return self._nonfinite(names, detached, f"{self.strategy.info.name} produced a non-finite update")
+            return self._nonfinite(
+                names, detached, f"{self.strategy.info.name} produced a non-finite update"
+            )
 
-        delta = combined.direction if window.written is None else combined.direction - window.written
+        delta = (
+            combined.direction if window.written is None else combined.direction - window.written
+        )
         _accumulate(partition.shared, _unflatten(delta, partition.shared))
         for params, task_grads in zip(partition.specific, grads.specific, strict=True):
             _accumulate(params, task_grads)  # type: ignore[arg-type]
@@ -355,7 +363,9 @@ class MTLOptimizer(torch.optim.Optimizer):
 
     def _nonfinite(self, names: list[str], losses: Tensor, reason: str) -> StepInfo:
         if self.nonfinite == "raise":
-            raise FloatingPointError(f"{reason}; nothing was changed (use nonfinite='skip' to skip)")
+            raise FloatingPointError(
+                f"{reason}; nothing was changed (use nonfinite='skip' to skip)"
+            )
         info = StepInfo(list(names), losses, skipped=True, reason=reason)
         self._window = _Window(skipped=True, info=info)
         return info
@@ -378,7 +388,9 @@ def _accumulate(params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
     """``p.grad += g`` for every pair, creating ``p.grad`` where it is ``None``."""
     existing = [(p, g) for p, g in zip(params, grads, strict=True) if p.grad is not None]
     if existing:
-        torch._foreach_add_([p.grad for p, _ in existing], [g.to(p.grad.dtype) for p, g in existing])
+        torch._foreach_add_(
+            [p.grad for p, _ in existing], [g.to(p.grad.dtype) for p, g in existing]
+        )
     for p, g in zip(params, grads, strict=True):
         if p.grad is None:
             p.grad = g.detach().to(p.dtype).clone()
@@ -388,7 +400,9 @@ def _first_nonfinite(grads: Sequence[Tensor | None]) -> int | None:
     present = [(i, g) for i, g in enumerate(grads) if g is not None]
     if not present:
         return None
-    norms = torch.stack([n.double() for n in torch._foreach_norm([g for _, g in present], math.inf)])
+    norms = torch.stack(
+        [n.double() for n in torch._foreach_norm([g for _, g in present], math.inf)]
+    )
     finite = torch.isfinite(norms)
     if bool(finite.all()):
         return None

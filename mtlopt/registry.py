@@ -1,4 +1,4 @@
-"""The strategy registry: ``register`` / ``create`` / ``available`` and the metadata each strategy declares."""
+"""The strategy registry: `register`, `create`, `available`, and the metadata of each strategy."""
 
 from __future__ import annotations
 

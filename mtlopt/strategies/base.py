@@ -150,7 +150,9 @@ def _as_matrix(jacobian: Tensor) -> Tensor:
     if not isinstance(jacobian, Tensor):
         jacobian = torch.as_tensor(jacobian, dtype=torch.get_default_dtype())
     if jacobian.dim() != 2:
-        raise ValueError(f"expected a T×P matrix of task gradients, got shape {tuple(jacobian.shape)}")
+        raise ValueError(
+            f"expected a T×P matrix of task gradients, got shape {tuple(jacobian.shape)}"
+        )
     if jacobian.shape[0] == 0:
         raise ValueError("expected at least one task gradient (J has no rows)")
     return jacobian

@@ -1,0 +1,1 @@
+"""The mtlopt benchmark suite."""

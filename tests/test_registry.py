@@ -1,0 +1,62 @@
+import pytest
+
+import mtlopt
+from mtlopt.registry import Cost, Kind
+
+FIRST_STRATEGIES = {"ew", "gradnorm", "mgda", "pcgrad", "cagrad"}
+
+
+def test_first_strategies_are_registered_with_metadata():
+    assert FIRST_STRATEGIES <= set(mtlopt.available())
+    for name in mtlopt.available():
+        info = mtlopt.info(name)
+        assert info.name == name
+        assert isinstance(info.kind, Kind) and isinstance(info.cost, Cost)
+        assert isinstance(info.stateful, bool)
+        assert info.paper, f"{name} must cite its paper"
+        assert mtlopt.create(name).info is info
+
+
+def test_create_passes_hyperparameters():
+    strategy = mtlopt.create("cagrad", c=0.25, rescale=0)
+    assert strategy.c == 0.25 and strategy.rescale == 0
+
+
+def test_unknown_name_suggests_close_matches():
+    with pytest.raises(KeyError, match="pcgrad"):
+        mtlopt.create("pcgrd")
+
+
+def test_bad_hyperparameter_is_rejected():
+    with pytest.raises(ValueError, match="reduction"):
+        mtlopt.create("pcgrad", reduction="median")
+    with pytest.raises(TypeError):
+        mtlopt.create("mgda", not_a_parameter=1)
+
+
+def test_register_rejects_bad_names_and_duplicates():
+    with pytest.raises(ValueError):
+        mtlopt.register("PCGrad", kind="gradient", cost="T backward", stateful=False, paper="x")
+    with pytest.raises(ValueError, match="already registered"):
+
+        @mtlopt.register("pcgrad", kind="gradient", cost="T backward", stateful=False, paper="x")
+        class Other(mtlopt.GramianStrategy):
+            pass
+
+
+def test_user_strategy_round_trip():
+    import numpy as np
+
+    @mtlopt.register(
+        "test_first_task_only", kind="gradient", cost="T backward", stateful=False, paper="none"
+    )
+    class FirstOnly(mtlopt.GramianStrategy):
+        def weigh(self, gramian, losses):
+            w = np.zeros(gramian.shape[0])
+            w[0] = 1.0
+            return w, lambda: None
+
+    import torch
+
+    out = mtlopt.create("test_first_task_only").aggregate(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+    assert out.tolist() == [1.0, 2.0]
