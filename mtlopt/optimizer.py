@@ -12,7 +12,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .engine import Partition, partition_parameters, task_gradients
+from .engine import Partition, partition_parameters, reached_parameters, task_gradients
 from .registry import create
 from .strategies.base import Commit, GradientStrategy, LossStrategy, Strategy, gramian_of
 
@@ -171,11 +171,17 @@ class MTLOptimizer(torch.optim.Optimizer):
         return f"MTLOptimizer({self.strategy!r}, {self.optimizer!r})"
 
     # Backward -----------------------------------------------------------------------------------
-    def backward(self, losses: Losses) -> StepInfo:
+    def backward(self, losses: Losses, *, features: Tensor | None = None) -> StepInfo:
         """Back-propagate the task losses; the shared gradients hold the combined update afterwards.
 
         Call it several times before :meth:`step` to accumulate gradients over micro-batches: the
         per-task gradients are accumulated and the strategy combines their sums.
+
+        ``features`` switches a gradient strategy to representation mode (MGDA-UB style, LibMTL's
+        ``rep_grad``): per-task gradients are taken with respect to this shared representation (one
+        cheap backward per task through the heads), combined, and back-propagated through the trunk
+        once. The shared parameters are then those that produce ``features``. In this mode each
+        ``backward`` call combines its own micro-batch (the trunk graph of each is needed).
         """
         names, tensors = self._validate(losses)
         window = self._window
@@ -186,7 +192,15 @@ class MTLOptimizer(torch.optim.Optimizer):
         if bad:
             return self._nonfinite(names, detached, f"non-finite loss for task(s) {', '.join(bad)}")
         if isinstance(self.strategy, LossStrategy):
+            if features is not None:
+                raise ValueError(
+                    f"{self.strategy.info.name} is a loss strategy: representation mode "
+                    "(features=) applies to gradient strategies only"
+                )
             return self._backward_scalarized(names, tensors, detached)
+        tensors = [self.strategy.transform_loss(i, t.reshape(())) for i, t in enumerate(tensors)]
+        if features is not None:
+            return self._backward_representation(names, tensors, detached, features)
         return self._backward_jacobian(names, tensors, detached)
 
     def _backward_scalarized(
@@ -241,6 +255,53 @@ class MTLOptimizer(torch.optim.Optimizer):
         window.info = self._gradient_info(names, losses_sum, jacobian, combined.weights)
         return window.info
 
+    def _backward_representation(
+        self, names: list[str], losses: list[Tensor], detached: Tensor, features: Tensor
+    ) -> StepInfo:
+        assert isinstance(self.strategy, GradientStrategy)
+        if not self.strategy.supports_representation:
+            raise ValueError(f"{self.strategy.info.name} does not support representation mode")
+        if not isinstance(features, Tensor) or not features.requires_grad:
+            raise ValueError("features must be a tensor that requires grad (the trunk's output)")
+        window = self._window
+        partition = self._partition_for(losses, features=features)
+        inputs = [features]
+        per_task = []
+        for i, loss in enumerate(losses):
+            grads = torch.autograd.grad(
+                loss,
+                [*inputs, *partition.specific[i]],
+                retain_graph=True,
+                allow_unused=True,
+                materialize_grads=True,
+            )
+            per_task.append(grads)
+        jacobian = torch.stack([grads[0].reshape(-1) for grads in per_task])
+        finite_rows = torch.isfinite(jacobian).all(dim=1).tolist()
+        for i, name in enumerate(names):
+            if not finite_rows[i] or _first_nonfinite(per_task[i][1:]) is not None:
+                return self._nonfinite(names, detached, f"non-finite gradient for task {name!r}")
+        combined = self.strategy.combine(jacobian, detached.to(jacobian.device))
+        trunk = torch.autograd.grad(
+            features,
+            partition.shared,
+            grad_outputs=combined.direction.view_as(features),
+            allow_unused=True,
+            materialize_grads=True,
+        )
+        if _first_nonfinite(trunk) is not None:
+            return self._nonfinite(
+                names, detached, f"{self.strategy.info.name} produced a non-finite update"
+            )
+        _accumulate(partition.shared, trunk)
+        for params, grads in zip(partition.specific, per_task, strict=True):
+            _accumulate(params, grads[1:])
+        window.losses = detached if window.losses is None else window.losses + detached
+        window.commit = combined.commit
+        window.num_backward += 1
+        window.info = self._gradient_info(names, window.losses, jacobian, combined.weights)
+        return window.info
+
     def _gradient_info(
         self, names: list[str], losses: Tensor, jacobian: Tensor, weights: Tensor | None
     ) -> StepInfo:
@@ -263,11 +324,12 @@ class MTLOptimizer(torch.optim.Optimizer):
         ``losses`` may also be a closure returning the task losses, as with ``torch.optim``'s
         ``step(closure)``; it is evaluated with gradients enabled.
         """
-        if callable(losses):
+        closure = losses if callable(losses) else None
+        if closure is not None:
             with torch.enable_grad():
-                losses = losses()
+                losses = closure()
         if losses is not None:
-            self.backward(losses)
+            self.backward(losses)  # type: ignore[arg-type]
         window = self._window
         info = window.info
         if window.skipped:
@@ -279,7 +341,18 @@ class MTLOptimizer(torch.optim.Optimizer):
         self.optimizer.step()
         self._window = _Window()
         self.last_step = info
+        if closure is not None and getattr(self.strategy, "needs_losses_after_step", False):
+            with torch.no_grad():
+                self.update(closure())
         return info
+
+    def update(self, losses: Losses) -> None:
+        """Feed the losses of the same batch, re-evaluated after :meth:`step`, to strategies that
+        learn from them (FAMO). ``step(closure)`` does this by itself."""
+        if not getattr(self.strategy, "needs_losses_after_step", False):
+            raise TypeError(f"{self.strategy.info.name} does not learn from post-step losses")
+        values = list(losses.values()) if isinstance(losses, Mapping) else list(losses)
+        self.strategy.update(torch.stack([torch.as_tensor(v).detach().reshape(()) for v in values]))  # type: ignore[union-attr]
 
     # State --------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -305,12 +378,16 @@ class MTLOptimizer(torch.optim.Optimizer):
     def _trainable(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
 
-    def _partition_for(self, losses: list[Tensor]) -> Partition:
+    def _partition_for(self, losses: list[Tensor], features: Tensor | None = None) -> Partition:
         trainable = self._trainable()
-        key = (len(losses), *map(id, trainable))
+        key = (len(losses), features is not None, *map(id, trainable))
         if self._partition is None or key != self._partition_key:
-            partition, multiply_reached = partition_parameters(losses, trainable, self._shared_ids)
-            if self._shared_ids is not None and multiply_reached:
+            shared_ids = self._shared_ids
+            if features is not None:
+                reached = reached_parameters(features, trainable)
+                shared_ids = {id(trainable[i]) for i in reached}
+            partition, multiply_reached = partition_parameters(losses, trainable, shared_ids)
+            if shared_ids is not None and multiply_reached:
                 warnings.warn(
                     f"{len(multiply_reached)} parameter tensor(s) not in `shared` are reached by "
                     "several tasks; their gradient is the sum of those tasks' gradients",

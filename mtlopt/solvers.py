@@ -78,3 +78,67 @@ def project_simplex(v: np.ndarray) -> np.ndarray:
     index = np.arange(1, v.size + 1)
     rho = np.nonzero(u - cumulative / index > 0)[0][-1]
     return np.maximum(v - cumulative[rho] / (rho + 1), 0.0)
+
+
+def fair_weights(gramian: np.ndarray, alpha: float = 1.0, max_iter: int = 100) -> np.ndarray:
+    """Positive weights ``w`` with ``(G w)_i = w_i^(-1/α)``: the α-fair allocation.
+
+    For α = 1 this is the Nash bargaining condition ``G w = 1/w`` of Nash-MTL (Navon et al., 2022,
+    Eq. 2); for general α it is FairGrad's (Ban & Ji, 2024, Eq. 6). The condition is the
+    stationarity of the strictly convex ``f(w) = ½ wᵀ G w − Σ_i h(w_i)`` with ``h' (w) = w^(-1/α)``
+    (``h = log`` for α = 1), so damped Newton steps inside ``w > 0`` find the unique solution. A
+    ridge of 1e-10·tr(G) keeps ``f`` bounded when the gradients are linearly dependent.
+    """
+    gramian = np.asarray(gramian, dtype=np.float64)
+    t = gramian.shape[0]
+    trace = float(np.trace(gramian))
+    if not trace > 0:
+        return np.zeros(t)
+    g = gramian / trace + 1e-12 * np.eye(t)
+    p = 1.0 / alpha
+
+    def h(w: np.ndarray) -> np.ndarray:
+        return np.log(w) if alpha == 1.0 else w ** (1.0 - p) / (1.0 - p)
+
+    def objective(w: np.ndarray) -> float:
+        return float(0.5 * w @ g @ w - np.sum(h(w)))
+
+    w = np.full(t, 1.0 / np.sqrt(max(float(np.sum(g)), 1e-300)))
+    for _ in range(max_iter):
+        gradient = g @ w - w ** (-p)
+        hessian = g + np.diag(p * w ** (-p - 1.0))
+        step = np.linalg.solve(hessian, gradient)
+        if float(gradient @ step) < 1e-24:
+            break
+        scale = 1.0
+        positive = step > 0
+        if np.any(positive):  # stay strictly inside w > 0
+            scale = min(1.0, 0.99 * float(np.min(w[positive] / step[positive])))
+        value = objective(w)
+        while objective(w - scale * step) > value - 1e-4 * scale * float(gradient @ step):
+            scale *= 0.5
+            if scale < 1e-12:
+                break
+        w = w - scale * step
+    # Undo the trace normalisation: G w = w^(-p) is homogeneous, w scales by trace^(-1/(1+p)).
+    return w * trace ** (-1.0 / (1.0 + p))
+
+
+def project_dual_cone(gramian: np.ndarray, lower: np.ndarray) -> np.ndarray:
+    """Weights ``v = argmin_{v ≥ lower} vᵀ G v``.
+
+    ``Jᵀ v`` is then the projection of ``Jᵀ lower`` onto the dual cone ``{x : J x ≥ 0}`` of the
+    task gradients (Quinton & Rey, 2024, Prop. 1). With ``v = lower + z`` and ``G = Lᵀ L`` this is
+    the non-negative least-squares problem ``min_{z ≥ 0} ‖L z + L lower‖²``, solved exactly by the
+    Lawson–Hanson active-set method.
+    """
+    from scipy.optimize import nnls
+
+    gramian = np.asarray(gramian, dtype=np.float64)
+    scale = float(np.max(np.abs(np.diag(gramian))))
+    if not scale > 0:
+        return np.asarray(lower, dtype=np.float64).copy()
+    eigenvalues, eigenvectors = np.linalg.eigh(gramian / scale)
+    root = np.sqrt(np.clip(eigenvalues, 0.0, None))[:, None] * eigenvectors.T
+    z, _ = nnls(root, -root @ lower, maxiter=50 * gramian.shape[0])
+    return lower + z

@@ -6,19 +6,21 @@ import torch
 
 import mtlopt
 
-# Strategies whose aggregate() needs nothing but J (GradNorm also needs the losses).
-NEEDS_LOSSES = {"gradnorm"}
+RANDOM = {"pcgrad", "gradvac", "graddrop", "rlw"}
 
 
-def make(name: str, **kwargs) -> mtlopt.Strategy:
-    if name == "pcgrad":
+def make(name: str, num_tasks: int | None = None, **kwargs) -> mtlopt.Strategy:
+    """The strategy with a fixed seed where it draws random numbers."""
+    if name in RANDOM:
         kwargs.setdefault("seed", 0)
-    return mtlopt.create(name, **kwargs)
+    return mtlopt.create(name, num_tasks=num_tasks, **kwargs)
 
 
-def aggregate(name: str, jacobian: torch.Tensor, **kwargs) -> torch.Tensor:
-    strategy = make(name, **kwargs)
-    losses = torch.ones(jacobian.shape[0], dtype=torch.float64) if name in NEEDS_LOSSES else None
+def aggregate(name: str, jacobian: torch.Tensor, losses=None, **kwargs) -> torch.Tensor:
+    """``aggregate`` with unit losses for the strategies that read them (GradNorm, DB-MTL)."""
+    strategy = make(name, jacobian.shape[0], **kwargs)
+    if losses is None:
+        losses = torch.ones(jacobian.shape[0], dtype=torch.float64)
     return strategy.aggregate(jacobian, losses)
 
 

@@ -9,8 +9,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies_under_test import aggregate, gradient_strategies, random_jacobian
 
+import mtlopt
+
 SETTINGS = settings(max_examples=40, deadline=None)
-shapes = st.tuples(st.integers(1, 12), st.integers(1, 24), st.integers(0, 2**31 - 1))
+shapes = st.tuples(st.integers(1, 40), st.integers(1, 48), st.integers(0, 2**31 - 1))
+small_shapes = st.tuples(st.integers(1, 10), st.integers(1, 24), st.integers(0, 2**31 - 1))
 
 
 @pytest.mark.parametrize("name", gradient_strategies())
@@ -25,12 +28,15 @@ def test_output_is_finite_with_the_right_shape(name, shape, scale):
 
 
 @pytest.mark.parametrize("name", gradient_strategies())
-@pytest.mark.parametrize("case", ["zero", "identical", "opposite", "one_zero_row", "single_task"])
+@pytest.mark.parametrize(
+    "case", ["zero", "identical", "collinear", "opposite", "one_zero_row", "single_task"]
+)
 def test_degenerate_matrices_give_finite_updates(name, case):
     g = torch.tensor([3.0, -1.0, 2.0])
     jacobian = {
         "zero": torch.zeros(3, 3),
         "identical": g.repeat(4, 1),
+        "collinear": torch.stack([g, 3 * g, 0.5 * g]),
         "opposite": torch.stack([g, -g]),
         "one_zero_row": torch.stack([g, torch.zeros(3), 2 * g]),
         "single_task": g[None],
@@ -41,9 +47,25 @@ def test_degenerate_matrices_give_finite_updates(name, case):
         assert torch.equal(out, torch.zeros(3))
 
 
-@pytest.mark.parametrize("name", ["mgda", "cagrad", "ew", "gradnorm"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "mgda",
+        "cagrad",
+        "ew",
+        "gradnorm",
+        "imtl_g",
+        "upgrad",
+        "dualproj",
+        "fairgrad",
+        "nash_mtl",
+        "config",
+        "aligned_mtl",
+        "db_mtl",
+    ],
+)
 @SETTINGS
-@given(shape=shapes, data=st.data())
+@given(shape=small_shapes, data=st.data())
 def test_permutation_invariance(name, shape, data):
     tasks, dim, seed = shape
     jacobian = random_jacobian(tasks, dim, seed)
@@ -53,9 +75,23 @@ def test_permutation_invariance(name, shape, data):
     torch.testing.assert_close(out, permuted, rtol=1e-6, atol=1e-8)
 
 
-@pytest.mark.parametrize("name", ["mgda", "cagrad", "ew", "pcgrad"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "mgda",
+        "cagrad",
+        "ew",
+        "pcgrad",
+        "gradvac",
+        "imtl_g",
+        "upgrad",
+        "dualproj",
+        "aligned_mtl",
+        "config",
+    ],
+)
 @SETTINGS
-@given(shape=shapes, factor=st.sampled_from([1e-3, 0.5, 3.0, 1e4]))
+@given(shape=small_shapes, factor=st.sampled_from([1e-3, 0.5, 3.0, 1e4]))
 def test_positive_homogeneity(name, shape, factor):
     tasks, dim, seed = shape
     jacobian = random_jacobian(tasks, dim, seed)
@@ -125,3 +161,123 @@ def test_cagrad_rescale_conventions(rescale, divisor):
     torch.testing.assert_close(
         aggregate("cagrad", jacobian, c=0.5, rescale=rescale), plain / divisor
     )
+
+
+def _conflict_free(jacobian, d):
+    return (jacobian @ d >= -1e-7 * (1 + jacobian.norm(dim=1) * d.norm())).all()
+
+
+@pytest.mark.parametrize("name", ["upgrad", "dualproj"])
+@SETTINGS
+@given(shape=small_shapes)
+def test_dual_cone_projections_conflict_with_no_task(name, shape):
+    tasks, dim, seed = shape
+    jacobian = random_jacobian(tasks, dim, seed)
+    assert _conflict_free(jacobian, aggregate(name, jacobian, reg_eps=0.0))
+
+
+@SETTINGS
+@given(shape=small_shapes)
+def test_imtl_g_and_config_have_equal_projections_on_unit_gradients(shape):
+    """IMTL-G (Eq. 12) and ConFIG (Eq. 2) both give d·u_i equal for all tasks (full row rank J)."""
+    tasks, dim, seed = shape
+    if tasks > dim:
+        return
+    jacobian = random_jacobian(tasks, dim, seed)
+    units = jacobian / jacobian.norm(dim=1, keepdim=True)
+    for name in ("imtl_g", "config"):
+        projections = units @ aggregate(name, jacobian)
+        torch.testing.assert_close(
+            projections, projections.mean().expand(tasks), rtol=1e-6, atol=1e-8
+        )
+    assert (units @ aggregate("config", jacobian) > 0).all()
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0, 5.0])
+@SETTINGS
+@given(shape=small_shapes)
+def test_fairgrad_solves_the_fairness_equation(alpha, shape):
+    """G w = w^(-1/α) with w > 0 (Ban & Ji, Eq. 6) for a full-rank Gramian."""
+    tasks, dim, seed = shape
+    if tasks > dim:
+        return
+    jacobian = random_jacobian(tasks, dim, seed)
+    weights = mtlopt.create("fairgrad", alpha=alpha).combine(jacobian).weights
+    gramian = jacobian @ jacobian.T
+    assert (weights > 0).all()
+    # rtol 1e-5: the solver's 1e-12 ridge moves the solution by about cond(G)·1e-12.
+    torch.testing.assert_close(gramian @ weights, weights ** (-1 / alpha), rtol=1e-5, atol=1e-9)
+
+
+@SETTINGS
+@given(shape=small_shapes)
+def test_nash_mtl_solves_the_bargaining_condition(shape):
+    """(Ĝ α)_i = 1/α_i on the Frobenius-normalised Gramian (Navon et al., Eq. 2)."""
+    tasks, dim, seed = shape
+    if tasks > dim:
+        return
+    jacobian = random_jacobian(tasks, dim, seed)
+    alpha = mtlopt.create("nash_mtl", max_norm=None).combine(jacobian).weights
+    gramian = jacobian @ jacobian.T
+    normalised = gramian / torch.linalg.matrix_norm(gramian)
+    torch.testing.assert_close(normalised @ alpha, 1 / alpha, rtol=1e-6, atol=1e-9)
+    clipped = mtlopt.create("nash_mtl", max_norm=0.5).aggregate(jacobian)
+    assert clipped.norm() <= 0.5 + 1e-9
+
+
+@SETTINGS
+@given(shape=small_shapes)
+def test_aligned_mtl_equalises_singular_values(shape):
+    """The aligned system σ V Λ^{-1/2} Vᵀ J has all singular values equal to σ (Eq. 8)."""
+    tasks, dim, seed = shape
+    if tasks > dim:
+        return
+    jacobian = random_jacobian(tasks, dim, seed)
+    lam, v = torch.linalg.eigh(jacobian @ jacobian.T)
+    aligned = lam.min().sqrt() * v @ torch.diag(lam.rsqrt()) @ v.T @ jacobian
+    singular = torch.linalg.svdvals(aligned)
+    torch.testing.assert_close(singular, lam.min().sqrt().expand(tasks), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(aggregate("aligned_mtl", jacobian, reduction="sum"), aligned.sum(0))
+
+
+@SETTINGS
+@given(shape=small_shapes, data=st.data())
+def test_gradvac_raises_each_cosine_to_its_target(shape, data):
+    """Wang et al., Eq. 5: when cos(g_i', g_j) < φ̂_ij the adjusted cosine equals φ̂_ij exactly."""
+    from mtlopt.strategies.gradvac import vaccinate
+
+    tasks, dim, seed = shape
+    if tasks < 2 or dim < 2:  # in one dimension a cosine is ±1 and no target can be reached
+        return
+    jacobian = random_jacobian(tasks, dim, seed)
+    gramian = (jacobian @ jacobian.T).numpy()
+    target = data.draw(st.floats(-0.9, 0.9))
+    i, j = 0, 1
+    orders = [np.array([k for k in range(tasks) if k != r]) for r in range(tasks)]
+    orders[i] = np.array([j])  # task 0 visits only task 1
+    coefficients, new_targets = vaccinate(gramian, np.full((tasks, tasks), target), orders, 0.25)
+    adjusted = torch.from_numpy(coefficients[i]) @ jacobian
+    cosine = float(torch.nn.functional.cosine_similarity(adjusted, jacobian[j], dim=0))
+    original = float(torch.nn.functional.cosine_similarity(jacobian[i], jacobian[j], dim=0))
+    assert cosine == pytest.approx(max(original, target), abs=1e-7)
+    assert new_targets[i, j] == pytest.approx(0.75 * target + 0.25 * original)
+
+
+def test_gradvac_first_step_is_pcgrad():
+    """Targets start at 0, so the first step projects exactly the conflicting pairs."""
+    jacobian = random_jacobian(6, 9, 4)
+    torch.testing.assert_close(
+        aggregate("gradvac", jacobian, seed=3), aggregate("pcgrad", jacobian, seed=3)
+    )
+
+
+@SETTINGS
+@given(shape=small_shapes)
+def test_graddrop_keeps_one_sign_per_coordinate(shape):
+    tasks, dim, seed = shape
+    jacobian = random_jacobian(tasks, dim, seed)
+    out = aggregate("graddrop", jacobian)
+    positive = jacobian.clamp_min(0).sum(0)
+    negative = jacobian.clamp_max(0).sum(0)
+    # Each coordinate keeps either all positive or all negative components (leak = 0).
+    assert torch.all(torch.isclose(out, positive) | torch.isclose(out, negative))

@@ -14,7 +14,17 @@ def test_first_strategies_are_registered_with_metadata():
         assert isinstance(info.kind, Kind) and isinstance(info.cost, Cost)
         assert isinstance(info.stateful, bool)
         assert info.paper, f"{name} must cite its paper"
-        assert mtlopt.create(name).info is info
+        assert mtlopt.create(name, num_tasks=2).info is info
+
+
+def test_at_least_twenty_strategies():
+    assert len(mtlopt.available()) >= 20
+
+
+def test_strategies_that_size_parameters_need_the_task_count():
+    for name in ("uw", "imtl", "imtl_l"):
+        with pytest.raises(ValueError, match="num_tasks"):
+            mtlopt.create(name)
 
 
 def test_create_passes_hyperparameters():

@@ -1,6 +1,27 @@
 """Strategies, one module each; importing this package registers them all."""
 
-from . import cagrad, ew, gradnorm, mgda, pcgrad
+from . import (  # noqa: F401  (importing registers each strategy)
+    aligned_mtl,
+    cagrad,
+    config,
+    db_mtl,
+    dwa,
+    ew,
+    fairgrad,
+    famo,
+    gls,
+    graddrop,
+    gradnorm,
+    gradvac,
+    imtl,
+    mgda,
+    nash_mtl,
+    pcgrad,
+    rlw,
+    stch,
+    upgrad,
+    uw,
+)
 from .base import (
     Combined,
     GradientStrategy,
@@ -17,9 +38,4 @@ __all__ = [
     "LossStrategy",
     "Scalarized",
     "Strategy",
-    "cagrad",
-    "ew",
-    "gradnorm",
-    "mgda",
-    "pcgrad",
 ]

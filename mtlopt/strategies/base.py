@@ -101,12 +101,30 @@ class Strategy:
 class LossStrategy(Strategy):
     """Scalarizes the vector of task losses; costs one backward pass."""
 
+    needs_losses_after_step: ClassVar[bool] = False
+    """True for strategies that learn from the losses re-evaluated after the step (FAMO)."""
+
     def scalarize(self, losses: Tensor) -> Scalarized:
         raise NotImplementedError
+
+    def update(self, losses_after_step: Tensor) -> None:
+        """Learn from the task losses of the same batch re-evaluated after the optimizer step."""
+        raise TypeError(f"{self.info.name} does not learn from post-step losses")
 
 
 class GradientStrategy(Strategy):
     """Combines per-task gradients of the shared parameters, given as the rows of ``J``."""
+
+    supports_representation: ClassVar[bool] = True
+    """Whether the strategy may combine gradients taken with respect to shared features."""
+
+    def transform_loss(self, index: int, loss: Tensor) -> Tensor:
+        """A differentiable map applied to task ``index``'s loss before differentiation.
+
+        Identity by default; IMTL's loss scaling ``e^s L − s`` overrides it. It acts on one task at
+        a time so that each task's backward pass only walks that task's graph.
+        """
+        return loss
 
     def combine(self, jacobian: Tensor, losses: Tensor | None = None) -> Combined:
         """Combine without changing the strategy's state; ``commit`` advances it."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..registry import register
+from ._adam import AdamState, adam_step
 from .base import Commit, GramianStrategy
 
 
@@ -32,7 +33,7 @@ class GradNorm(GramianStrategy):
         lr: learning rate of the internal Adam on the weights (default 0.025).
     """
 
-    _state_attrs = ("weights", "initial_losses", "_adam_m", "_adam_v", "_adam_t")
+    _state_attrs = ("weights", "initial_losses", "_adam")
 
     def __init__(self, alpha: float = 1.5, lr: float = 0.025, num_tasks: int | None = None):
         super().__init__(num_tasks)
@@ -42,9 +43,7 @@ class GradNorm(GramianStrategy):
         self.lr = lr
         self.weights: np.ndarray | None = None
         self.initial_losses: np.ndarray | None = None
-        self._adam_m: np.ndarray | None = None
-        self._adam_v: np.ndarray | None = None
-        self._adam_t = 0
+        self._adam: AdamState | None = None
 
     def hyperparameters(self) -> dict[str, object]:
         return {"alpha": self.alpha, "lr": self.lr}
@@ -65,17 +64,12 @@ class GradNorm(GramianStrategy):
         target = weighted_norms.mean() * inverse_rate**self.alpha
         grad = np.sign(weighted_norms - target) * norms
 
-        m = np.zeros(t) if self._adam_m is None else self._adam_m
-        v = np.zeros(t) if self._adam_v is None else self._adam_v
-        step = self._adam_t + 1
-        m = 0.9 * m + 0.1 * grad
-        v = 0.999 * v + 0.001 * grad**2
-        update = self.lr * (m / (1 - 0.9**step)) / (np.sqrt(v / (1 - 0.999**step)) + 1e-8)
-        new_weights = np.clip(weights - update, 1e-8, None)
+        adam = AdamState.zeros(t) if self._adam is None else self._adam
+        new_weights, adam = adam_step(weights, grad, adam, self.lr)
+        new_weights = np.clip(new_weights, 1e-8, None)
         new_weights *= t / new_weights.sum()
 
         def commit() -> None:
-            self.weights, self.initial_losses = new_weights, initial
-            self._adam_m, self._adam_v, self._adam_t = m, v, step
+            self.weights, self.initial_losses, self._adam = new_weights, initial, adam
 
         return weights.copy(), commit

@@ -1,0 +1,72 @@
+"""DB-MTL: dual-balancing multi-task learning."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..registry import register
+from .base import Combined, GradientStrategy
+
+
+@register(
+    "db_mtl",
+    kind="gradient",
+    cost="T backward",
+    stateful=True,
+    paper="Lin et al., Dual-Balancing for Multi-Task Learning, arXiv 2308.12029 (2023)",
+    conventions="beta=0.9, beta_sigma=0 (constant EMA rate), EMA started at zero; gradients of "
+    "log(L + 1e-8) obtained by row-scaling J (no extra backward); heads get the raw gradient",
+)
+class DBMTL(GradientStrategy):
+    """DB-MTL (Lin et al., 2023, Eqs. 3–5).
+
+    Loss-scale balancing: differentiate ``log(L_i + ε)``, whose gradient is ``g_i / (L_i + ε)``.
+    Gradient-magnitude balancing: keep an EMA ``ĝ_i ← β_k ĝ_i + (1 − β_k) ∇log L_i`` with
+    ``β_k = β / k^σ`` and scale every task to the largest norm, update
+    ``Σ_i (max_j ‖ĝ_j‖ / ‖ĝ_i‖) ĝ_i``. The EMA is a persistent T×P buffer.
+
+    Args:
+        beta: EMA rate β (default 0.9).
+        beta_sigma: decay exponent σ of β_k (default 0: constant).
+        eps: ε inside the logarithm (default 1e-8).
+    """
+
+    supports_representation = False  # the EMA needs a fixed P; feature shapes vary with the batch
+    _state_attrs = ("ema", "_step")
+
+    def __init__(
+        self,
+        beta: float = 0.9,
+        beta_sigma: float = 0.0,
+        eps: float = 1e-8,
+        num_tasks: int | None = None,
+    ):
+        super().__init__(num_tasks)
+        self.beta, self.beta_sigma, self.eps = beta, beta_sigma, eps
+        self.ema: Tensor | None = None
+        self._step = 0
+
+    def hyperparameters(self) -> dict[str, object]:
+        return {"beta": self.beta, "beta_sigma": self.beta_sigma}
+
+    def combine(self, jacobian: Tensor, losses: Tensor | None = None) -> Combined:
+        if losses is None:
+            raise ValueError("db_mtl needs the task losses: pass losses= to aggregate()")
+        step = self._step + 1
+        log_grads = jacobian / (losses.to(jacobian) + self.eps)[:, None]
+        beta = self.beta / step**self.beta_sigma
+        previous = torch.zeros_like(jacobian) if self.ema is None else self.ema.to(jacobian)
+        if previous.shape != jacobian.shape:
+            raise ValueError(
+                f"db_mtl's EMA has shape {tuple(previous.shape)}, J has {tuple(jacobian.shape)}"
+            )
+        ema = beta * previous + (1 - beta) * log_grads
+        norms = ema.norm(dim=1)
+        scale = torch.where(norms > 0, norms.max() / norms.clamp_min(1e-300), 0.0)
+        direction = scale @ ema
+
+        def commit() -> None:
+            self.ema, self._step = ema, step
+
+        return Combined(direction=direction, weights=None, commit=commit)

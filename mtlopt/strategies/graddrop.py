@@ -1,0 +1,59 @@
+"""GradDrop: gradient sign dropout."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..registry import register
+from .base import Combined, GradientStrategy, Randomized
+
+
+@register(
+    "graddrop",
+    kind="gradient",
+    cost="T backward",
+    stateful=True,
+    paper="Chen et al., Just Pick a Sign: Optimizing Deep Multitask Models with Gradient Sign "
+    "Dropout, NeurIPS 2020",
+    conventions="leak=0; applied element-wise to whatever J holds (shared parameters, or the shared "
+    "features in representation mode as in the paper); sum of the kept gradients",
+)
+class GradDrop(Randomized, GradientStrategy):
+    """GradDrop (Chen et al., 2020, Algorithm 1).
+
+    Per coordinate, the sign purity ``P = ½ (1 + Σ_i g_i / Σ_i |g_i|)``; with ``U ~ Uniform(0, 1)``
+    keep the positive task gradients where ``P > U`` and the negative ones where ``P < U``; the
+    update is the sum of the kept gradients. ``leak`` (per task, in [0, 1]) lets that fraction of
+    every gradient through unmasked.
+
+    Args:
+        leak: leak parameter ℓ (default 0).
+        seed: seed of the strategy's generator.
+    """
+
+    _state_attrs = ("_rng_state",)
+
+    def __init__(self, leak: float = 0.0, seed: int | None = None, num_tasks: int | None = None):
+        super().__init__(num_tasks)
+        if not 0.0 <= leak <= 1.0:
+            raise ValueError(f"leak must lie in [0, 1], got {leak}")
+        self.leak = leak
+        self._init_rng(seed)
+
+    def hyperparameters(self) -> dict[str, object]:
+        return {"leak": self.leak}
+
+    def combine(self, jacobian: Tensor, losses: Tensor | None = None) -> Combined:
+        rng, commit = self._step_rng()
+        generator = torch.Generator(device=jacobian.device)
+        generator.manual_seed(int(rng.integers(0, 2**62)))
+        total = jacobian.sum(dim=0)
+        magnitude = jacobian.abs().sum(dim=0)
+        purity = 0.5 * (1 + torch.where(magnitude > 0, total / magnitude.clamp_min(1e-300), 0.0))
+        uniform = torch.rand(
+            purity.shape, generator=generator, device=jacobian.device, dtype=purity.dtype
+        )
+        keep = ((purity > uniform) & (jacobian > 0)) | ((purity < uniform) & (jacobian < 0))
+        mask = self.leak + (1 - self.leak) * keep.to(jacobian.dtype)
+        return Combined(direction=(mask * jacobian).sum(dim=0), weights=None, commit=commit)

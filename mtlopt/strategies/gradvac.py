@@ -1,0 +1,85 @@
+"""GradVac: gradient vaccine."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..registry import register
+from .base import Commit, GramianStrategy, Randomized, chain
+
+
+@register(
+    "gradvac",
+    kind="gradient",
+    cost="T backward",
+    stateful=True,
+    paper="Wang et al., Gradient Vaccine: Investigating and Improving Multi-task Optimization in "
+    "Massively Multilingual Models, ICLR 2021",
+    conventions="beta=0.5 (LibMTL's and torchjd's default; the paper tunes it); targets start at 0 "
+    "and are updated on every visit (LibMTL after its 2024 fix); whole-model granularity; "
+    "sum of the adjusted gradients",
+)
+class GradVac(Randomized, GramianStrategy):
+    """GradVac (Wang et al., 2021, Algorithm 1, Eqs. 2 and 5).
+
+    For each task i and, in random order, every other task j: with ``φ = cos(g_i', g_j)`` and the
+    pair's EMA target ``φ̂_ij``, if ``φ < φ̂_ij`` add ``w g_j`` to ``g_i'`` with
+    ``w = ‖g_i'‖ (φ̂ √(1−φ²) − φ √(1−φ̂²)) / (‖g_j‖ √(1−φ̂²))``, which raises the cosine to exactly
+    ``φ̂``; then ``φ̂_ij ← (1−β) φ̂_ij + β φ``. The update is ``Σ_i g_i'``. With targets at 0 the
+    first step is PCGrad. Runs on the coefficients ``g_i' = c_iᵀ J`` with the Gramian only.
+
+    Args:
+        beta: EMA rate of the targets (default 0.5).
+        seed: seed of the strategy's generator.
+    """
+
+    _state_attrs = ("targets", "_rng_state")
+
+    def __init__(self, beta: float = 0.5, seed: int | None = None, num_tasks: int | None = None):
+        super().__init__(num_tasks)
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"beta must lie in [0, 1], got {beta}")
+        self.beta = beta
+        self.targets: np.ndarray | None = None
+        self._init_rng(seed)
+
+    def hyperparameters(self) -> dict[str, object]:
+        return {"beta": self.beta}
+
+    def weigh(self, gramian: np.ndarray, losses: np.ndarray | None) -> tuple[np.ndarray, Commit]:
+        rng, commit_rng = self._step_rng()
+        t = gramian.shape[0]
+        targets = np.zeros((t, t)) if self.targets is None else self.targets
+        orders = [rng.permutation(np.delete(np.arange(t), i)) for i in range(t)]
+        coefficients, new_targets = vaccinate(gramian, targets, orders, self.beta)
+
+        def commit_targets() -> None:
+            self.targets = new_targets
+
+        return coefficients.sum(axis=0), chain(commit_rng, commit_targets)
+
+
+def vaccinate(
+    gramian: np.ndarray, targets: np.ndarray, orders: list[np.ndarray], beta: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """GradVac's adjusted gradients as coefficients (row i: ``g_i' = c_iᵀ J``) and the new targets.
+
+    ``orders[i]`` is the order in which task i visits the other tasks.
+    """
+    t = gramian.shape[0]
+    targets = targets.copy()
+    norms = np.sqrt(np.clip(np.diag(gramian), 0.0, None))
+    coefficients = np.eye(t)
+    for i in range(t):
+        c = coefficients[i]
+        for j in orders[i]:
+            norm_i = float(np.sqrt(max(c @ gramian @ c, 0.0)))
+            if norm_i == 0.0 or norms[j] == 0.0:
+                continue
+            phi = float(np.clip(c @ gramian[:, j] / (norm_i * norms[j]), -1.0, 1.0))
+            target = targets[i, j]
+            if phi < target:
+                w = norm_i * (target * np.sqrt(1 - phi**2) - phi * np.sqrt(1 - target**2))
+                c[j] += w / (norms[j] * np.sqrt(max(1 - target**2, 1e-12)))
+            targets[i, j] = (1 - beta) * target + beta * phi
+    return coefficients, targets

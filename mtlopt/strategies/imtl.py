@@ -1,0 +1,120 @@
+"""IMTL: impartial multi-task learning (IMTL-G, IMTL-L and the hybrid IMTL)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..registry import register
+from .base import Commit, GramianStrategy, LossStrategy, Scalarized, _noop
+
+
+def imtl_g_weights(gramian: np.ndarray) -> np.ndarray:
+    """IMTL-G closed form (Liu et al., 2021, Eq. 14) from the Gramian alone.
+
+    With ``D = [g_1 − g_k]_k`` and ``U = [u_1 − u_k]_k`` (``u = g/‖g‖``), ``α_{2:T} = g_1 Uᵀ
+    (D Uᵀ)^{-1}`` and ``α_1 = 1 − Σ α_{2:T}``; the combined gradient has equal projections on every
+    unit task gradient. Every product is an entry of ``G`` divided by a norm.
+    """
+    t = gramian.shape[0]
+    if t == 1:
+        return np.ones(1)
+    norms = np.sqrt(np.clip(np.diag(gramian), 0.0, None))
+    safe = np.where(norms > 0, norms, 1.0)
+    dot_u = gramian / safe[None, :]  # dot_u[i, j] = g_i · u_j
+    rhs = dot_u[0, 0] - dot_u[0, 1:]  # (g_1 Uᵀ)_k
+    du = dot_u[0, 0] - dot_u[0, 1:][None, :] - dot_u[1:, 0][:, None] + dot_u[1:, 1:]
+    # Singular values are measured against the gradient scale, not against du's own largest one:
+    # collinear gradients make du vanish up to rounding, and then α_{2:T} = 0 (plain g_1).
+    u, sv, vt = np.linalg.svd(du.T)
+    inverse = np.where(sv > 1e-10 * norms.max(), 1.0 / np.where(sv > 0, sv, 1.0), 0.0)
+    alpha_rest = vt.T @ (inverse * (u.T @ rhs))
+    return np.concatenate([[1.0 - alpha_rest.sum()], alpha_rest])
+
+
+@register(
+    "imtl_g",
+    kind="gradient",
+    cost="T backward",
+    stateful=False,
+    paper="Liu et al., Towards Impartial Multi-task Learning, ICLR 2021 (IMTL-G)",
+    conventions="weights sum to 1 (closed form); least-squares solve when D Uᵀ is singular",
+)
+class IMTLG(GramianStrategy):
+    """IMTL-G (Liu et al., 2021, Sec. 3.2): the update whose projections onto every unit task
+    gradient are equal, ``Σ_i α_i g_i`` with ``Σ_i α_i = 1``."""
+
+    def weigh(self, gramian: np.ndarray, losses: np.ndarray | None) -> tuple[np.ndarray, Commit]:
+        return imtl_g_weights(gramian), _noop
+
+
+class _LossScales:
+    """IMTL-L's learnable log-scales ``s``: each loss becomes ``e^{s} L − s`` (Eq. 4)."""
+
+    def _init_scales(self, num_tasks: int | None) -> None:
+        if num_tasks is None:
+            raise ValueError(f"{self.info.name} needs num_tasks= to create its loss scales")  # type: ignore[attr-defined]
+        self.log_scales = torch.nn.Parameter(torch.zeros(num_tasks))
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [self.log_scales]
+
+    def state_dict(self) -> dict[str, object]:
+        return {"log_scales": self.log_scales.detach().clone()}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        with torch.no_grad():
+            self.log_scales.copy_(state["log_scales"])  # type: ignore[arg-type]
+
+    def scale_losses(self, losses: Tensor, index: int | slice = slice(None)) -> Tensor:
+        if self.log_scales.device != losses.device:
+            self.log_scales.data = self.log_scales.data.to(losses.device)
+        s = self.log_scales[index].to(losses.dtype)
+        return torch.exp(s) * losses - s
+
+
+@register(
+    "imtl_l",
+    kind="loss",
+    cost="1 backward",
+    stateful=True,
+    paper="Liu et al., Towards Impartial Multi-task Learning, ICLR 2021 (IMTL-L)",
+    conventions="log-scales initialised to 0, trained by the wrapped optimizer (no weight decay)",
+)
+class IMTLL(_LossScales, LossStrategy):
+    """IMTL-L (Liu et al., 2021, Sec. 3.1): minimise ``Σ_i e^{s_i} L_i − s_i`` jointly in ``s``,
+    which drives every scaled loss ``e^{s_i} L_i`` towards 1."""
+
+    def __init__(self, num_tasks: int | None = None):
+        super().__init__(num_tasks)
+        self._init_scales(num_tasks)
+
+    def scalarize(self, losses: Tensor) -> Scalarized:
+        scaled = self.scale_losses(losses)
+        return Scalarized(loss=scaled.sum(), weights=torch.exp(self.log_scales.detach()).to(losses))
+
+
+@register(
+    "imtl",
+    kind="gradient",
+    cost="T backward",
+    stateful=True,
+    paper="Liu et al., Towards Impartial Multi-task Learning, ICLR 2021 (IMTL: IMTL-L + IMTL-G)",
+    conventions="the hybrid of the paper (and LibMTL): IMTL-G on the gradients of the IMTL-L scaled "
+    "losses; heads and the log-scales receive the gradients of their scaled loss",
+)
+class IMTL(_LossScales, GramianStrategy):
+    """IMTL, the hybrid (Liu et al., 2021, Algorithm 1): losses scaled by IMTL-L's learnable
+    ``e^{s} L − s``, shared gradients combined by IMTL-G. ``aggregate(J)`` on a plain matrix takes
+    the rows of ``J`` as gradients of the scaled losses and applies IMTL-G."""
+
+    def __init__(self, num_tasks: int | None = None):
+        super().__init__(num_tasks)
+        self._init_scales(num_tasks)
+
+    def transform_loss(self, index: int, loss: Tensor) -> Tensor:
+        return self.scale_losses(loss, index)
+
+    def weigh(self, gramian: np.ndarray, losses: np.ndarray | None) -> tuple[np.ndarray, Commit]:
+        return imtl_g_weights(gramian), _noop
