@@ -43,22 +43,30 @@ class Partition:
 
 
 def partition_parameters(
-    losses: Sequence[Tensor], trainable: Sequence[Tensor], shared: set[int] | None
+    losses: Sequence[Tensor],
+    trainable: Sequence[Tensor],
+    shared: set[int] | None,
+    never_shared: set[int] = frozenset(),  # type: ignore[assignment]
 ) -> tuple[Partition, list[int]]:
     """Split ``trainable`` into shared and task-specific parameters.
 
-    With ``shared=None`` the shared parameters are those reached by two tasks or more. Returns the
-    partition and the indices of non-shared parameters that several tasks reach (a likely mistake
-    in a user-given ``shared``).
+    With ``shared=None`` the shared parameters are those reached by two tasks or more, except
+    ``never_shared`` ones (a strategy's own parameters, such as IMTL's per-task loss scales, whose
+    entries each belong to one task): those go to every task that reaches them. Returns the
+    partition and the indices of other non-shared parameters that several tasks reach (a likely
+    mistake in a user-given ``shared``).
     """
     reach = [set(reached_parameters(loss, trainable)) for loss in losses]
     counts = [sum(i in r for r in reach) for i in range(len(trainable))]
+    own = [id(p) in never_shared for p in trainable]
     if shared is None:
-        is_shared = [c >= 2 for c in counts]
+        is_shared = [c >= 2 and not o for c, o in zip(counts, own, strict=True)]
     else:
-        is_shared = [id(p) in shared for p in trainable]
+        is_shared = [id(p) in shared and not o for p, o in zip(trainable, own, strict=True)]
     specific = [[trainable[i] for i in sorted(r) if not is_shared[i]] for r in reach]
-    multiply_reached = [i for i, c in enumerate(counts) if c >= 2 and not is_shared[i]]
+    multiply_reached = [
+        i for i, c in enumerate(counts) if c >= 2 and not is_shared[i] and not own[i]
+    ]
     partition = Partition([p for p, s in zip(trainable, is_shared, strict=True) if s], specific)
     return partition, multiply_reached
 

@@ -386,7 +386,8 @@ class MTLOptimizer(torch.optim.Optimizer):
             if features is not None:
                 reached = reached_parameters(features, trainable)
                 shared_ids = {id(trainable[i]) for i in reached}
-            partition, multiply_reached = partition_parameters(losses, trainable, shared_ids)
+            own = {id(p) for p in self.strategy.parameters()}
+            partition, multiply_reached = partition_parameters(losses, trainable, shared_ids, own)
             if shared_ids is not None and multiply_reached:
                 warnings.warn(
                     f"{len(multiply_reached)} parameter tensor(s) not in `shared` are reached by "

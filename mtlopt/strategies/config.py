@@ -32,7 +32,7 @@ class ConFIG(GramianStrategy):
         if not np.any(alive):
             return coefficients, _noop
         unit_gramian = gramian[np.ix_(alive, alive)] / np.outer(norms[alive], norms[alive])
-        a = np.linalg.pinv(unit_gramian, hermitian=True) @ np.ones(int(alive.sum()))
+        a = np.linalg.pinv(unit_gramian, rcond=1e-10, hermitian=True) @ np.ones(int(alive.sum()))
         coefficients[alive] = a / norms[alive]
         norm2 = float(coefficients @ gramian @ coefficients)
         if not norm2 > 0:

@@ -57,13 +57,7 @@ class GradNorm(GramianStrategy):
             raise ValueError(f"GradNorm holds {weights.shape[0]} task weights but got {t} tasks")
         initial = losses.copy() if self.initial_losses is None else self.initial_losses
         norms = np.sqrt(np.clip(np.diag(gramian), 0.0, None))
-
-        weighted_norms = weights * norms
-        ratios = np.divide(losses, initial, out=np.ones(t), where=initial > 0)
-        inverse_rate = ratios / ratios.mean() if ratios.mean() > 0 else np.ones(t)
-        target = weighted_norms.mean() * inverse_rate**self.alpha
-        grad = np.sign(weighted_norms - target) * norms
-
+        grad = gradnorm_weight_gradient(weights, norms, losses, initial, self.alpha)
         adam = AdamState.zeros(t) if self._adam is None else self._adam
         new_weights, adam = adam_step(weights, grad, adam, self.lr)
         new_weights = np.clip(new_weights, 1e-8, None)
@@ -73,3 +67,19 @@ class GradNorm(GramianStrategy):
             self.weights, self.initial_losses, self._adam = new_weights, initial, adam
 
         return weights.copy(), commit
+
+
+def gradnorm_weight_gradient(
+    weights: np.ndarray,
+    norms: np.ndarray,
+    losses: np.ndarray,
+    initial_losses: np.ndarray,
+    alpha: float,
+) -> np.ndarray:
+    """``∂L_grad/∂w`` of GradNorm's Eq. 2 with the target ``Ḡ · r_i^α`` held constant."""
+    t = weights.shape[0]
+    weighted_norms = weights * norms
+    ratios = np.divide(losses, initial_losses, out=np.ones(t), where=initial_losses > 0)
+    inverse_rate = ratios / ratios.mean() if ratios.mean() > 0 else np.ones(t)
+    target = weighted_norms.mean() * inverse_rate**alpha
+    return np.sign(weighted_norms - target) * norms

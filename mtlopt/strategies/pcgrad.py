@@ -55,16 +55,24 @@ class PCGrad(Randomized, GramianStrategy):
     def weigh(self, gramian: np.ndarray, losses: np.ndarray | None) -> tuple[np.ndarray, Commit]:
         rng, commit = self._step_rng()
         t = gramian.shape[0]
-        squared_norms = np.diag(gramian)
-        coefficients = np.eye(t)
-        for i in range(t):
-            others = rng.permutation(np.delete(np.arange(t), i))
-            c = coefficients[i]
-            for j in others:
-                dot = float(c @ gramian[:, j])
-                if dot < 0.0 and squared_norms[j] > 0.0:
-                    c[j] -= dot / squared_norms[j]
-        weights = coefficients.sum(axis=0)
+        orders = [rng.permutation(np.delete(np.arange(t), i)) for i in range(t)]
+        weights = project_conflicting(gramian, orders).sum(axis=0)
         if self.reduction == "mean":
             weights /= t
         return weights, commit
+
+
+def project_conflicting(gramian: np.ndarray, orders: list[np.ndarray]) -> np.ndarray:
+    """PCGrad's projected gradients as coefficients: row i holds ``c_i`` with ``g_i^PC = c_iᵀ J``.
+
+    ``orders[i]`` is the order in which task i is projected against the other tasks.
+    """
+    squared_norms = np.diag(gramian)
+    coefficients = np.eye(gramian.shape[0])
+    for i, order in enumerate(orders):
+        c = coefficients[i]
+        for j in order:
+            dot = float(c @ gramian[:, j])
+            if dot < 0.0 and squared_norms[j] > 0.0:
+                c[j] -= dot / squared_norms[j]
+    return coefficients
