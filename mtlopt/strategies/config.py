@@ -32,9 +32,13 @@ class ConFIG(GramianStrategy):
         if not np.any(alive):
             return coefficients, _noop
         unit_gramian = gramian[np.ix_(alive, alive)] / np.outer(norms[alive], norms[alive])
-        a = np.linalg.pinv(unit_gramian, rcond=1e-10, hermitian=True) @ np.ones(int(alive.sum()))
+        inverse = np.linalg.pinv(unit_gramian, rcond=1e-10, hermitian=True)
+        ones = np.ones(int(alive.sum()))
+        a = inverse @ ones
+        if np.linalg.norm(a) <= 1e-10 * np.linalg.norm(inverse) * np.sqrt(ones.size):
+            return coefficients, _noop  # 1 is orthogonal to range(U): no equal-projection direction
         coefficients[alive] = a / norms[alive]
-        norm2 = float(coefficients @ gramian @ coefficients)
+        norm2 = float(coefficients @ gramian @ coefficients)  # ‖g_u‖² = aᵀ (D⁻¹GD⁻¹) a
         if not norm2 > 0:
             return np.zeros(len(gramian)), _noop
         length = float(np.sum(gramian @ coefficients)) / np.sqrt(norm2)
