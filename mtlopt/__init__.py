@@ -7,6 +7,7 @@ Wrap the optimizer you already have and pick a strategy by name::
 """
 
 from . import strategies as _strategies  # noqa: F401  (registers the built-in strategies)
+from . import tokens
 from .optimizer import MTLOptimizer, StepInfo
 from .registry import Cost, Kind, StrategyInfo, available, create, info, register
 from .strategies.base import (
@@ -16,7 +17,9 @@ from .strategies.base import (
     LossStrategy,
     Scalarized,
     Strategy,
+    TokenStrategy,
 )
+from .tokens import task_view
 
 __version__ = "0.1.0"
 
@@ -32,8 +35,11 @@ __all__ = [
     "StepInfo",
     "Strategy",
     "StrategyInfo",
+    "TokenStrategy",
     "available",
     "create",
     "info",
     "register",
+    "task_view",
+    "tokens",
 ]

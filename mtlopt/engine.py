@@ -47,6 +47,7 @@ def partition_parameters(
     trainable: Sequence[Tensor],
     shared: set[int] | None,
     never_shared: set[int] = frozenset(),  # type: ignore[assignment]
+    owners: dict[int, int] | None = None,
 ) -> tuple[Partition, list[int]]:
     """Split ``trainable`` into shared and task-specific parameters.
 
@@ -54,16 +55,26 @@ def partition_parameters(
     ``never_shared`` ones (a strategy's own parameters, such as IMTL's per-task loss scales, whose
     entries each belong to one task): those go to every task that reaches them. Returns the
     partition and the indices of other non-shared parameters that several tasks reach (a likely
-    mistake in a user-given ``shared``).
+    mistake in a user-given ``shared``). ``owners`` maps parameter ids to the one task that owns
+    them (DTME's per-task modules: after the branch every task's graph touches every stream, but
+    only the owner's gradient is non-zero).
     """
+    owners = owners or {}
     reach = [set(reached_parameters(loss, trainable)) for loss in losses]
     counts = [sum(i in r for r in reach) for i in range(len(trainable))]
-    own = [id(p) in never_shared for p in trainable]
+    own = [id(p) in never_shared or id(p) in owners for p in trainable]
     if shared is None:
         is_shared = [c >= 2 and not o for c, o in zip(counts, own, strict=True)]
     else:
         is_shared = [id(p) in shared and not o for p, o in zip(trainable, own, strict=True)]
-    specific = [[trainable[i] for i in sorted(r) if not is_shared[i]] for r in reach]
+    specific = [
+        [
+            trainable[i]
+            for i in sorted(r)
+            if not is_shared[i] and owners.get(id(trainable[i]), task) == task
+        ]
+        for task, r in enumerate(reach)
+    ]
     multiply_reached = [
         i for i, c in enumerate(counts) if c >= 2 and not is_shared[i] and not own[i]
     ]

@@ -14,7 +14,14 @@ from torch import Tensor, nn
 
 from .engine import Partition, partition_parameters, reached_parameters, task_gradients
 from .registry import create
-from .strategies.base import Commit, GradientStrategy, LossStrategy, Strategy, gramian_of
+from .strategies.base import (
+    Commit,
+    GradientStrategy,
+    LossStrategy,
+    Strategy,
+    TokenStrategy,
+    gramian_of,
+)
 
 Losses = Sequence[Tensor] | Mapping[str, Tensor]
 NonFinite = Literal["raise", "skip"]
@@ -112,11 +119,15 @@ class MTLOptimizer(torch.optim.Optimizer):
             strategy = create(strategy, **strategy_kwargs)
         elif strategy_kwargs:
             raise TypeError("strategy keyword arguments are only accepted with a strategy name")
-        if not isinstance(strategy, (LossStrategy, GradientStrategy)):
-            raise TypeError(f"{type(strategy).__name__} is not a loss or gradient strategy")
+        if not isinstance(strategy, (LossStrategy, GradientStrategy, TokenStrategy)):
+            raise TypeError(f"{type(strategy).__name__} is not a loss, gradient or token strategy")
 
         self.optimizer = optimizer
         self.strategy = strategy
+        # A token strategy (DTME) observes and reshapes the model; its base combines the losses.
+        self._combiner: LossStrategy | GradientStrategy = (
+            strategy.base if isinstance(strategy, TokenStrategy) else strategy
+        )
         self.nonfinite = nonfinite
         self.diagnostics = diagnostics
         self._shared_ids = _parameter_ids(shared) if shared is not None else None
@@ -138,6 +149,8 @@ class MTLOptimizer(torch.optim.Optimizer):
         self._warned_capturable_if_run_uncaptured = True
         for parameter in strategy.parameters():
             self.optimizer.add_param_group({"params": [parameter], "weight_decay": 0.0})
+        if isinstance(strategy, TokenStrategy):
+            strategy.attach(self)
 
     # torch.optim.Optimizer views ------------------------------------------------------------------
     @property
@@ -191,14 +204,16 @@ class MTLOptimizer(torch.optim.Optimizer):
         bad = [n for n, v in zip(names, detached.tolist(), strict=True) if not math.isfinite(v)]
         if bad:
             return self._nonfinite(names, detached, f"non-finite loss for task(s) {', '.join(bad)}")
-        if isinstance(self.strategy, LossStrategy):
+        if isinstance(self.strategy, TokenStrategy):
+            self.strategy.observe(tensors)
+        if isinstance(self._combiner, LossStrategy):
             if features is not None:
                 raise ValueError(
-                    f"{self.strategy.info.name} is a loss strategy: representation mode "
+                    f"{self._combiner.info.name} is a loss strategy: representation mode "
                     "(features=) applies to gradient strategies only"
                 )
             return self._backward_scalarized(names, tensors, detached)
-        tensors = [self.strategy.transform_loss(i, t.reshape(())) for i, t in enumerate(tensors)]
+        tensors = [self._combiner.transform_loss(i, t.reshape(())) for i, t in enumerate(tensors)]
         if features is not None:
             return self._backward_representation(names, tensors, detached, features)
         return self._backward_jacobian(names, tensors, detached)
@@ -206,10 +221,10 @@ class MTLOptimizer(torch.optim.Optimizer):
     def _backward_scalarized(
         self, names: list[str], losses: list[Tensor], detached: Tensor
     ) -> StepInfo:
-        assert isinstance(self.strategy, LossStrategy)
+        assert isinstance(self._combiner, LossStrategy)
         window = self._window
         stacked = torch.stack([loss.reshape(()) for loss in losses])
-        scalarized = self.strategy.scalarize(stacked)
+        scalarized = self._combiner.scalarize(stacked)
         params = self._trainable()
         grads = torch.autograd.grad(scalarized.loss, params, allow_unused=True)
         present = [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
@@ -226,7 +241,7 @@ class MTLOptimizer(torch.optim.Optimizer):
     def _backward_jacobian(
         self, names: list[str], losses: list[Tensor], detached: Tensor
     ) -> StepInfo:
-        assert isinstance(self.strategy, GradientStrategy)
+        assert isinstance(self._combiner, GradientStrategy)
         window = self._window
         partition = self._partition_for(losses)
         grads = task_gradients(losses, partition)
@@ -237,10 +252,10 @@ class MTLOptimizer(torch.optim.Optimizer):
 
         jacobian = grads.jacobian if window.jacobian is None else window.jacobian + grads.jacobian
         losses_sum = detached if window.losses is None else window.losses + detached
-        combined = self.strategy.combine(jacobian, losses_sum.to(jacobian.device))
+        combined = self._combiner.combine(jacobian, losses_sum.to(jacobian.device))
         if not bool(torch.isfinite(combined.direction).all()):
             return self._nonfinite(
-                names, detached, f"{self.strategy.info.name} produced a non-finite update"
+                names, detached, f"{self._combiner.info.name} produced a non-finite update"
             )
 
         delta = (
@@ -258,9 +273,9 @@ class MTLOptimizer(torch.optim.Optimizer):
     def _backward_representation(
         self, names: list[str], losses: list[Tensor], detached: Tensor, features: Tensor
     ) -> StepInfo:
-        assert isinstance(self.strategy, GradientStrategy)
-        if not self.strategy.supports_representation:
-            raise ValueError(f"{self.strategy.info.name} does not support representation mode")
+        assert isinstance(self._combiner, GradientStrategy)
+        if not self._combiner.supports_representation:
+            raise ValueError(f"{self._combiner.info.name} does not support representation mode")
         if not isinstance(features, Tensor) or not features.requires_grad:
             raise ValueError("features must be a tensor that requires grad (the trunk's output)")
         window = self._window
@@ -281,7 +296,7 @@ class MTLOptimizer(torch.optim.Optimizer):
         for i, name in enumerate(names):
             if not finite_rows[i] or _first_nonfinite(per_task[i][1:]) is not None:
                 return self._nonfinite(names, detached, f"non-finite gradient for task {name!r}")
-        combined = self.strategy.combine(jacobian, detached.to(jacobian.device))
+        combined = self._combiner.combine(jacobian, detached.to(jacobian.device))
         trunk = torch.autograd.grad(
             features,
             partition.shared,
@@ -291,7 +306,7 @@ class MTLOptimizer(torch.optim.Optimizer):
         )
         if _first_nonfinite(trunk) is not None:
             return self._nonfinite(
-                names, detached, f"{self.strategy.info.name} produced a non-finite update"
+                names, detached, f"{self._combiner.info.name} produced a non-finite update"
             )
         _accumulate(partition.shared, trunk)
         for params, grads in zip(partition.specific, per_task, strict=True):
@@ -341,7 +356,9 @@ class MTLOptimizer(torch.optim.Optimizer):
         self.optimizer.step()
         self._window = _Window()
         self.last_step = info
-        if closure is not None and getattr(self.strategy, "needs_losses_after_step", False):
+        if isinstance(self.strategy, TokenStrategy):
+            self.strategy.after_step()
+        if closure is not None and getattr(self._combiner, "needs_losses_after_step", False):
             with torch.no_grad():
                 self.update(closure())
         return info
@@ -349,10 +366,12 @@ class MTLOptimizer(torch.optim.Optimizer):
     def update(self, losses: Losses) -> None:
         """Feed the losses of the same batch, re-evaluated after :meth:`step`, to strategies that
         learn from them (FAMO). ``step(closure)`` does this by itself."""
-        if not getattr(self.strategy, "needs_losses_after_step", False):
-            raise TypeError(f"{self.strategy.info.name} does not learn from post-step losses")
+        if not getattr(self._combiner, "needs_losses_after_step", False):
+            raise TypeError(f"{self._combiner.info.name} does not learn from post-step losses")
         values = list(losses.values()) if isinstance(losses, Mapping) else list(losses)
-        self.strategy.update(torch.stack([torch.as_tensor(v).detach().reshape(()) for v in values]))  # type: ignore[union-attr]
+        self._combiner.update(
+            torch.stack([torch.as_tensor(v).detach().reshape(()) for v in values])
+        )  # type: ignore[union-attr]
 
     # State --------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -369,8 +388,10 @@ class MTLOptimizer(torch.optim.Optimizer):
                 f"not an MTLOptimizer state dict (missing {sorted(missing)}); to load a plain "
                 "optimizer's state use opt.optimizer.load_state_dict(...)"
             )
-        self.optimizer.load_state_dict(state_dict["optimizer"])
+        # The strategy first: DTME re-applies its expansion, which adds parameter groups that the
+        # wrapped optimizer's saved state refers to.
         self.strategy.load_state_dict(state_dict["strategy"])
+        self.optimizer.load_state_dict(state_dict["optimizer"])
         self._task_names = state_dict.get("task_names")
         self._window = _Window()
 
@@ -386,8 +407,17 @@ class MTLOptimizer(torch.optim.Optimizer):
             if features is not None:
                 reached = reached_parameters(features, trainable)
                 shared_ids = {id(trainable[i]) for i in reached}
-            own = {id(p) for p in self.strategy.parameters()}
-            partition, multiply_reached = partition_parameters(losses, trainable, shared_ids, own)
+            own = {id(p) for p in self._combiner.parameters()}
+            owners = {}
+            if isinstance(self.strategy, TokenStrategy):
+                owners = {
+                    id(p): task
+                    for task, params in enumerate(self.strategy.task_parameters())
+                    for p in params
+                }
+            partition, multiply_reached = partition_parameters(
+                losses, trainable, shared_ids, own, owners
+            )
             if shared_ids is not None and multiply_reached:
                 warnings.warn(
                     f"{len(multiply_reached)} parameter tensor(s) not in `shared` are reached by "

@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 import mtlopt
 from mtlopt.registry import Cost, Kind
@@ -14,7 +15,8 @@ def test_first_strategies_are_registered_with_metadata():
         assert isinstance(info.kind, Kind) and isinstance(info.cost, Cost)
         assert isinstance(info.stateful, bool)
         assert info.paper, f"{name} must cite its paper"
-        assert mtlopt.create(name, num_tasks=2).info is info
+        extra = {"blocks": [torch.nn.Identity()]} if info.kind is Kind.TOKEN else {}
+        assert mtlopt.create(name, num_tasks=2, **extra).info is info
 
 
 def test_at_least_twenty_strategies():

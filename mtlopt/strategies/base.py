@@ -207,3 +207,24 @@ def chain(*commits: Commit) -> Commit:
             commit()
 
     return run
+
+
+class TokenStrategy(Strategy):
+    """Works on the token activations of a transformer (DTME-MTL): it observes the task losses
+    before they are back-propagated, may change the model after a step, and leaves the combination
+    of the task gradients to a ``base`` strategy."""
+
+    base: LossStrategy | GradientStrategy
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """Called once by :class:`~mtlopt.MTLOptimizer` with itself (new parameters join it)."""
+
+    def observe(self, losses: list[Tensor]) -> None:
+        """Called with the raw task losses before the base strategy back-propagates them."""
+
+    def after_step(self) -> None:
+        """Called after every optimizer step."""
+
+    def task_parameters(self) -> list[list[torch.nn.Parameter]]:
+        """Parameters owned by one task each (``[task][...]``); empty before any are created."""
+        return []
