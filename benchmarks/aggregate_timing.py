@@ -34,12 +34,16 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             strategy.aggregate(jacobian, losses)
             times[name].append(time.perf_counter() - start)
-    print(f"aggregate time, T={args.tasks}, P={args.dim:.0e}, float32, 2 threads, "
-          f"mean of {args.repeats} after 1 warm-up")
+    print(
+        f"aggregate time, T={args.tasks}, P={args.dim:.0e}, float32, 2 threads, "
+        f"mean of {args.repeats} after 1 warm-up"
+    )
     print("| strategy | cost class | mean aggregate time (ms) |")
     print("|---|---|---|")
     for name in sorted(names, key=lambda n: statistics.mean(times[n][1:])):
-        print(f"| {name} | {mtlopt.info(name).cost.value} | {1e3 * statistics.mean(times[name][1:]):.1f} |")
+        print(
+            f"| {name} | {mtlopt.info(name).cost.value} | {1e3 * statistics.mean(times[name][1:]):.1f} |"
+        )
     return 0
 
 
