@@ -72,3 +72,13 @@ def test_user_strategy_round_trip():
 
     out = mtlopt.create("test_first_task_only").aggregate(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
     assert out.tolist() == [1.0, 2.0]
+
+
+def test_docs_catalogue_matches_the_registry():
+    from pathlib import Path
+
+    from mtlopt.catalogue import BEGIN, END, markdown_table
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "strategies.md").read_text()
+    committed = text.split(BEGIN, 1)[1].split(END, 1)[0].strip()
+    assert committed == markdown_table(), "run: python -m mtlopt.catalogue --write"
