@@ -1,7 +1,7 @@
 """The strategy catalogue as a Markdown table, generated from the registry's metadata.
 
-    python -m mtlopt.catalogue            # print the table
-    python -m mtlopt.catalogue --write    # refresh it in docs/strategies.md
+python -m mtlopt.catalogue            # print the table
+python -m mtlopt.catalogue --write    # refresh it in docs/strategies.md
 """
 
 from __future__ import annotations

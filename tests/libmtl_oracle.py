@@ -44,10 +44,33 @@ def libmtl():
 
 def build(weighting: str, trunk: nn.Module, heads: nn.ModuleList, rep_grad: bool = False):
     """A LibMTL HPS model with deep copies of ``trunk`` and ``heads`` and the named weighting."""
+    return build_with(getattr(libmtl().weighting, weighting), trunk, heads, rep_grad)
+
+
+def libmtl_losses(model, x, y) -> torch.Tensor:
+    out = model(x)
+    return torch.stack(
+        [((out[f"t{i}"].squeeze(-1) - y[:, i]) ** 2).mean() for i in range(y.shape[1])]
+    )
+
+
+@pytest.fixture
+def requires_libmtl():
+    libmtl()
+
+
+def flat_grad(module: nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.reshape(-1) for p in module.parameters()])
+
+
+def build_with(
+    weighting_class: type, trunk: nn.Module, heads: nn.ModuleList, rep_grad: bool = False
+):
+    """A LibMTL HPS model whose weighting is ``weighting_class`` (e.g. ``to_libmtl("pcgrad")``)."""
     lib = libmtl()
     names = [f"t{i}" for i in range(len(heads))]
 
-    class Model(lib.architecture.HPS, getattr(lib.weighting, weighting)):
+    class Model(lib.architecture.HPS, weighting_class):
         pass
 
     trunk = copy.deepcopy(trunk)
@@ -61,10 +84,3 @@ def build(weighting: str, trunk: nn.Module, heads: nn.ModuleList, rep_grad: bool
     )
     model.init_param()
     return model
-
-
-def libmtl_losses(model, x, y) -> torch.Tensor:
-    out = model(x)
-    return torch.stack(
-        [((out[f"t{i}"].squeeze(-1) - y[:, i]) ** 2).mean() for i in range(y.shape[1])]
-    )

@@ -7,21 +7,16 @@ import copy
 import pytest
 import torch
 from conftest import SharedTrunkNet, losses_of, make_batch
-from libmtl_oracle import build, libmtl, libmtl_losses
+from libmtl_oracle import build, build_with, flat_grad, libmtl_losses, requires_libmtl  # noqa: F401
 
 import mtlopt
 from mtlopt.interop.libmtl import from_libmtl, to_libmtl
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-@pytest.fixture(autouse=True)
-def _needs_libmtl():
-    libmtl()
-
-
-def _shared_grad(module):
-    return torch.cat([p.grad.reshape(-1) for p in module.parameters()])
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.usefixtures("requires_libmtl"),
+]
+_shared_grad = flat_grad
 
 
 @pytest.mark.parametrize(
@@ -65,28 +60,13 @@ def test_mtlopt_strategy_inside_libmtl_matches_libmtl(ours, theirs):
     net = SharedTrunkNet(tasks=2)
     x, y = make_batch()
     kwargs = {"seed": 0} if ours == "pcgrad" else {}
-    model = build("EW", net.trunk, net.heads)  # architecture only; weighting replaced below
-    lib = libmtl()
-
-    class Ours(lib.architecture.HPS, to_libmtl(ours, **kwargs)):
-        pass
-
-    ours_model = Ours(
-        task_name=["t0", "t1"],
-        encoder_class=lambda: copy.deepcopy(net.trunk),
-        decoders=torch.nn.ModuleDict({f"t{i}": copy.deepcopy(h) for i, h in enumerate(net.heads)}),
-        rep_grad=False,
-        multi_input=False,
-        device=torch.device("cpu"),
-    )
-    ours_model.init_param()
+    ours_model = build_with(to_libmtl(ours, **kwargs), net.trunk, net.heads)
     ours_model.zero_grad(set_to_none=False)
     ours_model.backward(libmtl_losses(ours_model, x, y))
 
     reference = build(theirs, net.trunk, net.heads)
     reference.zero_grad(set_to_none=False)
     reference.backward(libmtl_losses(reference, x, y), mgda_gn="none")
-    del model
     torch.testing.assert_close(
         _shared_grad(ours_model.encoder), _shared_grad(reference.encoder), rtol=2e-3, atol=1e-5
     )
@@ -96,20 +76,7 @@ def test_new_method_runs_inside_libmtl():
     """Nash-MTL is not in LibMTL 1.1.5; through the adapter it runs on a LibMTL model."""
     net = SharedTrunkNet(tasks=3)
     x, y = make_batch(tasks=3)
-    lib = libmtl()
-
-    class Model(lib.architecture.HPS, to_libmtl("nash_mtl")):
-        pass
-
-    model = Model(
-        task_name=["t0", "t1", "t2"],
-        encoder_class=lambda: copy.deepcopy(net.trunk),
-        decoders=torch.nn.ModuleDict({f"t{i}": copy.deepcopy(h) for i, h in enumerate(net.heads)}),
-        rep_grad=False,
-        multi_input=False,
-        device=torch.device("cpu"),
-    )
-    model.init_param()
+    model = build_with(to_libmtl("nash_mtl"), net.trunk, net.heads)
     model.zero_grad(set_to_none=False)
     weights = model.backward(libmtl_losses(model, x, y))
     expected = mtlopt.MTLOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), "nash_mtl")

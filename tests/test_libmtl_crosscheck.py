@@ -15,23 +15,18 @@ import numpy as np
 import pytest
 import torch
 from conftest import SharedTrunkNet, losses_of, make_batch
-from libmtl_oracle import build, libmtl, libmtl_losses
+from libmtl_oracle import build, flat_grad, libmtl, libmtl_losses, requires_libmtl  # noqa: F401
 
 import mtlopt
 from mtlopt.strategies.gradnorm import gradnorm_weight_gradient
 from mtlopt.strategies.gradvac import vaccinate
 from mtlopt.strategies.pcgrad import project_conflicting
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-@pytest.fixture(autouse=True)
-def _needs_libmtl():
-    libmtl()
-
-
-def _flat_grad(module):
-    return torch.cat([p.grad.reshape(-1) for p in module.parameters()])
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.usefixtures("requires_libmtl"),
+]
+_flat_grad = flat_grad
 
 
 def _ours(name, net, x, y, **kwargs):

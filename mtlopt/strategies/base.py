@@ -176,6 +176,42 @@ def _as_matrix(jacobian: Tensor) -> Tensor:
     return jacobian
 
 
+class LearnedTaskVector:
+    """Mixin for strategies that learn one value per task (UW's log-variances, IMTL's loss scales).
+
+    The vector is an ``nn.Parameter`` that :class:`~mtlopt.MTLOptimizer` adds to the wrapped
+    optimizer (without weight decay); it is saved in ``state_dict`` and follows the losses' device.
+    """
+
+    learned_name: ClassVar[str]
+    info: ClassVar[StrategyInfo]
+
+    def _init_learned(self, num_tasks: int | None, init: float = 0.0) -> None:
+        if num_tasks is None:
+            raise ValueError(f"{self.info.name} needs num_tasks= to create its {self.learned_name}")
+        setattr(self, self.learned_name, torch.nn.Parameter(torch.full((num_tasks,), float(init))))
+
+    @property
+    def learned(self) -> torch.nn.Parameter:
+        return getattr(self, self.learned_name)
+
+    def learned_like(self, losses: Tensor) -> Tensor:
+        """The learned vector on the losses' device and in their dtype (moved once if needed)."""
+        if self.learned.device != losses.device:
+            self.learned.data = self.learned.data.to(losses.device)
+        return self.learned.to(losses.dtype)
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [self.learned]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {self.learned_name: self.learned.detach().clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            self.learned.copy_(state[self.learned_name])
+
+
 class Randomized:
     """Mixin for strategies that draw random numbers: a private generator whose state is saved.
 

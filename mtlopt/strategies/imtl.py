@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from ..registry import register
-from .base import Commit, GramianStrategy, LossStrategy, Scalarized, _noop
+from .base import Commit, GramianStrategy, LearnedTaskVector, LossStrategy, Scalarized, _noop
 
 
 def imtl_g_weights(gramian: np.ndarray) -> np.ndarray:
@@ -49,28 +49,13 @@ class IMTLG(GramianStrategy):
         return imtl_g_weights(gramian), _noop
 
 
-class _LossScales:
+class _LossScales(LearnedTaskVector):
     """IMTL-L's learnable log-scales ``s``: each loss becomes ``e^{s} L − s`` (Eq. 4)."""
 
-    def _init_scales(self, num_tasks: int | None) -> None:
-        if num_tasks is None:
-            raise ValueError(f"{self.info.name} needs num_tasks= to create its loss scales")  # type: ignore[attr-defined]
-        self.log_scales = torch.nn.Parameter(torch.zeros(num_tasks))
-
-    def parameters(self) -> list[torch.nn.Parameter]:
-        return [self.log_scales]
-
-    def state_dict(self) -> dict[str, object]:
-        return {"log_scales": self.log_scales.detach().clone()}
-
-    def load_state_dict(self, state: dict[str, object]) -> None:
-        with torch.no_grad():
-            self.log_scales.copy_(state["log_scales"])  # type: ignore[arg-type]
+    learned_name = "log_scales"
 
     def scale_losses(self, losses: Tensor, index: int | slice = slice(None)) -> Tensor:
-        if self.log_scales.device != losses.device:
-            self.log_scales.data = self.log_scales.data.to(losses.device)
-        s = self.log_scales[index].to(losses.dtype)
+        s = self.learned_like(losses)[index]
         return torch.exp(s) * losses - s
 
 
@@ -88,7 +73,7 @@ class IMTLL(_LossScales, LossStrategy):
 
     def __init__(self, num_tasks: int | None = None):
         super().__init__(num_tasks)
-        self._init_scales(num_tasks)
+        self._init_learned(num_tasks)
 
     def scalarize(self, losses: Tensor) -> Scalarized:
         scaled = self.scale_losses(losses)
@@ -111,7 +96,7 @@ class IMTL(_LossScales, GramianStrategy):
 
     def __init__(self, num_tasks: int | None = None):
         super().__init__(num_tasks)
-        self._init_scales(num_tasks)
+        self._init_learned(num_tasks)
 
     def transform_loss(self, index: int, loss: Tensor) -> Tensor:
         return self.scale_losses(loss, index)

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ..registry import register
-from .base import LossStrategy, Scalarized
+from .base import LearnedTaskVector, LossStrategy, Scalarized
 
 
 @register(
@@ -18,7 +18,7 @@ from .base import LossStrategy, Scalarized
     conventions="regression form for every task; log-variances s_i initialised to 0 (σ = 1, as the "
     "Nash-MTL code; LibMTL uses −0.5); s trained by the wrapped optimizer without weight decay",
 )
-class UW(LossStrategy):
+class UW(LearnedTaskVector, LossStrategy):
     """Uncertainty weighting (Kendall et al., 2018, Eq. 7).
 
     Minimises ``Σ_i ½ e^{−s_i} L_i + ½ s_i`` with learnable log-variances ``s_i = log σ_i²``. The
@@ -30,30 +30,18 @@ class UW(LossStrategy):
         init: initial value of every ``s_i`` (default 0).
     """
 
+    learned_name = "log_vars"
+
     def __init__(self, num_tasks: int | None = None, init: float = 0.0):
         super().__init__(num_tasks)
-        if num_tasks is None:
-            raise ValueError("uw needs num_tasks= to create its learnable log-variances")
         self.init = init
-        self.log_vars = torch.nn.Parameter(torch.full((num_tasks,), float(init)))
+        self._init_learned(num_tasks, init)
 
     def hyperparameters(self) -> dict[str, object]:
         return {"num_tasks": self.num_tasks, "init": self.init}
 
-    def parameters(self) -> list[torch.nn.Parameter]:
-        return [self.log_vars]
-
-    def state_dict(self) -> dict[str, object]:
-        return {"log_vars": self.log_vars.detach().clone()}
-
-    def load_state_dict(self, state: dict[str, object]) -> None:
-        with torch.no_grad():
-            self.log_vars.copy_(state["log_vars"])  # type: ignore[arg-type]
-
     def scalarize(self, losses: Tensor) -> Scalarized:
-        if self.log_vars.device != losses.device:
-            self.log_vars.data = self.log_vars.data.to(losses.device)
-        log_vars = self.log_vars.to(losses.dtype)
+        log_vars = self.learned_like(losses)
         weights = 0.5 * torch.exp(-log_vars)
         return Scalarized(
             loss=(weights * losses).sum() + 0.5 * log_vars.sum(), weights=weights.detach()
