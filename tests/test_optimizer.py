@@ -212,3 +212,14 @@ def test_diagnostics_match_the_task_gradients(net):
     assert float(info.gradient_norms[1]) == pytest.approx(float(grads[1].norm()), rel=1e-5)
     assert opt.last_step is info
     assert float(info.losses[0]) == pytest.approx(float(losses[0].detach()))
+
+
+def test_expanded_autograd_gradients_are_safe_to_accumulate_into():
+    """The gradient of a sum is an expanded (stride-0) tensor; it must not become .grad as is."""
+    w, v = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    opt = mtlopt.MTLOptimizer(torch.optim.SGD([w, v], lr=0.1), "pcgrad", seed=0)
+    for _ in range(2):  # two micro-batches: the second adds into the first's .grad in place
+        opt.backward([w.sum() + v.sum(), (2 * w).sum()])
+    assert v.grad.is_contiguous() and torch.equal(v.grad, torch.full((3,), 2.0))
+    opt.step()
+    torch.testing.assert_close(v.detach(), torch.full((3,), 0.8))
