@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from .engine import Partition, partition_parameters, reached_parameters, task_gradients
 from .registry import create
 from .strategies.base import (
+    Combined,
     Commit,
     GradientStrategy,
     LossStrategy,
@@ -245,7 +246,7 @@ class MTLOptimizer(torch.optim.Optimizer):
         window = self._window
         partition = self._partition_for(losses)
         grads = task_gradients(losses, partition)
-        finite_rows = torch.isfinite(grads.jacobian).all(dim=1).tolist()
+        finite_rows = _finite_rows(grads.jacobian)
         for i, name in enumerate(names):
             if not finite_rows[i] or _first_nonfinite(grads.specific[i]) is not None:
                 return self._nonfinite(names, detached, f"non-finite gradient for task {name!r}")
@@ -253,7 +254,7 @@ class MTLOptimizer(torch.optim.Optimizer):
         jacobian = grads.jacobian if window.jacobian is None else window.jacobian + grads.jacobian
         losses_sum = detached if window.losses is None else window.losses + detached
         combined = self._combiner.combine(jacobian, losses_sum.to(jacobian.device))
-        if not bool(torch.isfinite(combined.direction).all()):
+        if not _finite_rows(combined.direction[None])[0]:
             return self._nonfinite(
                 names, detached, f"{self._combiner.info.name} produced a non-finite update"
             )
@@ -267,7 +268,7 @@ class MTLOptimizer(torch.optim.Optimizer):
         window.jacobian, window.losses, window.written = jacobian, losses_sum, combined.direction
         window.commit = combined.commit
         window.num_backward += 1
-        window.info = self._gradient_info(names, losses_sum, jacobian, combined.weights)
+        window.info = self._gradient_info(names, losses_sum, jacobian, combined)
         return window.info
 
     def _backward_representation(
@@ -292,7 +293,7 @@ class MTLOptimizer(torch.optim.Optimizer):
             )
             per_task.append(grads)
         jacobian = torch.stack([grads[0].reshape(-1) for grads in per_task])
-        finite_rows = torch.isfinite(jacobian).all(dim=1).tolist()
+        finite_rows = _finite_rows(jacobian)
         for i, name in enumerate(names):
             if not finite_rows[i] or _first_nonfinite(per_task[i][1:]) is not None:
                 return self._nonfinite(names, detached, f"non-finite gradient for task {name!r}")
@@ -314,15 +315,17 @@ class MTLOptimizer(torch.optim.Optimizer):
         window.losses = detached if window.losses is None else window.losses + detached
         window.commit = combined.commit
         window.num_backward += 1
-        window.info = self._gradient_info(names, window.losses, jacobian, combined.weights)
+        window.info = self._gradient_info(names, window.losses, jacobian, combined)
         return window.info
 
     def _gradient_info(
-        self, names: list[str], losses: Tensor, jacobian: Tensor, weights: Tensor | None
+        self, names: list[str], losses: Tensor, jacobian: Tensor, combined: Combined
     ) -> StepInfo:
+        weights = combined.weights
         info = StepInfo(list(names), losses.clone(), None if weights is None else weights.detach())
         if self.diagnostics and jacobian.shape[1] > 0:
-            gramian = torch.from_numpy(gramian_of(jacobian))
+            computed = combined.gramian if combined.gramian is not None else gramian_of(jacobian)
+            gramian = torch.from_numpy(computed)
             norms = gramian.diagonal().clamp_min(0).sqrt()
             denominator = torch.outer(norms, norms)
             info.gradient_norms = norms
@@ -502,6 +505,13 @@ def _accumulate(params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
     for p, g in zip(params, grads, strict=True):
         if p.grad is None:
             p.grad = g.detach().to(p.dtype).clone()
+
+
+def _finite_rows(matrix: Tensor) -> list[bool]:
+    """Whether each row is finite. A row's sum is NaN or infinite if any entry is (one reduction,
+    no T×P mask); a finite row whose sum overflows is re-checked exactly."""
+    sums_finite = torch.isfinite(matrix.sum(dim=1)).tolist()
+    return [ok or bool(torch.isfinite(matrix[i]).all()) for i, ok in enumerate(sums_finite)]
 
 
 def _first_nonfinite(grads: Sequence[Tensor | None]) -> int | None:

@@ -144,3 +144,10 @@ def test_zero_or_identical_task_gradients_give_finite_updates(name, case):
     for p in model.parameters():
         assert torch.isfinite(p).all()
         assert p.grad is None or torch.isfinite(p.grad).all()
+
+
+def test_row_finiteness_check_survives_overflowing_sums():
+    from mtlopt.optimizer import _finite_rows
+
+    matrix = torch.tensor([[3e38, 3e38], [1.0, float("nan")], [1.0, float("inf")], [1.0, -2.0]])
+    assert _finite_rows(matrix) == [True, False, False, True]

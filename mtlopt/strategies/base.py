@@ -43,6 +43,8 @@ class Combined:
     weights: Tensor | None
     """Effective task weights (``direction = weights @ J``) where the method is linear in ``J``."""
     commit: Commit = _noop
+    gramian: np.ndarray | None = None
+    """``J Jᵀ`` (float64, host) when the strategy computed it, reused for the diagnostics."""
 
 
 @dataclass
@@ -155,7 +157,7 @@ class GramianStrategy(GradientStrategy):
         if not np.all(np.isfinite(weights)):
             raise FloatingPointError(f"{self.info.name} produced non-finite task weights {weights}")
         w = torch.from_numpy(np.ascontiguousarray(weights)).to(jacobian.device, jacobian.dtype)
-        return Combined(direction=w @ jacobian, weights=w, commit=commit)
+        return Combined(direction=w @ jacobian, weights=w, commit=commit, gramian=gramian)
 
 
 def gramian_of(jacobian: Tensor) -> np.ndarray:
