@@ -230,7 +230,8 @@ class Randomized:
 
     def _step_rng(self) -> tuple[np.random.Generator, Commit]:
         bit_generator = np.random.PCG64()
-        bit_generator.state = copy.deepcopy(self._rng_state)
+        # PCG64's state is a dict of ints with one nested dict: copying those two levels suffices.
+        bit_generator.state = {**self._rng_state, "state": dict(self._rng_state["state"])}
         rng = np.random.Generator(bit_generator)
 
         def commit() -> None:
