@@ -108,17 +108,25 @@ def fair_weights(gramian: np.ndarray, alpha: float = 1.0, max_iter: int = 100) -
         gradient = g @ w - w ** (-p)
         hessian = g + np.diag(p * w ** (-p - 1.0))
         step = np.linalg.solve(hessian, gradient)
-        if float(gradient @ step) < 1e-24:
+        decrement = float(gradient @ step)  # Newton decrement λ², ≈ 2 (f(w) − f*)
+        if decrement < 1e-12:
+            # Quadratic convergence: one full step brings the error to rounding level; a line
+            # search would only fight rounding from here.
+            candidate = w - step
+            if np.all(candidate > 0):
+                w = candidate
             break
         scale = 1.0
         positive = step > 0
         if np.any(positive):  # stay strictly inside w > 0
             scale = min(1.0, 0.99 * float(np.min(w[positive] / step[positive])))
         value = objective(w)
-        while objective(w - scale * step) > value - 1e-4 * scale * float(gradient @ step):
+        while objective(w - scale * step) > value - 1e-4 * scale * decrement:
             scale *= 0.5
             if scale < 1e-12:
                 break
+        if scale < 1e-12:
+            break
         w = w - scale * step
     # Undo the trace normalisation: G w = w^(-p) is homogeneous, w scales by trace^(-1/(1+p)).
     return w * trace ** (-1.0 / (1.0 + p))

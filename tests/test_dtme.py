@@ -263,3 +263,17 @@ def test_bad_configuration():
 def test_task_view_before_any_branch_is_the_identity():
     x = torch.randn(4, 3, 2)
     assert mtlopt.task_view(x, 1) is x
+
+
+def test_streams_of_an_expanded_model_do_not_leak_into_another_model():
+    torch.manual_seed(0)
+    model, other = TinyViT(), TinyViT()
+    other.load_state_dict({k: v for k, v in model.state_dict().items()})
+    opt = _dtme_opt(model)
+    _train(model, opt, 6)
+    assert opt.strategy.phase == "expanded"
+    x2, _ = batch(n=2)
+    model(x2)  # K·B = 4 for this pass
+    x4, _ = batch(n=4)
+    outputs = other(x4)  # batch 4 = K·B of the previous pass, but a different model
+    assert all(o.shape == (4, 1) for o in outputs)

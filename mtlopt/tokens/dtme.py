@@ -161,7 +161,7 @@ class DTME(TokenStrategy):
         self.check_num_tasks(len(losses))
         phase = self.phase
         if phase == "expanded":
-            if STREAMS.branched and STREAMS.views == 0:
+            if self.model is None and STREAMS.branched and STREAMS.views == 0:
                 raise RuntimeError(_NO_TASK_VIEW)
             return
         assert self._analysis is not None
@@ -224,7 +224,12 @@ class DTME(TokenStrategy):
             group = {k: v for k, v in self._optimizer.param_groups[0].items() if k != "params"}
             self._optimizer.add_param_group({**group, "params": params})
         if self.model is not None:
-            self._check_handle = self.model.register_forward_hook(_check_task_view)
+            # Scope the stream context to this model's forward pass, so that task_view in another
+            # model's forward (or after this one) never sees this model's streams.
+            self._check_handle = [
+                self.model.register_forward_pre_hook(lambda module, args: STREAMS.reset()),
+                self.model.register_forward_hook(_check_task_view),
+            ]
 
     def _parameter_count(self) -> int:
         if self.model is not None:
@@ -269,5 +274,7 @@ _NO_TASK_VIEW = (
 
 
 def _check_task_view(module: nn.Module, args: tuple, output: object) -> None:
-    if STREAMS.branched and STREAMS.views == 0:
+    unviewed = STREAMS.branched and STREAMS.views == 0
+    STREAMS.reset()
+    if unviewed:
         raise RuntimeError(_NO_TASK_VIEW)

@@ -126,7 +126,7 @@ def expand(blocks: Sequence[nn.Module], plan: ExpansionPlan, dim: int) -> Expans
         hooks = _StreamHooks(k, d == branch, modulation, tokens)
         expansion.handles.append(block.register_forward_pre_hook(hooks.before, with_kwargs=True))
         expansion.handles.append(block.register_forward_hook(hooks.after, with_kwargs=True))
-    if branch > 0:
+    if branch > 0:  # a new forward pass of these blocks: forget the previous pass's streams
         expansion.handles.append(blocks[0].register_forward_pre_hook(_reset_streams))
     return expansion
 

@@ -1,0 +1,48 @@
+"""What a benchmark problem provides to the suite's runner."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Instance:
+    """One problem set up for one run: model, data stream, losses and evaluation."""
+
+    model: nn.Module
+    batch: Callable[[int], Any]
+    losses: Callable[[nn.Module, Any], list[torch.Tensor]]
+    evaluate: Callable[[nn.Module], dict[str, float]]
+    lr: float = 1e-3
+    blocks: Sequence[nn.Module] | None = None
+    """The transformer blocks, for token strategies (DTME); ``None`` if the model has none."""
+    trace: Callable[[nn.Module], list[float]] | None = None
+    """Optional per-step trace (the toy records its parameters)."""
+
+
+@dataclass
+class Problem:
+    name: str
+    description: str
+    tasks: list[str]
+    metrics: dict[str, bool]
+    """Metric name → lower is better."""
+    metric_task: dict[str, int]
+    """Metric name → index of the task it measures (for single-task baselines)."""
+    setup: Callable[[int, Any, bool], Instance]
+    """``setup(seed, variant, quick)``."""
+    steps: int
+    quick_steps: int
+    quick_methods: list[str]
+    variants: list[Any] = field(default_factory=lambda: [None])
+    quick_variants: list[Any] | None = None
+    single_task_baselines: bool = True
+    excluded: dict[str, str] = field(default_factory=dict)
+    """Methods that do not apply, with the reason (e.g. log-losses on negative losses)."""
+    method_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    notes: str = ""

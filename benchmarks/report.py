@@ -1,0 +1,338 @@
+"""Aggregates finished runs into results.json / results.csv / results.md and PNG plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from mtlopt.metrics import delta_m
+
+from .problem import Problem
+from .suite import single_task
+
+DELTA_NOTE = (
+    "Δm (%) is the mean over all metrics of the relative change against single-task models "
+    "trained with the same budget, signed so that **lower is better** (Maninis et al.; the "
+    "Nash-MTL / FAMO protocol): negative Δm beats the single-task models."
+)
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _fmt(mean: float, std: float, digits: int = 4) -> str:
+    if mean != mean:  # NaN
+        return "–"
+    return f"{mean:.{digits}g} ± {std:.2g}" if std else f"{mean:.{digits}g}"
+
+
+def aggregate(problem: Problem, runs: list[dict]) -> list[dict[str, Any]]:
+    """One row per (variant, method): metric means and stds, Δm, step time relative to EW."""
+    by_variant: dict[str, list[dict]] = defaultdict(list)
+    for run in runs:
+        by_variant[str(run["variant"])].append(run)
+    rows = []
+    for variant, group in by_variant.items():
+        ok = [r for r in group if "error" not in r]
+        baselines = _baselines(problem, ok)
+        ew_time = {r["seed"]: r["median_step_seconds"] for r in ok if r["method"] == "ew"}
+        methods = sorted({r["method"] for r in group if single_task(r["method"]) is None})
+        for method in methods:
+            mine = [r for r in group if r["method"] == method]
+            done = [r for r in mine if "error" not in r]
+            row: dict[str, Any] = {"variant": variant, "method": method, "runs": len(done)}
+            if not done:
+                row["error"] = mine[0]["error"] if mine else "not run"
+                rows.append(row)
+                continue
+            for metric in problem.metrics:
+                row[metric] = _mean_std([r["metrics"][metric] for r in done])
+            if baselines is not None:
+                directions = {m: problem.metrics[m] for m in baselines}
+                row["delta_m"] = _mean_std(
+                    [
+                        delta_m({m: r["metrics"][m] for m in baselines}, baselines, directions)
+                        for r in done
+                    ]
+                )
+            ratios = [
+                r["median_step_seconds"] / ew_time[r["seed"]] for r in done if r["seed"] in ew_time
+            ]
+            row["time_vs_ew"] = _mean_std(ratios)
+            row["step_ms"] = _mean_std([1e3 * r["median_step_seconds"] for r in done])
+            memory = [
+                r["peak_rss_growth_mb"] for r in done if r.get("peak_rss_growth_mb") is not None
+            ]
+            row["memory_mb"] = _mean_std(memory)
+            rows.append(row)
+    return rows
+
+
+def _baselines(problem: Problem, runs: list[dict]) -> dict[str, float] | None:
+    if not problem.single_task_baselines:
+        return None
+    values: dict[str, list[float]] = defaultdict(list)
+    for run in runs:
+        if single_task(run["method"]) is not None:
+            for metric, value in run["metrics"].items():
+                values[metric].append(value)
+    if set(values) != set(problem.metrics):
+        return None
+    return {m: statistics.fmean(v) for m, v in values.items()}
+
+
+def write(problem: Problem, runs: list[dict], out: Path, command: str) -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    rows = aggregate(problem, runs)
+    (out / "results.json").write_text(
+        json.dumps(
+            {
+                "problem": problem.name,
+                "description": problem.description,
+                "command": command,
+                "rows": rows,
+                "runs": runs,
+            },
+            indent=1,
+            default=str,
+        )
+    )
+    columns = [
+        "variant",
+        "method",
+        "runs",
+        *problem.metrics,
+        "delta_m",
+        "time_vs_ew",
+        "step_ms",
+        "memory_mb",
+        "error",
+    ]
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(
+            [
+                c
+                for col in columns
+                for c in (
+                    (col,)
+                    if col in ("variant", "method", "runs", "error")
+                    else (f"{col}_mean", f"{col}_std")
+                )
+            ]
+        )
+        for row in rows:
+            line = []
+            for col in columns:
+                value = row.get(col)
+                if col in ("variant", "method", "runs", "error"):
+                    line.append("" if value is None else value)
+                else:
+                    line.extend(value if isinstance(value, tuple) else ("", ""))
+            writer.writerow(line)
+    (out / "results.md").write_text(markdown(problem, rows, command))
+    plots(problem, runs, rows, out)
+    return rows
+
+
+def markdown(problem: Problem, rows: list[dict], command: str) -> str:
+    lines = [f"## {problem.name}", "", problem.description, "", f"Command: `{command}`", ""]
+    has_delta = any("delta_m" in r for r in rows)
+    if has_delta:
+        lines += [DELTA_NOTE, ""]
+    if problem.notes:
+        lines += [problem.notes, ""]
+    lines += [
+        "Step time relative to EW: median step of the method over median step of EW, same "
+        "seed and variant, in this run. Memory: peak growth of the process's resident memory "
+        "during the run (indicative on CPU).",
+        "",
+    ]
+    metric_cols = list(problem.metrics)
+    header = [
+        "variant",
+        "method",
+        *metric_cols,
+        *(["Δm %"] if has_delta else []),
+        "time / EW",
+        "step (ms)",
+        "peak memory (MB)",
+        "seeds",
+    ]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def sort_key(r: dict) -> tuple:
+        dm = r.get("delta_m", (float("inf"), 0))[0]
+        return (r["variant"], dm if dm == dm else float("inf"), r["method"])
+
+    for row in sorted(rows, key=sort_key):
+        if "error" in row:
+            cells = [
+                row["variant"],
+                row["method"],
+                *["–"] * len(metric_cols),
+                *(["–"] if has_delta else []),
+                "–",
+                "–",
+                "–",
+                f"failed: {row['error'][:80]}",
+            ]
+        else:
+            cells = [
+                row["variant"],
+                row["method"],
+                *[_fmt(*row[m]) for m in metric_cols],
+                *(
+                    [_fmt(*row["delta_m"], 3)]
+                    if has_delta and "delta_m" in row
+                    else (["–"] if has_delta else [])
+                ),
+                _fmt(*row["time_vs_ew"], 3),
+                _fmt(*row["step_ms"], 3),
+                _fmt(*row["memory_mb"], 3),
+                str(row["runs"]),
+            ]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    excluded = {m: why for m, why in problem.excluded.items()}
+    if excluded:
+        lines += [
+            "",
+            "Not applicable here: " + "; ".join(f"`{m}` ({w})" for m, w in excluded.items()),
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def plots(problem: Problem, runs: list[dict], rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in runs if "error" not in r and single_task(r["method"]) is None]
+    if not ok:
+        return
+    # Training curves: total loss per method (mean over seeds), first variant.
+    first = str(ok[0]["variant"])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in sorted({r["method"] for r in ok}):
+        curves = [
+            r["curve"]
+            for r in ok
+            if r["method"] == method and str(r["variant"]) == first and r["curve"]
+        ]
+        if not curves:
+            continue
+        steps = [p[0] for p in curves[0]]
+        totals = [
+            statistics.fmean(sum(c[i][1:]) for c in curves if i < len(c)) for i in range(len(steps))
+        ]
+        ax.plot(steps, totals, label=method)
+    ax.set_xlabel("step")
+    ax.set_ylabel("sum of task losses (training batch)")
+    if problem.name != "toy":
+        ax.set_yscale("log")
+    ax.set_title(
+        f"{problem.name}: training curves" + (f" (variant {first})" if first != "None" else "")
+    )
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=110)
+    plt.close(fig)
+
+    with_delta = [r for r in rows if "delta_m" in r and "error" not in r]
+    if with_delta:
+        fig, ax = plt.subplots(figsize=(5, 4))
+        for r in with_delta:
+            ax.errorbar(r["time_vs_ew"][0], r["delta_m"][0], yerr=r["delta_m"][1], fmt="o")
+            ax.annotate(r["method"], (r["time_vs_ew"][0], r["delta_m"][0]), fontsize=7)
+        ax.set_xlabel("step time / EW")
+        ax.set_ylabel("Δm % (lower is better)")
+        ax.set_title(f"{problem.name}: cost against quality")
+        fig.tight_layout()
+        fig.savefig(out / "time_vs_delta_m.png", dpi=110)
+        plt.close(fig)
+
+    if len(problem.metric_task) == 2 or problem.name == "toy":
+        metrics = list(problem.metrics)[:2]
+        fig, ax = plt.subplots(figsize=(5, 4))
+        for r in rows:
+            if "error" in r:
+                continue
+            ax.plot(r[metrics[0]][0], r[metrics[1]][0], "o")
+            ax.annotate(
+                f"{r['method']}" + (f" ({r['variant']})" if r["variant"] != "None" else ""),
+                (r[metrics[0]][0], r[metrics[1]][0]),
+                fontsize=6,
+            )
+        ax.set_xlabel(metrics[0])
+        ax.set_ylabel(metrics[1])
+        ax.set_title(f"{problem.name}: final trade-off between the two tasks")
+        fig.tight_layout()
+        fig.savefig(out / "pareto.png", dpi=110)
+        plt.close(fig)
+
+    if problem.name == "toy":
+        _toy_trajectories(ok, out, plt)
+    if problem.name == "scaling":
+        _scaling_curves(rows, out, plt)
+
+
+def _toy_trajectories(runs: list[dict], out: Path, plt: Any) -> None:
+    import torch
+
+    from .toy import toy_losses
+
+    methods = sorted({r["method"] for r in runs})
+    grid = torch.linspace(-10, 10, 121, dtype=torch.float64)
+    xx, yy = torch.meshgrid(grid, grid, indexing="xy")
+    total = torch.zeros_like(xx)
+    for i in range(xx.shape[0]):
+        for j in range(xx.shape[1]):
+            total[i, j] = sum(toy_losses(torch.stack([xx[i, j], yy[i, j]])))
+    cols = min(3, len(methods))
+    rows_n = (len(methods) + cols - 1) // cols
+    fig, axes = plt.subplots(rows_n, cols, figsize=(3.3 * cols, 3.1 * rows_n), squeeze=False)
+    for ax, method in zip(axes.flat, methods, strict=False):
+        ax.contourf(xx.numpy(), yy.numpy(), total.numpy(), levels=30, cmap="Greys")
+        for r in (r for r in runs if r["method"] == method):
+            path = r["trace"]
+            ax.plot([p[0] for p in path], [p[1] for p in path], lw=1.2)
+            ax.plot(path[0][0], path[0][1], "k.", ms=4)
+            ax.plot(path[-1][0], path[-1][1], "r*" if r["metrics"]["pareto"] else "bx", ms=7)
+        ax.set_title(method, fontsize=9)
+    for ax in list(axes.flat)[len(methods) :]:
+        ax.axis("off")
+    fig.suptitle("toy: trajectories in parameter space (red star: Pareto stationary)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "trajectories.png", dpi=110)
+    plt.close(fig)
+
+
+def _scaling_curves(rows: list[dict], out: Path, plt: Any) -> None:
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.6))
+    for method in sorted({r["method"] for r in rows if "error" not in r}):
+        mine = sorted(
+            (r for r in rows if r["method"] == method and "error" not in r),
+            key=lambda r: float(r["variant"]),
+        )
+        ks = [float(r["variant"]) for r in mine]
+        a.plot(ks, [r["step_ms"][0] for r in mine], "o-", label=method)
+        b.plot(ks, [r["memory_mb"][0] for r in mine], "o-", label=method)
+    a.set_xlabel("tasks K")
+    a.set_ylabel("median step (ms)")
+    b.set_xlabel("tasks K")
+    b.set_ylabel("peak memory growth (MB)")
+    a.set_xscale("log")
+    b.set_xscale("log")
+    a.legend(fontsize=7)
+    fig.suptitle("scaling: cost against the number of tasks")
+    fig.tight_layout()
+    fig.savefig(out / "cost_vs_tasks.png", dpi=110)
+    plt.close(fig)

@@ -1,0 +1,190 @@
+"""Runs (problem, variant, method, seed) combinations, caching each finished run on disk.
+
+Every run is written to ``OUT/runs/<problem>/<variant>/<method>/seed<k>.json`` as soon as it ends,
+so an interrupted suite loses nothing already finished and a rerun with more methods only runs
+the new ones. A method that fails (a NaN, an unsupported configuration) is recorded with its
+error instead of stopping the suite.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import mtlopt
+
+from .problem import Instance, Problem
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    problem: str
+    variant: Any
+    method: str
+    seed: int
+    steps: int
+    quick: bool
+
+    def path(self, out: Path) -> Path:
+        return (
+            out / "runs" / self.problem / str(self.variant) / self.method / f"seed{self.seed}.json"
+        )
+
+    def fingerprint(self, problem: Problem) -> str:
+        config = {
+            **asdict(self),
+            "kwargs": problem.method_kwargs.get(self.method, {}),
+            "mtlopt": mtlopt.__version__,
+        }
+        return hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def single_task(method: str) -> int | None:
+    """Task index of a single-task baseline run (``stl-3``), else None."""
+    return int(method.split("-", 1)[1]) if method.startswith("stl-") else None
+
+
+def cached(spec: RunSpec, problem: Problem, out: Path) -> dict | None:
+    path = spec.path(out)
+    if not path.exists():
+        return None
+    result = json.loads(path.read_text())
+    return result if result.get("fingerprint") == spec.fingerprint(problem) else None
+
+
+def execute(spec: RunSpec, problem: Problem, out: Path) -> dict:
+    """Train one run and save its result (atomically)."""
+    result: dict[str, Any] = {**asdict(spec), "fingerprint": spec.fingerprint(problem)}
+    start = time.perf_counter()
+    sampler = _PeakMemory()
+    try:
+        instance = problem.setup(spec.seed, spec.variant, spec.quick)
+        result.update(_train(spec, problem, instance, sampler))
+    except Exception as error:  # recorded, not fatal: the suite goes on with the other runs
+        result["error"] = f"{type(error).__name__}: {error}"
+    finally:
+        sampler.stop()
+    result["peak_rss_growth_mb"] = sampler.peak_growth_mb
+    result["wall_seconds"] = time.perf_counter() - start
+    path = spec.path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, path)
+    return result
+
+
+def _strategy(spec: RunSpec, problem: Problem, instance: Instance, tasks: int):
+    if single_task(spec.method) is not None:
+        return mtlopt.create("ew")
+    kwargs = dict(problem.method_kwargs.get(spec.method, {}))
+    if spec.method == "dtme":
+        if instance.blocks is None:
+            raise ValueError("dtme needs a transformer")
+        analysis = min(100, max(3, spec.steps // 3))
+        return mtlopt.create(
+            "dtme",
+            blocks=instance.blocks,
+            num_tasks=tasks,
+            model=instance.model,
+            analysis_steps=analysis,
+            covariance_steps=max(1, analysis // 10),
+            **kwargs,
+        )
+    return mtlopt.create(spec.method, num_tasks=tasks, **kwargs)
+
+
+def _train(spec: RunSpec, problem: Problem, instance: Instance, sampler: _PeakMemory) -> dict:
+    model = instance.model
+    task = single_task(spec.method)
+    tasks = len(instance.losses(model, instance.batch(0)))
+
+    def select(losses: list[torch.Tensor]) -> list[torch.Tensor]:
+        return losses if task is None else [losses[task]]
+
+    strategy = _strategy(spec, problem, instance, tasks if task is None else 1)
+    opt = mtlopt.MTLOptimizer(torch.optim.Adam(model.parameters(), lr=instance.lr), strategy)
+    every = max(1, spec.steps // 50)
+    trace_every = max(1, spec.steps // 400)
+    times, curve, trace, skipped = [], [], [], 0
+    sampler.start()
+    for step in range(spec.steps):
+        batch = instance.batch(step)
+        began = time.perf_counter()
+        opt.zero_grad()
+        info = opt.step(lambda b=batch: select(instance.losses(model, b)))
+        times.append(time.perf_counter() - began)
+        skipped += bool(info is not None and info.skipped)
+        if info is not None and (step % every == 0 or step == spec.steps - 1):
+            curve.append([step, *(float(v) for v in info.losses)])
+        if instance.trace is not None and (step % trace_every == 0 or step == spec.steps - 1):
+            trace.append(instance.trace(model))
+    metrics = instance.evaluate(model)
+    if task is not None:  # a single-task model only speaks for its own task's metrics
+        metrics = {k: v for k, v in metrics.items() if problem.metric_task.get(k) == task}
+    warm = times[min(len(times) - 1, max(1, len(times) // 5)) :]
+    result = {
+        "metrics": metrics,
+        "median_step_seconds": statistics.median(warm),
+        "curve": curve,
+        "trace": trace,
+        "skipped_steps": skipped,
+    }
+    report = getattr(opt.strategy, "report", None)
+    if report is not None:
+        result["dtme_report"] = report.as_dict()
+    return result
+
+
+class _PeakMemory:
+    """Peak resident memory growth of this process during a run (sampled every 5 ms on Linux;
+    on CUDA, the allocator's peak is used instead). Indicative: memory freed by an earlier run may
+    be reused without growing the process."""
+
+    def __init__(self) -> None:
+        self.peak_growth_mb: float | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._base = 0
+
+    @staticmethod
+    def _rss() -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            return 0
+
+    def start(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self._base = self._rss()
+        peak = [self._base]
+
+        def sample() -> None:
+            while not self._stop.wait(0.005):
+                peak[0] = max(peak[0], self._rss())
+
+        self._peak = peak
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        self._thread = None
+        if torch.cuda.is_available():
+            self.peak_growth_mb = torch.cuda.max_memory_allocated() / 2**20
+        elif self._base:
+            self.peak_growth_mb = max(self._peak[0] - self._base, 0) / 2**20

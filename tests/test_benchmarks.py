@@ -1,0 +1,149 @@
+"""Smoke runs of every benchmark problem (tiny budgets), caching, and failure handling."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import pytest
+
+from benchmarks import __main__ as cli
+from benchmarks import data, suite
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def _require(problem: str) -> None:
+    try:
+        if problem == "multifashion":
+            data.fashion_mnist("test")
+        elif problem == "qm9":
+            data._qm9_files()
+    except data.DataMissing as missing:
+        if os.environ.get("MTLOPT_REQUIRE_DATA"):  # CI installs the data: these must run there
+            raise
+        pytest.skip(str(missing))
+
+
+@pytest.mark.parametrize(
+    "problem, methods",
+    [
+        ("toy", "ew,pcgrad,famo"),
+        ("scaling", "ew,mgda"),
+        ("multifashion", "ew,dtme"),
+        ("qm9", "ew,pcgrad"),
+    ],
+)
+def test_smoke_run_writes_every_output(problem, methods, tmp_path, capsys):
+    _require(problem)
+    assert (
+        cli.main(
+            [
+                "run",
+                problem,
+                "--quick",
+                "--methods",
+                methods,
+                "--steps",
+                "3",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
+    folder = tmp_path / problem
+    for name in ("results.json", "results.csv", "results.md", "curves.png"):
+        assert (folder / name).stat().st_size > 0, name
+    header = next(
+        line
+        for line in (folder / "results.md").read_text().splitlines()
+        if line.startswith("| variant")
+    )
+    for column in ("method", "time / EW", "step (ms)", "peak memory (MB)", "seeds"):
+        assert column in header
+    definition = cli.PROBLEMS[problem]
+    for metric in definition.metrics:
+        assert metric in header
+    if definition.single_task_baselines:
+        assert "Δm %" in header and "lower is better" in (folder / "results.md").read_text()
+    rows = json.loads((folder / "results.json").read_text())["rows"]
+    assert {r["method"] for r in rows} == set(methods.split(","))
+    assert all("error" not in r for r in rows), rows
+    with open(folder / "results.csv") as f:
+        assert len(list(csv.reader(f))) == len(rows) + 1
+    if problem == "toy":
+        assert (folder / "trajectories.png").exists() and (folder / "pareto.png").exists()
+    if problem == "scaling":
+        assert (folder / "cost_vs_tasks.png").exists()
+
+
+def test_finished_runs_are_reused_and_new_methods_added(tmp_path, monkeypatch):
+    calls = []
+    real = suite.execute
+
+    def counting(spec, problem, out):
+        calls.append(spec.method)
+        return real(spec, problem, out)
+
+    monkeypatch.setattr(cli, "execute", counting)
+    args = ["run", "toy", "--quick", "--steps", "3", "--out", str(tmp_path)]
+    cli.main([*args, "--methods", "ew,mgda"])
+    first = len(calls)
+    cli.main([*args, "--methods", "ew,mgda,pcgrad"])
+    assert calls[first:] == ["pcgrad"] * (len(calls) - first) and len(calls) - first == 3
+    cli.main([*args, "--methods", "ew,mgda", "--steps", "4"])  # another budget: not the same runs
+    assert len(calls) > first + 3
+
+
+def test_a_failing_method_is_recorded_and_the_suite_goes_on(tmp_path, monkeypatch):
+    monkeypatch.setitem(cli.PROBLEMS["toy"].method_kwargs, "cagrad", {"c": -1.0})  # invalid
+    cli.main(
+        ["run", "toy", "--quick", "--methods", "ew,cagrad", "--steps", "3", "--out", str(tmp_path)]
+    )
+    rows = json.loads((tmp_path / "toy" / "results.json").read_text())["rows"]
+    failed = [r for r in rows if r["method"] == "cagrad"]
+    assert failed and all("c must be non-negative" in r["error"] for r in failed)
+    assert all("error" not in r for r in rows if r["method"] == "ew")
+
+
+def test_missing_data_gives_the_install_command(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(data, "FASHION_DIR", tmp_path / "nowhere")
+    with pytest.raises(data.DataMissing, match="apt-get install dataset-fashion-mnist"):
+        data.fashion_mnist("train")
+    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(data.DataMissing, match="pip install qm9pack"):
+        data.qm9()
+
+
+def test_list(capsys):
+    assert cli.main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("toy", "qm9", "multifashion", "scaling", "dtme", "pcgrad"))
+
+
+def test_toy_pareto_set_and_the_ridge_where_averaging_stalls():
+    import torch
+
+    from benchmarks.toy import STARTS, pareto_distance, toy_losses
+
+    assert pareto_distance(torch.tensor([0.0, -8.0])) == 0
+    assert pareto_distance(torch.tensor([9.0, -8.0])) == pytest.approx(2.0)
+    # Both task minima lie on the set, and nothing with x2 > 0 does better on both tasks.
+    for minimum in ([7.0, -8.0], [-7.0, -8.0]):
+        assert pareto_distance(torch.tensor(minimum)) == 0
+    grid = torch.cartesian_prod(torch.linspace(-10, 10, 81), torch.linspace(0.01, 10, 41)).double()
+    on_set = toy_losses(torch.tensor([0.0, -8.0], dtype=torch.float64))
+    above = [toy_losses(p) for p in grid]
+    assert not any(
+        float(a[0]) <= float(on_set[0]) and float(a[1]) <= float(on_set[1]) for a in above
+    )
+    # Plain averaging (EW) from (9, -1) oscillates on the ridge x2 ≈ 0, far from the set.
+    x = torch.tensor(STARTS[4], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([x], lr=1e-2)
+    for _ in range(2000):
+        opt.zero_grad()
+        sum(toy_losses(x)).backward()
+        opt.step()
+    assert abs(float(x[1])) < 0.1 and pareto_distance(x.detach()) > 5
