@@ -76,10 +76,10 @@ def test_permutation_invariance(name, shape, data):
     permuted = aggregate(name, jacobian[list(permutation)])
     # Dependent gradients (T > P): the fairness equations of FairGrad / Nash-MTL have no exact
     # solution; the solver's 1e-12 ridge decides the null-space weights and the (near-zero) result
-    # agrees across orderings to about 1e-4 only.
+    # agrees across orderings to 1e-6 of the gradients' scale, not relatively (it is near zero).
     ill_conditioned = tasks > dim and name in ("fairgrad", "nash_mtl")
-    rtol = 1e-3 if ill_conditioned else 1e-6
-    atol = 1e-6 * float(out.norm()) if ill_conditioned else 1e-8
+    rtol = 1e-4 if ill_conditioned else 1e-6
+    atol = 1e-6 * float(jacobian.norm(dim=1).max()) if ill_conditioned else 1e-8
     torch.testing.assert_close(out, permuted, rtol=rtol, atol=atol)
 
 
