@@ -277,3 +277,19 @@ def test_streams_of_an_expanded_model_do_not_leak_into_another_model():
     x4, _ = batch(n=4)
     outputs = other(x4)  # batch 4 = K·B of the previous pass, but a different model
     assert all(o.shape == (4, 1) for o in outputs)
+
+
+def test_a_chainable_scheduler_built_before_the_expansion_schedules_the_new_group():
+    torch.manual_seed(0)
+    model = TinyViT()
+    dtme = mtlopt.create("dtme", blocks=model, num_tasks=2, model=model, analysis_steps=4,
+                         covariance_steps=1)
+    opt = mtlopt.MTLOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), dtme)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for s in range(7):
+        x, y = batch(seed=s)
+        opt.zero_grad()
+        opt.step(losses(model, x, y))
+        scheduler.step()
+    assert len(opt.param_groups) == 2
+    assert opt.param_groups[1]["lr"] == pytest.approx(opt.param_groups[0]["lr"]) == 0.01 * 0.5**7
