@@ -282,8 +282,9 @@ def test_streams_of_an_expanded_model_do_not_leak_into_another_model():
 def test_a_chainable_scheduler_built_before_the_expansion_schedules_the_new_group():
     torch.manual_seed(0)
     model = TinyViT()
-    dtme = mtlopt.create("dtme", blocks=model, num_tasks=2, model=model, analysis_steps=4,
-                         covariance_steps=1)
+    dtme = mtlopt.create(
+        "dtme", blocks=model, num_tasks=2, model=model, analysis_steps=4, covariance_steps=1
+    )
     opt = mtlopt.MTLOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), dtme)
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     for s in range(7):

@@ -65,7 +65,8 @@ class DTME(TokenStrategy):
         r: range/null energy ratio (default 100).
         split_rule: ``"ratio"`` (default) or ``"absolute"`` (see :func:`~mtlopt.tokens.split_rank`).
         tokens_per_task: task tokens per task per expanded layer (default 6).
-        modulation, expansion: switch each module family off for ablations.
+        modulation: add token modulation (switch off for ablations).
+        expansion: add task tokens (switch off for ablations).
         warmup_steps: ordinary steps before the analysis (default 0).
         analysis_steps: training steps the analysis spans (default 100).
         covariance_steps: the first of them used for the covariance (default 10).
