@@ -82,3 +82,13 @@ def test_docs_catalogue_matches_the_registry():
     text = (Path(__file__).resolve().parent.parent / "docs" / "strategies.md").read_text()
     committed = text.split(BEGIN, 1)[1].split(END, 1)[0].strip()
     assert committed == markdown_table(), "run: python -m mtlopt.catalogue --write"
+
+
+@pytest.mark.parametrize("kind", ["loss", "gradient", "token"])
+def test_docs_family_pages_match_the_registry(kind):
+    from pathlib import Path
+
+    from mtlopt.catalogue import family_page
+
+    page = Path(__file__).resolve().parent.parent / "docs" / f"family-{kind}.md"
+    assert page.read_text() == family_page(kind), "run: python -m mtlopt.catalogue --write"
