@@ -309,7 +309,10 @@ def _toy_trajectories(runs: list[dict], out: Path, plt: Any) -> None:
         ax.set_title(method, fontsize=9)
     for ax in list(axes.flat)[len(methods) :]:
         ax.axis("off")
-    fig.suptitle("toy: trajectories in parameter space (red star: Pareto stationary)", fontsize=9)
+    fig.suptitle(
+        "toy: trajectories in parameter space (red star: ended on the Pareto set, blue x: did not)",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(out / "trajectories.png", dpi=110)
     plt.close(fig)
