@@ -504,6 +504,9 @@ def _accumulate(params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
         )
     for p, g in zip(params, grads, strict=True):
         if p.grad is None:
+            # Own copy: autograd may hand one tensor to several parameters (an addition passes its
+            # incoming gradient to both operands) or a view of the combined update; adding into
+            # such a .grad in place would double-count or rewrite the wrapper's own record.
             p.grad = g.detach().to(p.dtype).clone()
 
 

@@ -223,3 +223,46 @@ def test_expanded_autograd_gradients_are_safe_to_accumulate_into():
     assert v.grad.is_contiguous() and torch.equal(v.grad, torch.full((3,), 2.0))
     opt.step()
     torch.testing.assert_close(v.detach(), torch.full((3,), 0.8))
+
+
+def test_in_place_clipping_between_micro_batches_is_kept():
+    """The shared .grad must not alias the wrapper's record of what it wrote: clipping it in place
+    after one micro-batch must survive the next one (grad = clipped + new contribution)."""
+    import numpy as np
+
+    class Summing(mtlopt.GramianStrategy):  # linear: combine(J1 + J2) − combine(J1) = Σ rows of J2
+        info = mtlopt.info("ew")
+
+        def weigh(self, gramian, losses):
+            return np.ones(len(gramian)), lambda: None
+
+    torch.manual_seed(0)
+    model = SharedTrunkNet()
+    opt = mtlopt.MTLOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), Summing())
+    x, y = make_batch(n=16, seed=3)
+    opt.zero_grad()
+    opt.backward(losses_of(model, x[:8], y[:8]))
+    for p in model.trunk.parameters():
+        p.grad.mul_(0.5)  # what clip_grad_norm_ does
+    clipped = [p.grad.clone() for p in model.trunk.parameters()]
+    reference = copy.deepcopy(model)
+    second = torch.autograd.grad(
+        sum(losses_of(reference, x[8:], y[8:])), list(reference.trunk.parameters())
+    )
+    opt.backward(losses_of(model, x[8:], y[8:]))
+    for p, c, g in zip(model.trunk.parameters(), clipped, second, strict=True):
+        torch.testing.assert_close(p.grad, c + g)
+
+
+def test_parameters_handed_the_same_gradient_tensor_accumulate_separately():
+    """For (a + b)·w, autograd gives a and b the very same gradient tensor; accumulating a second
+    micro-batch must not add it twice through shared storage."""
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    head = torch.nn.Parameter(torch.ones(1))
+    w = torch.tensor([1.0, 2.0, 3.0])
+    opt = mtlopt.MTLOptimizer(torch.optim.SGD([a, b, head], lr=0.1), "ew")
+    for _ in range(2):
+        shared = ((a + b) * w).sum()  # one addition: its backward passes one tensor to a and b
+        opt.backward([shared * head, shared])
+    torch.testing.assert_close(a.grad, 2 * 2 * w)
+    torch.testing.assert_close(b.grad, 2 * 2 * w)
