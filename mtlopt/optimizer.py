@@ -6,7 +6,7 @@ import math
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -65,14 +65,12 @@ class StepInfo:
 class _Window:
     """What has been accumulated since the last step: per-task gradients, losses, pending state."""
 
-    num_backward: int = 0
     jacobian: Tensor | None = None
     losses: Tensor | None = None
     written: Tensor | None = None
     commit: Commit | None = None
     info: StepInfo | None = None
     skipped: bool = False
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 class MTLOptimizer(torch.optim.Optimizer):
@@ -235,7 +233,6 @@ class MTLOptimizer(torch.optim.Optimizer):
         _accumulate([p for p, _ in present], [g for _, g in present])
         window.losses = detached if window.losses is None else window.losses + detached
         window.commit = scalarized.commit
-        window.num_backward += 1
         window.info = StepInfo(list(names), window.losses.clone(), scalarized.weights.detach())
         return window.info
 
@@ -267,7 +264,6 @@ class MTLOptimizer(torch.optim.Optimizer):
             _accumulate(params, task_grads)  # type: ignore[arg-type]
         window.jacobian, window.losses, window.written = jacobian, losses_sum, combined.direction
         window.commit = combined.commit
-        window.num_backward += 1
         window.info = self._gradient_info(names, losses_sum, jacobian, combined)
         return window.info
 
@@ -314,7 +310,6 @@ class MTLOptimizer(torch.optim.Optimizer):
             _accumulate(params, grads[1:])
         window.losses = detached if window.losses is None else window.losses + detached
         window.commit = combined.commit
-        window.num_backward += 1
         window.info = self._gradient_info(names, window.losses, jacobian, combined)
         return window.info
 

@@ -70,16 +70,6 @@ def _affine_minimiser(g: np.ndarray, active: list[int]) -> np.ndarray:
     return solution[:k]
 
 
-def project_simplex(v: np.ndarray) -> np.ndarray:
-    """Euclidean projection onto the probability simplex (Duchi et al., 2008)."""
-    v = np.asarray(v, dtype=np.float64)
-    u = np.sort(v)[::-1]
-    cumulative = np.cumsum(u) - 1.0
-    index = np.arange(1, v.size + 1)
-    rho = np.nonzero(u - cumulative / index > 0)[0][-1]
-    return np.maximum(v - cumulative[rho] / (rho + 1), 0.0)
-
-
 def fair_weights(gramian: np.ndarray, alpha: float = 1.0, max_iter: int = 100) -> np.ndarray:
     """Positive weights ``w`` with ``(G w)_i = w_i^(-1/α)``: the α-fair allocation.
 

@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.optimize import minimize
 
-from mtlopt.solvers import min_norm_simplex, project_simplex
+from mtlopt.solvers import min_norm_simplex
 
 
 def _gramian(tasks, dim, seed, rank=None):
@@ -61,14 +61,3 @@ def test_min_norm_degenerate_inputs():
         np.ones((4, 4))
     )  # identical gradients: any point of the simplex is optimal
     assert np.isclose(w.sum(), 1) and np.all(w >= 0)
-
-
-def test_project_simplex():
-    rng = np.random.default_rng(0)
-    for _ in range(20):
-        v = rng.standard_normal(6) * 3
-        p = project_simplex(v)
-        assert p.min() >= 0 and np.isclose(p.sum(), 1)
-        # Optimality: no feasible point is closer (check against random simplex points).
-        others = rng.dirichlet(np.ones(6), size=200)
-        assert np.sum((p - v) ** 2) <= np.min(np.sum((others - v) ** 2, axis=1)) + 1e-12

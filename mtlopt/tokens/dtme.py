@@ -128,7 +128,6 @@ class DTME(TokenStrategy):
         )
         self._expansion: Expansion | None = None
         self._optimizer: torch.optim.Optimizer | None = None
-        self._check_handle = None
 
     def hyperparameters(self) -> dict[str, object]:
         return {
@@ -227,7 +226,7 @@ class DTME(TokenStrategy):
         if self.model is not None:
             # Scope the stream context to this model's forward pass, so that task_view in another
             # model's forward (or after this one) never sees this model's streams.
-            self._check_handle = [
+            self._expansion.handles += [
                 self.model.register_forward_pre_hook(lambda module, args: STREAMS.reset()),
                 self.model.register_forward_hook(_check_task_view),
             ]
