@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -36,6 +36,8 @@ class Partition:
     shared: list[Tensor]
     specific: list[list[Tensor]]
     """``specific[i]``: parameters reached by task ``i`` and not shared."""
+    blind: list[int] = field(default_factory=list)
+    """Tasks that reach none of the shared parameters (their row of ``J`` is zero)."""
 
     @property
     def num_shared(self) -> int:
@@ -78,7 +80,10 @@ def partition_parameters(
     multiply_reached = [
         i for i, c in enumerate(counts) if c >= 2 and not is_shared[i] and not own[i]
     ]
-    partition = Partition([p for p, s in zip(trainable, is_shared, strict=True) if s], specific)
+    blind = [task for task, r in enumerate(reach) if not any(is_shared[i] for i in r)]
+    partition = Partition(
+        [p for p, s in zip(trainable, is_shared, strict=True) if s], specific, blind
+    )
     return partition, multiply_reached
 
 

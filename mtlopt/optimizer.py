@@ -6,12 +6,14 @@ import math
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from .amp import LossScaling
+from .distributed import Replicas
 from .engine import Partition, partition_parameters, reached_parameters, task_gradients
 from .registry import create
 from .strategies.base import (
@@ -68,6 +70,7 @@ class _Window:
     jacobian: Tensor | None = None
     losses: Tensor | None = None
     written: Tensor | None = None
+    written_own: dict[int, Tensor] = field(default_factory=dict)
     commit: Commit | None = None
     info: StepInfo | None = None
     skipped: bool = False
@@ -94,7 +97,17 @@ class MTLOptimizer(torch.optim.Optimizer):
             found once, on the first step, as the parameters reached by two tasks or more.
         nonfinite: ``"raise"`` (default) raises ``FloatingPointError`` naming the task when a loss
             or gradient is NaN or infinite, before anything is changed; ``"skip"`` skips the step.
+            With a ``scaler``, a non-finite gradient is an overflow instead: the scaler skips the
+            step and lowers its scale (see :mod:`mtlopt.amp`).
         diagnostics: compute gradient norms and cosines for :attr:`last_step` (gradient strategies).
+        scaler: a ``torch.amp.GradScaler`` for mixed precision. Each task loss is scaled, the
+            per-task gradients are unscaled before they are combined; step with
+            ``scaler.step(opt)`` after :meth:`backward` (or ``opt.step(losses)``), then
+            ``scaler.update()``. Its state is saved by :meth:`state_dict`.
+        process_group: the ``torch.distributed`` group of data-parallel replicas. By default, the
+            default group when ``torch.distributed`` is initialised with several ranks: per-task
+            gradients and losses are then averaged across ranks (one ``all_reduce`` per
+            :meth:`backward`) before the strategy combines them (see :mod:`mtlopt.distributed`).
         **strategy_kwargs: hyperparameters passed to the strategy when it is given by name.
     """
 
@@ -106,6 +119,8 @@ class MTLOptimizer(torch.optim.Optimizer):
         shared: Iterable[Tensor] | nn.Module | None = None,
         nonfinite: NonFinite = "raise",
         diagnostics: bool = True,
+        scaler: torch.amp.GradScaler | None = None,
+        process_group: Any = None,
         **strategy_kwargs: Any,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -135,6 +150,16 @@ class MTLOptimizer(torch.optim.Optimizer):
         self._task_names: list[str] | None = None
         self._window = _Window()
         self.last_step: StepInfo | None = None
+        self._scaling = LossScaling(scaler) if scaler is not None else None
+        self._replicas = Replicas.detect(process_group)
+        self._replicas_synced = False
+        self._warned: set[str] = set()
+        self._updates = 0
+        if self._replicas is not None and isinstance(strategy, TokenStrategy):
+            raise NotImplementedError(
+                "DTME under torch.distributed is not supported yet: each rank would analyse its "
+                "own batches and could choose a different expansion"
+            )
 
         # The torch.optim.Optimizer contract, sharing the wrapped optimizer's groups and state.
         self.defaults = optimizer.defaults
@@ -197,12 +222,21 @@ class MTLOptimizer(torch.optim.Optimizer):
         """
         names, tensors = self._validate(losses)
         window = self._window
-        detached = torch.stack([t.detach().reshape(()) for t in tensors]).to(torch.float64)
         if window.skipped:
             return window.info  # type: ignore[return-value]
-        bad = [n for n, v in zip(names, detached.tolist(), strict=True) if not math.isfinite(v)]
-        if bad:
-            return self._nonfinite(names, detached, f"non-finite loss for task(s) {', '.join(bad)}")
+        replicas = self._replicas
+        if replicas is not None:
+            if features is not None:
+                raise NotImplementedError(
+                    "representation mode (features=) under torch.distributed is not supported: "
+                    "each rank's features are different samples, so their gradients cannot be averaged"
+                )
+            self._sync_replicas_once()
+        detached = _detach_losses(tensors)
+        # Under torch.distributed the losses are checked after their average across ranks, so that
+        # every rank takes the same decision.
+        if replicas is None and not _all_finite(detached):
+            return self._nonfinite_loss(names, detached)
         if isinstance(self.strategy, TokenStrategy):
             self.strategy.observe(tensors)
         if isinstance(self._combiner, LossStrategy):
@@ -211,44 +245,86 @@ class MTLOptimizer(torch.optim.Optimizer):
                     f"{self._combiner.info.name} is a loss strategy: representation mode "
                     "(features=) applies to gradient strategies only"
                 )
+            if replicas is not None:
+                (detached,) = replicas.mean([detached])
+                if not _all_finite(detached):
+                    return self._nonfinite_loss(names, detached)
             return self._backward_scalarized(names, tensors, detached)
         tensors = [self._combiner.transform_loss(i, t.reshape(())) for i, t in enumerate(tensors)]
+        scale = 1.0
+        if self._scaling is not None:
+            tensors, scale = self._scaling.scale(tensors)
         if features is not None:
-            return self._backward_representation(names, tensors, detached, features)
-        return self._backward_jacobian(names, tensors, detached)
+            return self._backward_representation(names, tensors, detached, features, scale)
+        return self._backward_jacobian(names, tensors, detached, scale)
 
     def _backward_scalarized(
         self, names: list[str], losses: list[Tensor], detached: Tensor
     ) -> StepInfo:
         assert isinstance(self._combiner, LossStrategy)
         window = self._window
-        stacked = torch.stack([loss.reshape(()) for loss in losses])
+        device = losses[0].device
+        stacked = torch.stack([loss.reshape(()).to(device) for loss in losses])
+        if window.losses is not None and not self._combiner.linear_in_losses:
+            self._warn_once(
+                "nonlinear-accumulation",
+                f"{self._combiner.info.name}'s task weights depend on the current losses: with "
+                "gradient accumulation each micro-batch is weighted by the losses accumulated so "
+                "far (the last one by the step's total), not by the step's total losses",
+            )
+        # The strategy sees the step's losses so far (all ranks' average under torch.distributed)
+        # while the gradient flows through this micro-batch's own losses. The gradient of the
+        # strategy's own parameters (UW's log-variances) depends on those values only: it is
+        # written as a correction of what earlier micro-batches wrote, so that it ends up being
+        # the gradient at the step's total losses.
+        seen = detached if window.losses is None else window.losses + detached
+        stacked = stacked + (seen.to(stacked) - stacked.detach())
         scalarized = self._combiner.scalarize(stacked)
+        objective = scalarized.loss
+        if self._scaling is not None:
+            (objective,), _ = self._scaling.scale([objective])
         params = self._trainable()
-        grads = torch.autograd.grad(scalarized.loss, params, allow_unused=True)
+        grads = torch.autograd.grad(objective, params, allow_unused=True)
         present = [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
-        bad = _first_nonfinite([g for _, g in present])
-        if bad is not None:
-            return self._nonfinite(names, detached, "non-finite gradient of the combined loss")
-        _accumulate([p for p, _ in present], [g for _, g in present])
-        window.losses = detached if window.losses is None else window.losses + detached
+        grads_present = [g for _, g in present]
+        if self._replicas is not None:
+            grads_present = self._replicas.mean(grads_present)
+        if _first_nonfinite(grads_present) is not None:
+            return self._bad_gradient(names, detached, "non-finite gradient of the combined loss")
+        own = {id(p) for p in self._combiner.parameters()}
+        written_own = {}
+        for k, (p, _) in enumerate(present):
+            if id(p) in own:
+                written_own[id(p)] = grads_present[k]
+                if id(p) in window.written_own:
+                    grads_present[k] = grads_present[k] - window.written_own[id(p)]
+        window.written_own = written_own
+        _accumulate([p for p, _ in present], grads_present)
+        window.losses = seen
         window.commit = scalarized.commit
-        window.info = StepInfo(list(names), window.losses.clone(), scalarized.weights.detach())
+        window.info = StepInfo(list(names), seen.clone(), scalarized.weights.detach())
         return window.info
 
     def _backward_jacobian(
-        self, names: list[str], losses: list[Tensor], detached: Tensor
+        self, names: list[str], losses: list[Tensor], detached: Tensor, scale: float
     ) -> StepInfo:
         assert isinstance(self._combiner, GradientStrategy)
         window = self._window
-        partition = self._partition_for(losses)
+        partition = self._partition_for(losses, names)
         grads = task_gradients(losses, partition)
-        finite_rows = _finite_rows(grads.jacobian)
+        jacobian, specific = grads.jacobian, grads.specific
+        if scale != 1.0:
+            jacobian.mul_(1.0 / scale)  # exact: GradScaler's scales are powers of two
+        if self._replicas is not None:
+            jacobian, specific, detached = self._average(jacobian, specific, detached)
+            if not _all_finite(detached):
+                return self._nonfinite_loss(names, detached)
+        finite_rows = _finite_rows(jacobian)
         for i, name in enumerate(names):
-            if not finite_rows[i] or _first_nonfinite(grads.specific[i]) is not None:
-                return self._nonfinite(names, detached, f"non-finite gradient for task {name!r}")
+            if not finite_rows[i] or _first_nonfinite(specific[i]) is not None:
+                return self._bad_gradient(names, detached, f"non-finite gradient for task {name!r}")
 
-        jacobian = grads.jacobian if window.jacobian is None else window.jacobian + grads.jacobian
+        jacobian = jacobian if window.jacobian is None else window.jacobian + jacobian
         losses_sum = detached if window.losses is None else window.losses + detached
         combined = self._combiner.combine(jacobian, losses_sum.to(jacobian.device))
         if not _finite_rows(combined.direction[None])[0]:
@@ -259,16 +335,34 @@ class MTLOptimizer(torch.optim.Optimizer):
         delta = (
             combined.direction if window.written is None else combined.direction - window.written
         )
+        if scale != 1.0:
+            delta = delta * scale  # .grad holds scaled gradients until scaler.unscale_
         _accumulate(partition.shared, _unflatten(delta, partition.shared))
-        for params, task_grads in zip(partition.specific, grads.specific, strict=True):
+        for params, task_grads in zip(partition.specific, specific, strict=True):
             _accumulate(params, task_grads)  # type: ignore[arg-type]
         window.jacobian, window.losses, window.written = jacobian, losses_sum, combined.direction
         window.commit = combined.commit
         window.info = self._gradient_info(names, losses_sum, jacobian, combined)
         return window.info
 
+    def _average(
+        self, jacobian: Tensor, specific: list[list[Tensor | None]], losses: Tensor
+    ) -> tuple[Tensor, list[list[Tensor | None]], Tensor]:
+        """All ranks' mean of the per-task gradients and losses, in one collective."""
+        assert self._replicas is not None
+        flat = [g for task in specific for g in task if g is not None]
+        averaged = self._replicas.mean([jacobian, losses.to(jacobian.dtype), *flat])
+        jacobian, mean_losses, rest = averaged[0], averaged[1], iter(averaged[2:])
+        specific = [[None if g is None else next(rest) for g in task] for task in specific]
+        return jacobian, specific, mean_losses.to(torch.float64)
+
     def _backward_representation(
-        self, names: list[str], losses: list[Tensor], detached: Tensor, features: Tensor
+        self,
+        names: list[str],
+        losses: list[Tensor],
+        detached: Tensor,
+        features: Tensor,
+        scale: float,
     ) -> StepInfo:
         assert isinstance(self._combiner, GradientStrategy)
         if not self._combiner.supports_representation:
@@ -276,33 +370,34 @@ class MTLOptimizer(torch.optim.Optimizer):
         if not isinstance(features, Tensor) or not features.requires_grad:
             raise ValueError("features must be a tensor that requires grad (the trunk's output)")
         window = self._window
-        partition = self._partition_for(losses, features=features)
-        inputs = [features]
-        per_task = []
-        for i, loss in enumerate(losses):
-            grads = torch.autograd.grad(
+        partition = self._partition_for(losses, names, features=features)
+        per_task = [
+            torch.autograd.grad(
                 loss,
-                [*inputs, *partition.specific[i]],
+                [features, *partition.specific[i]],
                 retain_graph=True,
                 allow_unused=True,
                 materialize_grads=True,
             )
-            per_task.append(grads)
+            for i, loss in enumerate(losses)
+        ]
         jacobian = torch.stack([grads[0].reshape(-1) for grads in per_task])
+        if scale != 1.0:
+            jacobian.mul_(1.0 / scale)
         finite_rows = _finite_rows(jacobian)
         for i, name in enumerate(names):
             if not finite_rows[i] or _first_nonfinite(per_task[i][1:]) is not None:
-                return self._nonfinite(names, detached, f"non-finite gradient for task {name!r}")
+                return self._bad_gradient(names, detached, f"non-finite gradient for task {name!r}")
         combined = self._combiner.combine(jacobian, detached.to(jacobian.device))
         trunk = torch.autograd.grad(
             features,
             partition.shared,
-            grad_outputs=combined.direction.view_as(features),
+            grad_outputs=(combined.direction * scale).view_as(features),
             allow_unused=True,
             materialize_grads=True,
         )
         if _first_nonfinite(trunk) is not None:
-            return self._nonfinite(
+            return self._bad_gradient(
                 names, detached, f"{self._combiner.info.name} produced a non-finite update"
             )
         _accumulate(partition.shared, trunk)
@@ -343,6 +438,16 @@ class MTLOptimizer(torch.optim.Optimizer):
                 losses = closure()
         if losses is not None:
             self.backward(losses)  # type: ignore[arg-type]
+            if self._scaling is not None and self._scaling.enabled:
+                # The scaler unscales, checks for overflow and, unless it finds one, calls step()
+                # again, without losses (below).
+                updates = self._updates
+                self._scaling.scaler.step(self)
+                if self._updates > updates:
+                    self._after_step(closure)
+                return self.last_step
+        if self._scaling is not None:
+            self._scaling.check_step_allowed(self)
         window = self._window
         info = window.info
         if window.skipped:
@@ -352,14 +457,18 @@ class MTLOptimizer(torch.optim.Optimizer):
         if window.commit is not None:
             window.commit()
         self.optimizer.step()
+        self._updates += 1
         self._window = _Window()
         self.last_step = info
         if isinstance(self.strategy, TokenStrategy):
             self.strategy.after_step()
+        self._after_step(closure)
+        return info
+
+    def _after_step(self, closure: Callable[[], Losses] | None) -> None:
         if closure is not None and getattr(self._combiner, "needs_losses_after_step", False):
             with torch.no_grad():
                 self.update(closure())
-        return info
 
     def update(self, losses: Losses) -> None:
         """Feed the losses of the same batch, re-evaluated after :meth:`step`, to strategies that
@@ -367,17 +476,21 @@ class MTLOptimizer(torch.optim.Optimizer):
         if not getattr(self._combiner, "needs_losses_after_step", False):
             raise TypeError(f"{self._combiner.info.name} does not learn from post-step losses")
         values = list(losses.values()) if isinstance(losses, Mapping) else list(losses)
-        self._combiner.update(
-            torch.stack([torch.as_tensor(v).detach().reshape(()) for v in values])
-        )  # type: ignore[union-attr]
+        after = _detach_losses([torch.as_tensor(v) for v in values])
+        if self._replicas is not None:
+            (after,) = self._replicas.mean([after])
+        self._combiner.update(after)  # type: ignore[union-attr]
 
     # State --------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "optimizer": self.optimizer.state_dict(),
             "strategy": self.strategy.state_dict(),
             "task_names": self._task_names,
         }
+        if self._scaling is not None:
+            state["scaler"] = self._scaling.scaler.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         missing = {"optimizer", "strategy"} - set(state_dict)
@@ -390,18 +503,40 @@ class MTLOptimizer(torch.optim.Optimizer):
         # wrapped optimizer's saved state refers to.
         self.strategy.load_state_dict(state_dict["strategy"])
         self.optimizer.load_state_dict(state_dict["optimizer"])
+        if self._scaling is not None and "scaler" in state_dict:
+            self._scaling.scaler.load_state_dict(state_dict["scaler"])
         self._task_names = state_dict.get("task_names")
         self._window = _Window()
 
     # Helpers ------------------------------------------------------------------------------------
+    def _sync_replicas_once(self) -> None:
+        if not self._replicas_synced:
+            assert self._replicas is not None
+            self._replicas.broadcast_strategy(self.strategy)
+            self._replicas_synced = True
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, stacklevel=4)
+
     def _trainable(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
 
-    def _partition_for(self, losses: list[Tensor], features: Tensor | None = None) -> Partition:
+    def _partition_for(
+        self, losses: list[Tensor], names: list[str], features: Tensor | None = None
+    ) -> Partition:
         trainable = self._trainable()
         key = (len(losses), features is not None, *map(id, trainable))
         if self._partition is None or key != self._partition_key:
             shared_ids = self._shared_ids
+            if shared_ids is not None:
+                known = {id(p) for group in self.param_groups for p in group["params"]}
+                if not shared_ids <= known:
+                    raise ValueError(
+                        f"{len(shared_ids - known)} tensor(s) in `shared` are not parameters of "
+                        "the wrapped optimizer"
+                    )
             if features is not None:
                 reached = reached_parameters(features, trainable)
                 shared_ids = {id(trainable[i]) for i in reached}
@@ -426,6 +561,14 @@ class MTLOptimizer(torch.optim.Optimizer):
                 warnings.warn(
                     "no shared parameters: no parameter of the optimizer is reached by two tasks, "
                     "so the strategy has nothing to combine",
+                    stacklevel=4,
+                )
+            elif partition.blind and len(losses) > 1:
+                blind = ", ".join(repr(names[i]) for i in partition.blind)
+                warnings.warn(
+                    f"task(s) {blind} reach none of the shared parameters: their gradient rows are "
+                    "zero, which strategies that balance or normalise gradients (MGDA, IMTL, "
+                    "Nash-MTL, ...) take as a task already at a stationary point",
                     stacklevel=4,
                 )
             self._partition, self._partition_key = partition, key
@@ -466,6 +609,22 @@ class MTLOptimizer(torch.optim.Optimizer):
         if self._task_names is None:
             self._task_names = names
         return names, tensors
+
+    def _nonfinite_loss(self, names: list[str], losses: Tensor) -> StepInfo:
+        bad = [n for n, v in zip(names, losses.tolist(), strict=True) if not math.isfinite(v)]
+        return self._nonfinite(names, losses, f"non-finite loss for task(s) {', '.join(bad)}")
+
+    def _bad_gradient(self, names: list[str], losses: Tensor, reason: str) -> StepInfo:
+        """A non-finite gradient: an error (or a skip), or with a GradScaler an overflow."""
+        if self._scaling is None or not self._scaling.enabled:
+            return self._nonfinite(names, losses, reason)
+        self._scaling.signal_overflow(self._trainable())
+        info = StepInfo(
+            list(names), losses, skipped=True, reason=f"{reason}: overflow, skipped by the scaler"
+        )
+        self._window = _Window(skipped=True, info=info)
+        self.last_step = info
+        return info
 
     def _nonfinite(self, names: list[str], losses: Tensor, reason: str) -> StepInfo:
         if self.nonfinite == "raise":
@@ -510,6 +669,16 @@ def _finite_rows(matrix: Tensor) -> list[bool]:
     no T×P mask); a finite row whose sum overflows is re-checked exactly."""
     sums_finite = torch.isfinite(matrix.sum(dim=1)).tolist()
     return [ok or bool(torch.isfinite(matrix[i]).all()) for i, ok in enumerate(sums_finite)]
+
+
+def _detach_losses(losses: Sequence[Tensor]) -> Tensor:
+    """The task losses as one float64 vector, on the first loss's device."""
+    device = losses[0].device
+    return torch.stack([t.detach().reshape(()).to(device) for t in losses]).to(torch.float64)
+
+
+def _all_finite(values: Tensor) -> bool:
+    return bool(torch.isfinite(values).all())
 
 
 def _first_nonfinite(grads: Sequence[Tensor | None]) -> int | None:

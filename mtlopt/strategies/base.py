@@ -105,6 +105,9 @@ class LossStrategy(Strategy):
 
     needs_losses_after_step: ClassVar[bool] = False
     """True for strategies that learn from the losses re-evaluated after the step (FAMO)."""
+    linear_in_losses: ClassVar[bool] = True
+    """False where the weights depend on the current loss values (GLS, STCH, FAMO): gradient
+    accumulation then weighs each micro-batch by the losses accumulated so far."""
 
     def scalarize(self, losses: Tensor) -> Scalarized:
         raise NotImplementedError

@@ -39,6 +39,8 @@ class FAMO(LossStrategy):
         eps: ``ε`` inside the logarithms (default 1e-8).
     """
 
+    linear_in_losses = False
+
     needs_losses_after_step = True
     _state_attrs = ("logits", "_adam", "_previous")
 

@@ -23,6 +23,8 @@ class GLS(LossStrategy):
     The effective weight of task i is ``∂/∂L_i = GLS / (T · L_i)``: small losses weigh more.
     """
 
+    linear_in_losses = False
+
     def scalarize(self, losses: Tensor) -> Scalarized:
         if bool((losses.detach() <= 0).any()):
             raise ValueError("gls needs strictly positive losses (it takes their logarithm)")

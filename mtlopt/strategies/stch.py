@@ -33,6 +33,8 @@ class STCH(LossStrategy):
         ideal: the ideal point z*, one value per task (default 0).
     """
 
+    linear_in_losses = False
+
     def __init__(
         self,
         mu: float = 1.0,
