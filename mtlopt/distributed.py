@@ -35,7 +35,9 @@ class Replicas:
         """The replicas of ``group`` (the default group when ``None``) if there are several."""
         if not (dist.is_available() and dist.is_initialized()):
             if group is not None:
-                raise RuntimeError("a process_group was given but torch.distributed is not initialised")
+                raise RuntimeError(
+                    "a process_group was given but torch.distributed is not initialised"
+                )
             return None
         replicas = cls(group)
         return replicas if replicas.size > 1 else None

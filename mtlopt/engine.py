@@ -12,21 +12,34 @@ from torch import Tensor
 def reached_parameters(loss: Tensor, candidates: Sequence[Tensor]) -> list[int]:
     """Indices of ``candidates`` that ``loss`` depends on, found by walking its autograd graph once."""
     index_of = {id(p): i for i, p in enumerate(candidates)}
-    reached: set[int] = set()
     if loss.grad_fn is None:
         return [index_of[id(loss)]] if id(loss) in index_of else []
+    reached: set[int] = set()
+    for node in _nodes(loss):
+        variable = getattr(node, "variable", None)
+        if variable is not None and id(variable) in index_of:
+            reached.add(index_of[id(variable)])
+    return sorted(reached)
+
+
+def compiled_graph(loss: Tensor) -> bool:
+    """Whether ``loss`` comes out of a ``torch.compile``'d region: its backward is one opaque node
+    through which every output reaches every parameter of the region."""
+    return loss.grad_fn is not None and any(
+        "CompiledFunction" in type(node).__name__ for node in _nodes(loss)
+    )
+
+
+def _nodes(loss: Tensor):
     seen = {loss.grad_fn}
     stack = [loss.grad_fn]
     while stack:
         node = stack.pop()
-        variable = getattr(node, "variable", None)
-        if variable is not None and id(variable) in index_of:
-            reached.add(index_of[id(variable)])
+        yield node
         for child, _ in node.next_functions:
             if child is not None and child not in seen:
                 seen.add(child)
                 stack.append(child)
-    return sorted(reached)
 
 
 @dataclass

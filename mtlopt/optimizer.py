@@ -14,7 +14,13 @@ from torch import Tensor, nn
 
 from .amp import LossScaling
 from .distributed import Replicas
-from .engine import Partition, partition_parameters, reached_parameters, task_gradients
+from .engine import (
+    Partition,
+    compiled_graph,
+    partition_parameters,
+    reached_parameters,
+    task_gradients,
+)
 from .registry import create
 from .strategies.base import (
     Combined,
@@ -155,6 +161,7 @@ class MTLOptimizer(torch.optim.Optimizer):
         self._replicas_synced = False
         self._warned: set[str] = set()
         self._updates = 0
+        self._own_ids = {id(p) for p in self._combiner.parameters()}
         if self._replicas is not None and isinstance(strategy, TokenStrategy):
             raise NotImplementedError(
                 "DTME under torch.distributed is not supported yet: each rank would analyse its "
@@ -250,6 +257,8 @@ class MTLOptimizer(torch.optim.Optimizer):
                 if not _all_finite(detached):
                     return self._nonfinite_loss(names, detached)
             return self._backward_scalarized(names, tensors, detached)
+        if window.losses is not None:
+            tensors = _with_values(tensors, window.losses + detached)
         tensors = [self._combiner.transform_loss(i, t.reshape(())) for i, t in enumerate(tensors)]
         scale = 1.0
         if self._scaling is not None:
@@ -272,13 +281,8 @@ class MTLOptimizer(torch.optim.Optimizer):
                 "gradient accumulation each micro-batch is weighted by the losses accumulated so "
                 "far (the last one by the step's total), not by the step's total losses",
             )
-        # The strategy sees the step's losses so far (all ranks' average under torch.distributed)
-        # while the gradient flows through this micro-batch's own losses. The gradient of the
-        # strategy's own parameters (UW's log-variances) depends on those values only: it is
-        # written as a correction of what earlier micro-batches wrote, so that it ends up being
-        # the gradient at the step's total losses.
         seen = detached if window.losses is None else window.losses + detached
-        stacked = stacked + (seen.to(stacked) - stacked.detach())
+        stacked = torch.stack(_with_values(list(stacked), seen))
         scalarized = self._combiner.scalarize(stacked)
         objective = scalarized.loss
         if self._scaling is not None:
@@ -291,15 +295,8 @@ class MTLOptimizer(torch.optim.Optimizer):
             grads_present = self._replicas.mean(grads_present)
         if _first_nonfinite(grads_present) is not None:
             return self._bad_gradient(names, detached, "non-finite gradient of the combined loss")
-        own = {id(p) for p in self._combiner.parameters()}
-        written_own = {}
-        for k, (p, _) in enumerate(present):
-            if id(p) in own:
-                written_own[id(p)] = grads_present[k]
-                if id(p) in window.written_own:
-                    grads_present[k] = grads_present[k] - window.written_own[id(p)]
-        window.written_own = written_own
-        _accumulate([p for p, _ in present], grads_present)
+        params_present = [p for p, _ in present]
+        _accumulate(params_present, self._correct_own(params_present, grads_present))
         window.losses = seen
         window.commit = scalarized.commit
         window.info = StepInfo(list(names), seen.clone(), scalarized.weights.detach())
@@ -326,7 +323,10 @@ class MTLOptimizer(torch.optim.Optimizer):
 
         jacobian = jacobian if window.jacobian is None else window.jacobian + jacobian
         losses_sum = detached if window.losses is None else window.losses + detached
-        combined = self._combiner.combine(jacobian, losses_sum.to(jacobian.device))
+        try:
+            combined = self._combiner.combine(jacobian, losses_sum.to(jacobian.device))
+        except FloatingPointError as error:
+            return self._nonfinite(names, detached, str(error))
         if not _finite_rows(combined.direction[None])[0]:
             return self._nonfinite(
                 names, detached, f"{self._combiner.info.name} produced a non-finite update"
@@ -339,11 +339,33 @@ class MTLOptimizer(torch.optim.Optimizer):
             delta = delta * scale  # .grad holds scaled gradients until scaler.unscale_
         _accumulate(partition.shared, _unflatten(delta, partition.shared))
         for params, task_grads in zip(partition.specific, specific, strict=True):
-            _accumulate(params, task_grads)  # type: ignore[arg-type]
+            _accumulate(params, self._correct_own(params, task_grads))  # type: ignore[arg-type]
         window.jacobian, window.losses, window.written = jacobian, losses_sum, combined.direction
         window.commit = combined.commit
         window.info = self._gradient_info(names, losses_sum, jacobian, combined)
         return window.info
+
+    def _correct_own(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> list[Tensor]:
+        """Gradients of the strategy's own parameters (UW's log-variances, IMTL's loss scales) as
+        corrections of what earlier micro-batches of the step wrote.
+
+        Those gradients depend on the loss values only (``∂(e^{-s} L + s)/∂s``), and each
+        micro-batch computes them at the step's losses so far (:func:`_with_values`): writing the
+        difference leaves ``.grad`` holding the gradient at the step's total losses, with the
+        regularizer ``+ s`` counted once, not once per micro-batch.
+        """
+        own = self._own_ids
+        if not own:
+            return list(grads)
+        out = list(grads)
+        written = self._window.written_own
+        for k, p in enumerate(params):
+            if id(p) in own and out[k] is not None:
+                previous = written.get(id(p))
+                written[id(p)] = out[k]
+                if previous is not None:
+                    out[k] = out[k] - previous
+        return out
 
     def _average(
         self, jacobian: Tensor, specific: list[list[Tensor | None]], losses: Tensor
@@ -388,7 +410,10 @@ class MTLOptimizer(torch.optim.Optimizer):
         for i, name in enumerate(names):
             if not finite_rows[i] or _first_nonfinite(per_task[i][1:]) is not None:
                 return self._bad_gradient(names, detached, f"non-finite gradient for task {name!r}")
-        combined = self._combiner.combine(jacobian, detached.to(jacobian.device))
+        try:
+            combined = self._combiner.combine(jacobian, detached.to(jacobian.device))
+        except FloatingPointError as error:
+            return self._nonfinite(names, detached, str(error))
         trunk = torch.autograd.grad(
             features,
             partition.shared,
@@ -548,10 +573,17 @@ class MTLOptimizer(torch.optim.Optimizer):
                     for task, params in enumerate(self.strategy.task_parameters())
                     for p in params
                 }
+            compiled = len(losses) > 1 and compiled_graph(losses[0])
+            if compiled and shared_ids is None:
+                raise ValueError(
+                    "the losses come out of a torch.compile'd model, whose backward is one opaque "
+                    "graph node: every parameter looks reached by every task, so the shared "
+                    "parameters cannot be found; pass them: MTLOptimizer(..., shared=model.trunk)"
+                )
             partition, multiply_reached = partition_parameters(
                 losses, trainable, shared_ids, own, owners
             )
-            if shared_ids is not None and multiply_reached:
+            if shared_ids is not None and multiply_reached and not compiled:
                 warnings.warn(
                     f"{len(multiply_reached)} parameter tensor(s) not in `shared` are reached by "
                     "several tasks; their gradient is the sum of those tasks' gradients",
@@ -669,6 +701,17 @@ def _finite_rows(matrix: Tensor) -> list[bool]:
     no T×P mask); a finite row whose sum overflows is re-checked exactly."""
     sums_finite = torch.isfinite(matrix.sum(dim=1)).tolist()
     return [ok or bool(torch.isfinite(matrix[i]).all()) for i, ok in enumerate(sums_finite)]
+
+
+def _with_values(losses: Sequence[Tensor], values: Tensor) -> list[Tensor]:
+    """Each loss with its value replaced by ``values[i]`` and its gradient unchanged.
+
+    Strategies then weigh by the step's losses (accumulated over micro-batches, averaged over
+    ranks) while the gradient flows through this micro-batch's own losses.
+    """
+    return [
+        loss + (value.to(loss) - loss.detach()) for loss, value in zip(losses, values, strict=True)
+    ]
 
 
 def _detach_losses(losses: Sequence[Tensor]) -> Tensor:

@@ -164,8 +164,14 @@ class GramianStrategy(GradientStrategy):
 
 
 def gramian_of(jacobian: Tensor) -> np.ndarray:
-    """``J Jᵀ`` as a float64 host array (one matrix product on the device, one transfer)."""
+    """``J Jᵀ`` as a float64 host array (one matrix product on the device, one transfer).
+
+    A finite float32 ``J`` with entries beyond ~1e19 overflows its Gramian: it is then recomputed
+    in float64 (only in that case, to keep the common path at one pass in ``J``'s dtype)."""
     gramian = (jacobian @ jacobian.T).double().cpu().numpy()
+    if not np.all(np.isfinite(gramian)) and jacobian.dtype != torch.float64:
+        wide = jacobian.double()
+        gramian = (wide @ wide.T).cpu().numpy()
     return (gramian + gramian.T) / 2
 
 
