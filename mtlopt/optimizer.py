@@ -76,7 +76,7 @@ class _Window:
     jacobian: Tensor | None = None
     losses: Tensor | None = None
     written: Tensor | None = None
-    written_own: dict[int, Tensor] = field(default_factory=dict)
+    written_own: dict[tuple[int | None, int], Tensor] = field(default_factory=dict)
     commit: Commit | None = None
     info: StepInfo | None = None
     skipped: bool = False
@@ -338,21 +338,27 @@ class MTLOptimizer(torch.optim.Optimizer):
         if scale != 1.0:
             delta = delta * scale  # .grad holds scaled gradients until scaler.unscale_
         _accumulate(partition.shared, _unflatten(delta, partition.shared))
-        for params, task_grads in zip(partition.specific, specific, strict=True):
-            _accumulate(params, self._correct_own(params, task_grads))  # type: ignore[arg-type]
+        for task, (params, grads_of_task) in enumerate(
+            zip(partition.specific, specific, strict=True)
+        ):
+            _accumulate(params, self._correct_own(params, grads_of_task, task))  # type: ignore[arg-type]
         window.jacobian, window.losses, window.written = jacobian, losses_sum, combined.direction
         window.commit = combined.commit
         window.info = self._gradient_info(names, losses_sum, jacobian, combined)
         return window.info
 
-    def _correct_own(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> list[Tensor]:
+    def _correct_own(
+        self, params: Sequence[Tensor], grads: Sequence[Tensor], task: int | None = None
+    ) -> list[Tensor]:
         """Gradients of the strategy's own parameters (UW's log-variances, IMTL's loss scales) as
         corrections of what earlier micro-batches of the step wrote.
 
         Those gradients depend on the loss values only (``∂(e^{-s} L + s)/∂s``), and each
         micro-batch computes them at the step's losses so far (:func:`_with_values`): writing the
         difference leaves ``.grad`` holding the gradient at the step's total losses, with the
-        regularizer ``+ s`` counted once, not once per micro-batch.
+        regularizer ``+ s`` counted once, not once per micro-batch. In the gradient path each
+        task's gradient of an own parameter (IMTL's scales tensor holds one entry per task) is
+        tracked apart (``task``).
         """
         own = self._own_ids
         if not own:
@@ -361,8 +367,8 @@ class MTLOptimizer(torch.optim.Optimizer):
         written = self._window.written_own
         for k, p in enumerate(params):
             if id(p) in own and out[k] is not None:
-                previous = written.get(id(p))
-                written[id(p)] = out[k]
+                previous = written.get((task, id(p)))
+                written[task, id(p)] = out[k]
                 if previous is not None:
                     out[k] = out[k] - previous
         return out
