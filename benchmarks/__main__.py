@@ -4,6 +4,7 @@
     mtlopt-bench run                       # quick default: every problem, lightly (< 10 min, 2 cores)
     mtlopt-bench run qm9 --methods all --seeds 3 --out bench-results
     mtlopt-bench run toy --methods ew,mgda,pcgrad,cagrad,nash_mtl,famo --steps 35000
+    mtlopt-bench run perf                  # step-time ratios (floor, LibMTL, modes, solvers)
 
 Finished runs are cached under OUT/runs and reused; results go to OUT/<problem>/results.{json,csv,md}
 and PNG plots.
@@ -21,11 +22,11 @@ import torch
 
 import mtlopt
 
-from . import multifashion, qm9, scaling, toy
+from . import multifashion, perf, qm9, scaling, toy
 from .data import DataMissing
 from .problem import Problem
 from .report import write
-from .suite import RunSpec, cached, execute
+from .suite import LIBMTL_PREFIX, RunSpec, cached, execute
 
 PROBLEMS: dict[str, Problem] = {
     p.name: p for p in (toy.PROBLEM, multifashion.PROBLEM, qm9.PROBLEM, scaling.PROBLEM)
@@ -62,6 +63,7 @@ def run_problem(
     quick: bool,
     out: Path,
     command: str,
+    with_libmtl: bool = False,
 ) -> bool:
     from tqdm import tqdm
 
@@ -74,6 +76,14 @@ def run_problem(
     chosen = ["ew", *[m for m in chosen if m != "ew"]]  # EW is the time reference
     skipped = [m for m in chosen if m in problem.excluded]
     chosen = [m for m in chosen if m not in problem.excluded]
+    if with_libmtl:
+        from .libmtl_peer import LIBMTL_METHODS, available
+
+        if not available():
+            raise SystemExit(
+                "--with-libmtl: LibMTL is not installed (pip install --no-deps libmtl==1.1.5)"
+            )
+        chosen += [f"{LIBMTL_PREFIX}{m}" for m in chosen if m in LIBMTL_METHODS]
     seeds = seeds or (1 if quick else 3)
     steps = steps or (problem.quick_steps if quick else problem.steps)
     try:
@@ -104,6 +114,10 @@ def run_problem(
     return True
 
 
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="mtlopt-bench", description=__doc__.splitlines()[0])
@@ -113,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument(
         "problem",
         nargs="?",
-        choices=sorted(PROBLEMS),
+        choices=sorted([*PROBLEMS, "perf"]),
         help="omit for the quick default over every problem",
     )
     run.add_argument("--methods", help="comma-separated strategy names, or 'all'")
@@ -121,11 +135,17 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--steps", type=int)
     run.add_argument("--quick", action="store_true", help="small data and step budgets")
     run.add_argument("--out", type=Path, default=Path("bench-results"))
+    run.add_argument(
+        "--with-libmtl",
+        action="store_true",
+        help="also run LibMTL 1.1.5's implementation of each chosen method it has (rows libmtl:NAME)",
+    )
     args = parser.parse_args(argv)
     if args.command == "list":
         print("problems:")
         for p in PROBLEMS.values():
             print(f"  {p.name:13s} {p.description}")
+        print(f"  {'perf':13s} {perf.__doc__.splitlines()[0]}")
         print("strategies:")
         for name in mtlopt.available():
             info = mtlopt.info(name)
@@ -134,12 +154,22 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(min(2, torch.get_num_threads()))
     command = "mtlopt-bench " + " ".join(shlex.quote(a) for a in argv)
     methods = args.methods.split(",") if args.methods else None
-    problems = [PROBLEMS[args.problem]] if args.problem else list(PROBLEMS.values())
     quick = args.quick or args.problem is None
     start = time.perf_counter()
+    if args.problem == "perf":
+        # The docs page is refreshed by full runs from a checkout (where docs/ exists) only.
+        write_docs = not quick and Path("mkdocs.yml").exists() and Path("docs").is_dir()
+        print(perf.run(args.out, quick, command, write_docs, progress=_progress))
+        print(f"wall time {time.perf_counter() - start:.0f} s; results under {args.out}/perf/")
+        return 0
+    problems = [PROBLEMS[args.problem]] if args.problem else list(PROBLEMS.values())
     ran = [
-        run_problem(p, methods, args.seeds, args.steps, quick, args.out, command) for p in problems
+        run_problem(p, methods, args.seeds, args.steps, quick, args.out, command, args.with_libmtl)
+        for p in problems
     ]
+    if args.problem is None:  # the quick default measures the step-time ratios lightly too
+        print(perf.run(args.out, True, command, False, progress=_progress))
+        ran.append(True)
     print(f"wall time {time.perf_counter() - start:.0f} s; results under {args.out}/")
     return 0 if any(ran) else 1
 

@@ -52,13 +52,19 @@ class ViT(nn.Module):
         self.heads = nn.ModuleList(nn.Linear(dim, c) for c in classes)
 
     def forward(self, images: Tensor) -> list[Tensor]:
+        return self.decode(self.encode(images))
+
+    def encode(self, images: Tensor) -> Tensor:
+        """The shared token representation [B, N, dim] (representation mode's features)."""
         b, height, width = images.shape
         p = self.patch
         patches = images.reshape(b, height // p, p, width // p, p).permute(0, 1, 3, 2, 4)
         x = self.embed(patches.reshape(b, -1, p * p)) + self.pos
         for block in self.blocks:
             x = block(x)
-        x = self.norm(x)
+        return self.norm(x)
+
+    def decode(self, x: Tensor) -> list[Tensor]:
         return [head(mtlopt.task_view(x, i).mean(1)) for i, head in enumerate(self.heads)]
 
 
@@ -77,13 +83,19 @@ class SetTransformer(nn.Module):
         self.heads = nn.ModuleList(nn.Linear(dim, 1) for _ in range(targets))
 
     def forward(self, atoms: Tensor, positions: Tensor) -> list[Tensor]:
+        return self.decode(self.encode(atoms, positions), atoms)
+
+    def encode(self, atoms: Tensor, positions: Tensor) -> Tensor:
+        """The shared token representation [B, 29, dim] (representation mode's features)."""
         padding = atoms < 0
         distance = positions.norm(dim=-1, keepdim=True)
         x = self.atom(atoms.clamp_min(0)) + self.position(torch.cat([positions, distance], -1))
         for block in self.blocks:
             x = block(x, padding=padding)
-        x = self.norm(x)
-        keep = (~padding).unsqueeze(-1).to(x.dtype)
+        return self.norm(x)
+
+    def decode(self, x: Tensor, atoms: Tensor) -> list[Tensor]:
+        keep = (~(atoms < 0)).unsqueeze(-1).to(x.dtype)
         outputs = []
         for i, head in enumerate(self.heads):
             stream = mtlopt.task_view(x, i)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 import mtlopt
 
@@ -46,6 +47,14 @@ class RunSpec:
             "mtlopt": mtlopt.__version__,
         }
         return hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+
+
+LIBMTL_PREFIX = "libmtl:"
+
+
+def libmtl_method(method: str) -> str | None:
+    """Our name of the method a LibMTL run (``libmtl:pcgrad``) implements, else None."""
+    return method[len(LIBMTL_PREFIX) :] if method.startswith(LIBMTL_PREFIX) else None
 
 
 def single_task(method: str) -> int | None:
@@ -111,8 +120,29 @@ def _train(spec: RunSpec, problem: Problem, instance: Instance, sampler: _PeakMe
     def select(losses: list[torch.Tensor]) -> list[torch.Tensor]:
         return losses if task is None else [losses[task]]
 
-    strategy = _strategy(spec, problem, instance, tasks if task is None else 1)
-    opt = mtlopt.MTLOptimizer(torch.optim.Adam(model.parameters(), lr=instance.lr), strategy)
+    peer = libmtl_method(spec.method)
+    opt = None
+    if peer is not None:
+        from .libmtl_peer import libmtl_step
+
+        heads = {id(p) for p in getattr(model, "heads", nn.Module()).parameters()}
+        shared = [p for p in model.parameters() if id(p) not in heads]
+        libmtl = libmtl_step(peer, model, shared, tasks, instance.lr)
+
+        def train_step(batch: Any) -> tuple[torch.Tensor, bool]:
+            losses = instance.losses(model, batch)
+            libmtl(losses)
+            return torch.stack([loss.detach() for loss in losses]), False
+
+    else:
+        strategy = _strategy(spec, problem, instance, tasks if task is None else 1)
+        opt = mtlopt.MTLOptimizer(torch.optim.Adam(model.parameters(), lr=instance.lr), strategy)
+
+        def train_step(batch: Any) -> tuple[torch.Tensor | None, bool]:
+            opt.zero_grad()
+            info = opt.step(lambda b=batch: select(instance.losses(model, b)))
+            return (None if info is None else info.losses), bool(info is not None and info.skipped)
+
     every = max(1, spec.steps // 50)
     trace_every = max(1, spec.steps // 400)
     times, curve, trace, skipped = [], [], [], 0
@@ -120,12 +150,11 @@ def _train(spec: RunSpec, problem: Problem, instance: Instance, sampler: _PeakMe
     for step in range(spec.steps):
         batch = instance.batch(step)
         began = time.perf_counter()
-        opt.zero_grad()
-        info = opt.step(lambda b=batch: select(instance.losses(model, b)))
+        losses, was_skipped = train_step(batch)
         times.append(time.perf_counter() - began)
-        skipped += bool(info is not None and info.skipped)
-        if info is not None and (step % every == 0 or step == spec.steps - 1):
-            curve.append([step, *(float(v) for v in info.losses)])
+        skipped += was_skipped
+        if losses is not None and (step % every == 0 or step == spec.steps - 1):
+            curve.append([step, *(float(v) for v in losses)])
         if instance.trace is not None and (step % trace_every == 0 or step == spec.steps - 1):
             trace.append(instance.trace(model))
     metrics = instance.evaluate(model)
@@ -139,7 +168,7 @@ def _train(spec: RunSpec, problem: Problem, instance: Instance, sampler: _PeakMe
         "trace": trace,
         "skipped_steps": skipped,
     }
-    report = getattr(opt.strategy, "report", None)
+    report = getattr(opt.strategy, "report", None) if opt is not None else None
     if report is not None:
         result["dtme_report"] = report.as_dict()
     return result

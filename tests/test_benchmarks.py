@@ -147,3 +147,37 @@ def test_toy_pareto_set_and_the_ridge_where_averaging_stalls():
         sum(toy_losses(x)).backward()
         opt.step()
     assert abs(float(x[1])) < 0.1 and pareto_distance(x.detach()) > 5
+
+
+def test_with_libmtl_adds_libmtl_rows_trained_on_the_same_batches(tmp_path, capsys):
+    from benchmarks import libmtl_peer
+
+    if not libmtl_peer.available():
+        if os.environ.get("MTLOPT_REQUIRE_LIBMTL"):
+            raise AssertionError("LibMTL is required in CI")
+        pytest.skip("LibMTL 1.1.5 is not installed")
+    argv = ["run", "scaling", "--quick", "--methods", "ew,mgda,cagrad", "--with-libmtl"]
+    assert cli.main([*argv, "--steps", "3", "--out", str(tmp_path)]) == 0
+    rows = {
+        (r["variant"], r["method"]): r
+        for r in json.loads((tmp_path / "scaling" / "results.json").read_text())["rows"]
+    }
+    for variant in ("2", "10"):
+        for method in ("ew", "mgda"):  # same model, batches and method: the same result
+            ours, theirs = rows[variant, method], rows[variant, f"libmtl:{method}"]
+            assert theirs["mean MSE"][0] == pytest.approx(ours["mean MSE"][0], rel=1e-3)
+        # LibMTL 1.1.5's CAGrad hard-codes three tasks: the failure is a row, not a crash.
+        assert "cannot reshape" in rows[variant, "libmtl:cagrad"]["error"]
+
+
+def test_perf_tables_cover_every_gradient_strategy_and_mark_missed_targets():
+    from benchmarks import perf
+
+    lines, medians = perf.floor_table([("qm9", 2)], rounds=1, warmup=0, progress=lambda m: None)
+    table = "\n".join(lines)
+    for name in perf.gradient_methods():
+        assert f"| {name} |" in table
+    assert set(medians["qm9", 2]) == {"floor", *perf.gradient_methods()}
+    assert perf._mark(1.2, 1.1) == "**1.20**" and perf._mark(1.05, 1.1) == "1.05"
+    modes = "\n".join(perf.modes_table([("multifashion", 2)], 1, 0, lambda m: None))
+    assert "dtme, after expansion" in modes and "mgda, representation mode" in modes

@@ -1,0 +1,417 @@
+"""``mtlopt-bench run perf``: step-time ratios measured side by side in one run.
+
+Every ratio compares medians of per-step times taken round-robin (one step of each contender in
+turn, so that machine noise hits all alike) on the QM9 set transformer and the MultiFashion ViT with
+T task heads, on random inputs of the suite's shapes and batch sizes (no dataset needed: the cost of
+a step does not depend on the values).
+
+1. **Floor ratio**: each parameter-space gradient strategy through :class:`~mtlopt.MTLOptimizer`
+   (defaults, diagnostics on) over the bare floor: one forward, one ``autograd.grad`` per task over
+   the shared parameters and that task's head, the gradients summed into ``.grad``, one Adam step.
+2. **Peer ratio**: ours over LibMTL 1.1.5's implementation of the same method, same model and batch.
+3. **Modes**: representation mode (``features=``) and DTME (analysis phase; after its expansion)
+   over EW.
+4. **Solver share**: the time of the strategy's ``combine`` (Gramian, solver, ``wᵀJ``) and of its
+   solver alone on the T×T Gramian, as shares of the strategy's median step, at T = 11.
+
+The many-task cost curve (time and memory against K up to 100) is the ``scaling`` problem.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import mtlopt
+from mtlopt.strategies.base import GramianStrategy, gramian_of
+
+from . import libmtl_peer
+from .models import SetTransformer, ViT
+
+SOLVER_METHODS = ["nash_mtl", "cagrad", "mgda", "upgrad", "fairgrad"]
+REPRESENTATION_METHODS = ["mgda", "pcgrad", "nash_mtl", "upgrad"]
+
+
+@dataclass
+class Bench:
+    """A model with T heads, its fixed random batch and its task losses."""
+
+    model: nn.Module
+    losses: Callable[[nn.Module], list[torch.Tensor]]
+    features: Callable[[nn.Module], tuple[torch.Tensor, list[torch.Tensor]]]
+    shared: list[nn.Parameter]
+    heads: list[list[nn.Parameter]]
+
+    def clone(self) -> Bench:
+        model = copy.deepcopy(self.model)
+        return Bench(model, self.losses, self.features, *_split(model))
+
+
+def _split(model: nn.Module) -> tuple[list[nn.Parameter], list[list[nn.Parameter]]]:
+    heads = [list(h.parameters()) for h in model.heads]
+    head_ids = {id(p) for h in heads for p in h}
+    return [p for p in model.parameters() if id(p) not in head_ids], heads
+
+
+def bench(kind: str, tasks: int, batch: int | None = None) -> Bench:
+    torch.manual_seed(0)
+    if kind == "multifashion":
+        batch = batch or 128
+        model: nn.Module = ViT([10] * tasks)
+        images = torch.rand(batch, 36, 36)
+        labels = torch.randint(0, 10, (batch, tasks))
+
+        def heads_loss(outputs):
+            return [nn.functional.cross_entropy(o, labels[:, i]) for i, o in enumerate(outputs)]
+
+        def losses(m):
+            return heads_loss(m(images))
+
+        def features(m):
+            z = m.encode(images)
+            return z, heads_loss(m.decode(z))
+
+    else:
+        batch = batch or 64
+        model = SetTransformer(tasks)
+        atoms = torch.randint(0, 5, (batch, 29))
+        atoms[:, 18:] = -1  # QM9 molecules have 18 atoms on average, padded to 29
+        positions = torch.randn(batch, 29, 3)
+        targets = torch.randn(batch, tasks)
+
+        def heads_loss(outputs):
+            return [(o - targets[:, i]).abs().mean() for i, o in enumerate(outputs)]
+
+        def losses(m):
+            return heads_loss(m(atoms, positions))
+
+        def features(m):
+            z = m.encode(atoms, positions)
+            return z, heads_loss(m.decode(z, atoms))
+
+    return Bench(model, losses, features, *_split(model))
+
+
+def floor_step(b: Bench) -> Callable[[], None]:
+    opt = torch.optim.Adam(b.model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        opt.zero_grad()
+        losses = b.losses(b.model)
+        for i, (loss, head) in enumerate(zip(losses, b.heads, strict=True)):
+            params = [*b.shared, *head]
+            grads = torch.autograd.grad(loss, params, retain_graph=i < len(losses) - 1)
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g if p.grad is None else p.grad.add_(g)
+        opt.step()
+
+    return step
+
+
+def wrapper_step(b: Bench, method: str, **kwargs) -> Callable[[], None]:
+    strategy = mtlopt.create(method, num_tasks=len(b.heads), **kwargs)
+    opt = mtlopt.MTLOptimizer(torch.optim.Adam(b.model.parameters(), lr=1e-4), strategy)
+
+    def step() -> None:
+        opt.zero_grad()
+        opt.step(b.losses(b.model))
+
+    return step
+
+
+def representation_step(b: Bench, method: str) -> Callable[[], None]:
+    strategy = mtlopt.create(method, num_tasks=len(b.heads))
+    opt = mtlopt.MTLOptimizer(torch.optim.Adam(b.model.parameters(), lr=1e-4), strategy)
+
+    def step() -> None:
+        opt.zero_grad()
+        z, losses = b.features(b.model)
+        opt.backward(losses, features=z)
+        opt.step()
+
+    return step
+
+
+def dtme_step(b: Bench, expanded: bool) -> Callable[[], None]:
+    analysis = 2 if expanded else 10**9
+    dtme = mtlopt.create(
+        "dtme",
+        blocks=b.model.blocks,
+        num_tasks=len(b.heads),
+        model=b.model,
+        analysis_steps=analysis,
+        covariance_steps=1,
+    )
+    opt = mtlopt.MTLOptimizer(torch.optim.Adam(b.model.parameters(), lr=1e-4), dtme)
+
+    def step() -> None:
+        opt.zero_grad()
+        opt.step(b.losses(b.model))
+
+    if expanded:
+        for _ in range(analysis + 1):
+            step()
+    return step
+
+
+def round_robin(steps: dict[str, Callable[[], None]], rounds: int, warmup: int) -> dict[str, float]:
+    """Median seconds per step of each contender, timed in turn."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for r in range(warmup + rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            if r >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def gradient_methods() -> list[str]:
+    return [n for n in mtlopt.available() if mtlopt.info(n).kind.value == "gradient"]
+
+
+def floor_table(cells, rounds, warmup, progress) -> tuple[list[str], dict]:
+    methods = gradient_methods()
+    ratios: dict[tuple[str, int], dict[str, float]] = {}
+    medians: dict[tuple[str, int], dict[str, float]] = {}
+    for kind, tasks in cells:
+        base = bench(kind, tasks)
+        steps = {"floor": floor_step(base.clone())}
+        for m in methods:
+            steps[m] = wrapper_step(base.clone(), m)
+        med = round_robin(steps, rounds, warmup)
+        medians[kind, tasks] = med
+        ratios[kind, tasks] = {m: med[m] / med["floor"] for m in methods}
+        progress(f"floor ratio {kind} T={tasks}: floor {1e3 * med['floor']:.1f} ms")
+    lines = [
+        "| strategy | " + " | ".join(f"{k} T={t}" for k, t in cells) + " |",
+        "|---|" + "---|" * len(cells),
+        "| floor step (ms) | "
+        + " | ".join(f"{1e3 * medians[c]['floor']:.1f}" for c in cells)
+        + " |",
+    ]
+    for m in methods:
+        row = [ratios[c][m] for c in cells]
+        lines.append(f"| {m} | " + " | ".join(_mark(r, 1.10) for r in row) + " |")
+    return lines, medians
+
+
+def peer_table(cells, rounds, warmup, progress) -> list[str]:
+    if not libmtl_peer.available():
+        return ["LibMTL 1.1.5 is not installed (`pip install --no-deps libmtl==1.1.5`): skipped."]
+    lines = [
+        "| method | " + " | ".join(f"{k} T={t}" for k, t in cells) + " |",
+        "|---|" + "---|" * len(cells),
+    ]
+    rows: dict[str, list[str]] = {m: [] for m in libmtl_peer.LIBMTL_METHODS}
+    for kind, tasks in cells:
+        base = bench(kind, tasks)
+        steps = {}
+        notes = {}
+        for m in libmtl_peer.LIBMTL_METHODS:
+            theirs = base.clone()
+            try:
+                run = libmtl_peer.libmtl_step(m, theirs.model, theirs.shared, tasks, 1e-4)
+
+                def libmtl(run=run, b=theirs):
+                    run(b.losses(b.model))
+
+                libmtl()  # fails here if LibMTL cannot run this configuration
+            except Exception as error:  # recorded in the table
+                notes[m] = f"LibMTL fails: {type(error).__name__}: {str(error)[:60]}"
+                continue
+            steps[f"ours {m}"] = wrapper_step(base.clone(), m)
+            steps[f"libmtl {m}"] = libmtl
+        med = round_robin(steps, rounds, warmup)
+        for m in rows:
+            if m in notes:
+                rows[m].append(notes[m])
+            else:
+                rows[m].append(_mark(med[f"ours {m}"] / med[f"libmtl {m}"], 0.7))
+        progress(f"peer ratio {kind} T={tasks}")
+    lines += [f"| {m} | " + " | ".join(r) + " |" for m, r in rows.items()]
+    return lines
+
+
+def modes_table(cells, rounds, warmup, progress) -> list[str]:
+    lines = [
+        "| mode | " + " | ".join(f"{k} T={t}" for k, t in cells) + " |",
+        "|---|" + "---|" * len(cells),
+    ]
+    rows: dict[str, list[str]] = {}
+    for kind, tasks in cells:
+        base = bench(kind, tasks)
+        steps = {"ew": wrapper_step(base.clone(), "ew")}
+        for m in REPRESENTATION_METHODS:
+            steps[f"{m}, representation mode"] = representation_step(base.clone(), m)
+        steps["dtme, analysis phase"] = dtme_step(base.clone(), expanded=False)
+        steps["dtme, after expansion"] = dtme_step(base.clone(), expanded=True)
+        med = round_robin(steps, rounds, warmup)
+        rows.setdefault("ew step (ms)", []).append(f"{1e3 * med['ew']:.1f}")
+        for name in steps:
+            if name != "ew":
+                rows.setdefault(name, []).append(_mark(med[name] / med["ew"], 1.3))
+        progress(f"modes {kind} T={tasks}")
+    lines += [f"| {n} | " + " | ".join(r) + " |" for n, r in rows.items()]
+    return lines
+
+
+def solver_table(kind: str, tasks: int, step_medians: dict[str, float], repeats: int) -> list[str]:
+    b = bench(kind, tasks)
+    losses = b.losses(b.model)
+    jacobian = torch.stack(
+        [
+            torch.cat(
+                [g.reshape(-1) for g in torch.autograd.grad(loss, b.shared, retain_graph=True)]
+            )
+            for loss in losses
+        ]
+    )
+    loss_values = torch.stack([loss.detach() for loss in losses]).double()
+    lines = [
+        f"| strategy | step (ms) | combine (ms) | share of the step | solver on the {tasks}×{tasks} "
+        "Gramian (ms) | share |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m in SOLVER_METHODS:
+        strategy = mtlopt.create(m, num_tasks=tasks)
+        combine = _median_time(lambda s=strategy: s.combine(jacobian, loss_values), repeats)
+        assert isinstance(strategy, GramianStrategy)
+        gramian, array = gramian_of(jacobian), loss_values.numpy()
+        solver = _median_time(lambda s=strategy, g=gramian, a=array: s.weigh(g, a), repeats)
+        step = step_medians[m]
+        lines.append(
+            f"| {m} | {1e3 * step:.1f} | {1e3 * combine:.2f} | {_mark(combine / step, 0.05, pct=True)}"
+            f" | {1e3 * solver:.3f} | {_mark(solver / step, 0.05, pct=True)} |"
+        )
+    return lines
+
+
+def vjp_table(cells, rounds, warmup, progress) -> list[str]:
+    """Sequential per-task ``autograd.grad`` (the engine's path) against one batched VJP
+    (``is_grads_batched``, vmap over the T cotangents) for the T×P matrix of shared gradients."""
+    lines = [
+        "| model | sequential (ms) | batched (ms) | batched / sequential |",
+        "|---|---|---|---|",
+    ]
+    for kind, tasks in cells:
+        b = bench(kind, tasks)
+
+        def sequential(b=b, tasks=tasks):
+            losses = b.losses(b.model)
+            for i, loss in enumerate(losses):
+                torch.autograd.grad(loss, b.shared, retain_graph=i < tasks - 1)
+
+        def batched(b=b, tasks=tasks):
+            losses = torch.stack(b.losses(b.model))
+            eye = torch.eye(tasks)
+            torch.autograd.grad(losses, b.shared, grad_outputs=eye, is_grads_batched=True)
+
+        med = round_robin({"sequential": sequential, "batched": batched}, rounds, warmup)
+        ratio = med["batched"] / med["sequential"]
+        lines.append(
+            f"| {kind} T={tasks} | {1e3 * med['sequential']:.1f} | {1e3 * med['batched']:.1f} | "
+            f"{ratio:.2f} |"
+        )
+        progress(f"vjp {kind} T={tasks}")
+    return lines
+
+
+def _median_time(fn: Callable[[], object], repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _mark(value: float, target: float, pct: bool = False) -> str:
+    text = f"{100 * value:.1f} %" if pct else f"{value:.2f}"
+    return text if value <= target else f"**{text}**"
+
+
+def run(out: Path, quick: bool, command: str, write_docs: bool, progress=print) -> str:
+    torch.manual_seed(0)
+    if quick:
+        floor_cells = [("multifashion", 2), ("qm9", 11)]
+        peer_cells = [("qm9", 11)]
+        mode_cells = [("qm9", 11)]
+        rounds, warmup = 3, 1
+    else:
+        floor_cells = [(k, t) for k in ("qm9", "multifashion") for t in (2, 5, 11)]
+        peer_cells = [("multifashion", 2), ("qm9", 5), ("qm9", 11)]
+        mode_cells = [("multifashion", 2), ("qm9", 11)]
+        rounds, warmup = 15, 2
+    start = time.perf_counter()
+    floor_lines, medians = floor_table(floor_cells, rounds, warmup, progress)
+    peer_lines = peer_table(peer_cells, rounds, warmup, progress)
+    mode_lines = modes_table(mode_cells, rounds, warmup, progress)
+    vjp_lines = vjp_table(floor_cells, max(3, rounds // 3), 1, progress)
+    solver_lines = solver_table("qm9", 11, medians["qm9", 11], repeats=rounds * 3)
+    wall = time.perf_counter() - start
+    threads = torch.get_num_threads()
+    text = "\n".join(
+        [
+            "# Performance: step-time ratios",
+            "",
+            f"Command: `{command}` ({'quick: ' if quick else ''}{rounds} timed rounds after "
+            f"{warmup} warm-up, medians; torch {torch.__version__}, {threads} thread(s), CPU; "
+            f"wall time {wall:.0f} s). Generated by `benchmarks/perf.py`; bold marks a ratio "
+            "above its target.",
+            "",
+            "QM9 model: set transformer dim 64, depth 4, batch 64 (29 atom slots, 18 used). "
+            "MultiFashion model: ViT dim 64, depth 4, patch 6, batch 128. T task heads, random "
+            "inputs.",
+            "",
+            "## Floor ratio (target ≤ 1.10)",
+            "",
+            "Wrapper step over the bare floor (one forward, one `autograd.grad` per task, one "
+            "Adam step). Defaults, diagnostics on.",
+            "",
+            *floor_lines,
+            "",
+            "## Peer ratio against LibMTL 1.1.5 (target ≤ 0.7)",
+            "",
+            "Our step over LibMTL's step, same model and batch, both with Adam. LibMTL's "
+            "GradDrop only runs in representation mode and its CAGrad only with 3 tasks.",
+            "",
+            *peer_lines,
+            "",
+            "## Representation and token modes over EW (target ≤ 1.3)",
+            "",
+            *mode_lines,
+            "",
+            "## Batched VJP against sequential per-task gradients",
+            "",
+            "The T×P matrix of shared gradients (forward included), with one `autograd.grad` per "
+            "task (the engine's path) or one batched VJP over the T cotangents "
+            "(`is_grads_batched=True`, vmap). Where batching is slower the engine keeps the "
+            "sequential path.",
+            "",
+            *vjp_lines,
+            "",
+            "## Solver share at T = 11 (target < 5 %)",
+            "",
+            "Median time of `combine` (Gramian, solver, `wᵀJ`) on a captured 11×P matrix, and of "
+            "the solver alone (`weigh` on the 11×11 Gramian), over the strategy's median step "
+            "from the floor table.",
+            "",
+            *solver_lines,
+            "",
+        ]
+    )
+    target = out / "perf"
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "results.md").write_text(text)
+    if write_docs:
+        Path("docs/perf.md").write_text(text)
+    return text
