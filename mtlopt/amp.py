@@ -42,6 +42,7 @@ class LossScaling:
     def signal_overflow(self, params: Sequence[Tensor]) -> None:
         """Leave an infinite gradient where ``scaler.unscale_`` will find it."""
         p = params[0]
+        self.scaler.scale(torch.zeros((), device=p.device))  # initialises a fresh scaler
         if p.grad is None:
             p.grad = torch.full_like(p, float("inf"))
         else:

@@ -671,6 +671,10 @@ class MTLOptimizer(torch.optim.Optimizer):
             )
         info = StepInfo(list(names), losses, skipped=True, reason=reason)
         self._window = _Window(skipped=True, info=info)
+        if self._scaling is not None and self._scaling.enabled:
+            # The scaler must see the skip too (it refuses a step without any gradient checks).
+            self._scaling.signal_overflow(self._trainable())
+            self.last_step = info
         return info
 
 

@@ -164,3 +164,19 @@ def test_trains_under_bfloat16_autocast(name):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_float16_autocast_on_cuda():
     _losses_fall_under_autocast("nash_mtl", "cuda", torch.float16)
+
+
+def test_a_skipped_non_finite_loss_goes_through_the_scaler_cleanly():
+    model = SharedTrunkNet()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    opt = mtlopt.MTLOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), "mgda", scaler=scaler, nonfinite="skip"
+    )
+    before = copy.deepcopy(model.state_dict())
+    x, y = make_batch()
+    losses = losses_of(model, x, y)
+    info = opt.step([losses[0], losses[1] * float("nan")])
+    scaler.update()
+    assert info.skipped and "non-finite loss" in info.reason
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key])
