@@ -5,6 +5,9 @@ turn, so that machine noise hits all alike) on the QM9 set transformer and the M
 T task heads, on random inputs of the suite's shapes and batch sizes (no dataset needed: the cost of
 a step does not depend on the values).
 
+Ratios are medians over rounds of per-round ratios: each round runs a contender's reference step
+and then its own, back to back, so slow drifts of a shared machine cancel.
+
 1. **Floor ratio**: each parameter-space gradient strategy through :class:`~mtlopt.MTLOptimizer`
    (defaults, diagnostics on) over the bare floor: one forward, one ``autograd.grad`` per task over
    the shared parameters and that task's head, the gradients summed into ``.grad``, one Adam step.
@@ -161,16 +164,41 @@ def dtme_step(b: Bench, expanded: bool) -> Callable[[], None]:
     return step
 
 
-def round_robin(steps: dict[str, Callable[[], None]], rounds: int, warmup: int) -> dict[str, float]:
-    """Median seconds per step of each contender, timed in turn."""
-    times: dict[str, list[float]] = {name: [] for name in steps}
+@dataclass
+class Paired:
+    ratio: float
+    """Median over rounds of (contender's step / its reference's step in the same round)."""
+    seconds: float
+    reference_seconds: float
+
+
+def paired(
+    pairs: dict[str, tuple[Callable[[], None], Callable[[], None]]], rounds: int, warmup: int
+) -> dict[str, Paired]:
+    """Each round times, for every contender, its reference step and then its own step, back to
+    back: the ratio of the two cancels the machine's slow drifts (other jobs, frequency)."""
+    ratios: dict[str, list[float]] = {name: [] for name in pairs}
+    own: dict[str, list[float]] = {name: [] for name in pairs}
+    ref: dict[str, list[float]] = {name: [] for name in pairs}
     for r in range(warmup + rounds):
-        for name, step in steps.items():
+        for name, (reference, step) in pairs.items():
             start = time.perf_counter()
+            reference()
+            middle = time.perf_counter()
             step()
+            end = time.perf_counter()
             if r >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+                ratios[name].append((end - middle) / (middle - start))
+                own[name].append(end - middle)
+                ref[name].append(middle - start)
+    return {
+        name: Paired(
+            statistics.median(ratios[name]),
+            statistics.median(own[name]),
+            statistics.median(ref[name]),
+        )
+        for name in pairs
+    }
 
 
 def gradient_methods() -> list[str]:
@@ -183,13 +211,14 @@ def floor_table(cells, rounds, warmup, progress) -> tuple[list[str], dict]:
     medians: dict[tuple[str, int], dict[str, float]] = {}
     for kind, tasks in cells:
         base = bench(kind, tasks)
-        steps = {"floor": floor_step(base.clone())}
-        for m in methods:
-            steps[m] = wrapper_step(base.clone(), m)
-        med = round_robin(steps, rounds, warmup)
-        medians[kind, tasks] = med
-        ratios[kind, tasks] = {m: med[m] / med["floor"] for m in methods}
-        progress(f"floor ratio {kind} T={tasks}: floor {1e3 * med['floor']:.1f} ms")
+        floor = floor_step(base.clone())
+        result = paired(
+            {m: (floor, wrapper_step(base.clone(), m)) for m in methods}, rounds, warmup
+        )
+        floor_seconds = statistics.median(r.reference_seconds for r in result.values())
+        medians[kind, tasks] = {"floor": floor_seconds, **{m: r.seconds for m, r in result.items()}}
+        ratios[kind, tasks] = {m: r.ratio for m, r in result.items()}
+        progress(f"floor ratio {kind} T={tasks}: floor {1e3 * floor_seconds:.1f} ms")
     lines = [
         "| strategy | " + " | ".join(f"{k} T={t}" for k, t in cells) + " |",
         "|---|" + "---|" * len(cells),
@@ -213,7 +242,7 @@ def peer_table(cells, rounds, warmup, progress) -> list[str]:
     rows: dict[str, list[str]] = {m: [] for m in libmtl_peer.LIBMTL_METHODS}
     for kind, tasks in cells:
         base = bench(kind, tasks)
-        steps = {}
+        pairs = {}
         notes = {}
         for m in libmtl_peer.LIBMTL_METHODS:
             theirs = base.clone()
@@ -227,14 +256,10 @@ def peer_table(cells, rounds, warmup, progress) -> list[str]:
             except Exception as error:  # recorded in the table
                 notes[m] = f"LibMTL fails: {type(error).__name__}: {str(error)[:60]}"
                 continue
-            steps[f"ours {m}"] = wrapper_step(base.clone(), m)
-            steps[f"libmtl {m}"] = libmtl
-        med = round_robin(steps, rounds, warmup)
+            pairs[m] = (libmtl, wrapper_step(base.clone(), m))
+        result = paired(pairs, rounds, warmup)
         for m in rows:
-            if m in notes:
-                rows[m].append(notes[m])
-            else:
-                rows[m].append(_mark(med[f"ours {m}"] / med[f"libmtl {m}"], 0.7))
+            rows[m].append(notes[m] if m in notes else _mark(result[m].ratio, 0.7))
         progress(f"peer ratio {kind} T={tasks}")
     lines += [f"| {m} | " + " | ".join(r) + " |" for m, r in rows.items()]
     return lines
@@ -248,16 +273,18 @@ def modes_table(cells, rounds, warmup, progress) -> list[str]:
     rows: dict[str, list[str]] = {}
     for kind, tasks in cells:
         base = bench(kind, tasks)
-        steps = {"ew": wrapper_step(base.clone(), "ew")}
-        for m in REPRESENTATION_METHODS:
-            steps[f"{m}, representation mode"] = representation_step(base.clone(), m)
+        ew = wrapper_step(base.clone(), "ew")
+        steps = {
+            f"{m}, representation mode": representation_step(base.clone(), m)
+            for m in REPRESENTATION_METHODS
+        }
         steps["dtme, analysis phase"] = dtme_step(base.clone(), expanded=False)
         steps["dtme, after expansion"] = dtme_step(base.clone(), expanded=True)
-        med = round_robin(steps, rounds, warmup)
-        rows.setdefault("ew step (ms)", []).append(f"{1e3 * med['ew']:.1f}")
-        for name in steps:
-            if name != "ew":
-                rows.setdefault(name, []).append(_mark(med[name] / med["ew"], 1.3))
+        result = paired({name: (ew, step) for name, step in steps.items()}, rounds, warmup)
+        ew_seconds = statistics.median(r.reference_seconds for r in result.values())
+        rows.setdefault("ew step (ms)", []).append(f"{1e3 * ew_seconds:.1f}")
+        for name, r in result.items():
+            rows.setdefault(name, []).append(_mark(r.ratio, 1.3))
         progress(f"modes {kind} T={tasks}")
     lines += [f"| {n} | " + " | ".join(r) + " |" for n, r in rows.items()]
     return lines
@@ -314,11 +341,10 @@ def vjp_table(cells, rounds, warmup, progress) -> list[str]:
             eye = torch.eye(tasks)
             torch.autograd.grad(losses, b.shared, grad_outputs=eye, is_grads_batched=True)
 
-        med = round_robin({"sequential": sequential, "batched": batched}, rounds, warmup)
-        ratio = med["batched"] / med["sequential"]
+        r = paired({"batched": (sequential, batched)}, rounds, warmup)["batched"]
         lines.append(
-            f"| {kind} T={tasks} | {1e3 * med['sequential']:.1f} | {1e3 * med['batched']:.1f} | "
-            f"{ratio:.2f} |"
+            f"| {kind} T={tasks} | {1e3 * r.reference_seconds:.1f} | {1e3 * r.seconds:.1f} | "
+            f"{r.ratio:.2f} |"
         )
         progress(f"vjp {kind} T={tasks}")
     return lines
@@ -350,7 +376,7 @@ def run(out: Path, quick: bool, command: str, write_docs: bool, progress=print) 
         floor_cells = [(k, t) for k in ("qm9", "multifashion") for t in (2, 5, 11)]
         peer_cells = [("multifashion", 2), ("qm9", 5), ("qm9", 11)]
         mode_cells = [("multifashion", 2), ("qm9", 11)]
-        rounds, warmup = 15, 2
+        rounds, warmup = 9, 1
     start = time.perf_counter()
     floor_lines, medians = floor_table(floor_cells, rounds, warmup, progress)
     peer_lines = peer_table(peer_cells, rounds, warmup, progress)
@@ -364,7 +390,8 @@ def run(out: Path, quick: bool, command: str, write_docs: bool, progress=print) 
             "# Performance: step-time ratios",
             "",
             f"Command: `{command}` ({'quick: ' if quick else ''}{rounds} timed rounds after "
-            f"{warmup} warm-up, medians; torch {torch.__version__}, {threads} thread(s), CPU; "
+            f"{warmup} warm-up; medians of per-round ratios, each contender timed right after its "
+            f"reference; torch {torch.__version__}, {threads} thread(s), CPU; "
             f"wall time {wall:.0f} s). Generated by `benchmarks/perf.py`; bold marks a ratio "
             "above its target.",
             "",

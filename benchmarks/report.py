@@ -9,6 +9,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import mtlopt
 from mtlopt.metrics import delta_m
 
 from .problem import Problem
@@ -319,23 +320,36 @@ def _toy_trajectories(runs: list[dict], out: Path, plt: Any) -> None:
 
 
 def _scaling_curves(rows: list[dict], out: Path, plt: Any) -> None:
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.6))
-    for method in sorted({r["method"] for r in rows if "error" not in r}):
+    """Step time (log-log) and memory against K; loss strategies dashed, markers and colours
+    cycling so that two dozen methods stay apart; the legend sits outside the axes."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.4))
+    colours = plt.get_cmap("tab20").colors
+    markers = "osD^v<>ph*"
+    for n, method in enumerate(sorted({r["method"] for r in rows if "error" not in r})):
         mine = sorted(
             (r for r in rows if r["method"] == method and "error" not in r),
             key=lambda r: float(r["variant"]),
         )
         ks = [float(r["variant"]) for r in mine]
-        a.plot(ks, [r["step_ms"][0] for r in mine], "o-", label=method)
-        b.plot(ks, [r["memory_mb"][0] for r in mine], "o-", label=method)
+        loss = method in mtlopt.available() and mtlopt.info(method).kind.value == "loss"
+        style = {
+            "color": colours[n % len(colours)],
+            "marker": markers[n % len(markers)],
+            "linestyle": "--" if loss else "-",
+            "markersize": 4,
+            "label": method,
+        }
+        a.plot(ks, [r["step_ms"][0] for r in mine], **style)
+        b.plot(ks, [r["memory_mb"][0] for r in mine], **style)
     a.set_xlabel("tasks K")
     a.set_ylabel("median step (ms)")
     b.set_xlabel("tasks K")
     b.set_ylabel("peak memory growth (MB)")
     a.set_xscale("log")
+    a.set_yscale("log")
     b.set_xscale("log")
-    a.legend(fontsize=7)
-    fig.suptitle("scaling: cost against the number of tasks")
+    b.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.suptitle("scaling: cost against the number of tasks (dashed: loss weightings)")
     fig.tight_layout()
     fig.savefig(out / "cost_vs_tasks.png", dpi=110)
     plt.close(fig)

@@ -80,6 +80,8 @@ def test_permutation_invariance(name, shape, data):
     ill_conditioned = tasks > dim and name in ("fairgrad", "nash_mtl")
     rtol = 1e-4 if ill_conditioned else 1e-6
     atol = 1e-6 * float(jacobian.norm(dim=1).max()) if ill_conditioned else 1e-8
+    if name == "cagrad":  # an iterative (L-BFGS-B) solve of its dual: agreement to its tolerance
+        rtol, atol = 1e-5, 1e-7 * float(jacobian.norm(dim=1).max())
     torch.testing.assert_close(out, permuted, rtol=rtol, atol=atol)
 
 
