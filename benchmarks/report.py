@@ -249,10 +249,17 @@ def plots(problem: Problem, runs: list[dict], rows: list[dict], out: Path) -> No
 
     with_delta = [r for r in rows if "delta_m" in r and "error" not in r]
     if with_delta:
-        fig, ax = plt.subplots(figsize=(5, 4))
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        low, high = _fences([r["delta_m"][0] for r in with_delta])
         for r in with_delta:
-            ax.errorbar(r["time_vs_ew"][0], r["delta_m"][0], yerr=r["delta_m"][1], fmt="o")
-            ax.annotate(r["method"], (r["time_vs_ew"][0], r["delta_m"][0]), fontsize=7)
+            x, y = r["time_vs_ew"][0], r["delta_m"][0]
+            if low <= y <= high:
+                ax.errorbar(x, y, yerr=r["delta_m"][1], fmt="o")
+                ax.annotate(r["method"], (x, y), fontsize=7)
+            else:  # far outliers sit on the edge, with their value, so the rest stays readable
+                edge = high if y > high else low
+                ax.plot(x, edge, "^" if y > high else "v", color="red")
+                ax.annotate(f"{r['method']} ({y:.1f})", (x, edge), fontsize=7, color="red")
         ax.set_xlabel("step time / EW")
         ax.set_ylabel("Δm % (lower is better)")
         ax.set_title(f"{problem.name}: cost against quality")
@@ -262,16 +269,30 @@ def plots(problem: Problem, runs: list[dict], rows: list[dict], out: Path) -> No
 
     if len(problem.metric_task) == 2 or problem.name == "toy":
         metrics = list(problem.metrics)[:2]
-        fig, ax = plt.subplots(figsize=(5, 4))
-        for r in rows:
-            if "error" in r:
-                continue
-            ax.plot(r[metrics[0]][0], r[metrics[1]][0], "o")
-            ax.annotate(
-                f"{r['method']}" + (f" ({r['variant']})" if r["variant"] != "None" else ""),
-                (r[metrics[0]][0], r[metrics[1]][0]),
-                fontsize=6,
-            )
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        done = [r for r in rows if "error" not in r]
+        xs, ys = ([r[m][0] for r in done] for m in metrics)
+        (x_low, x_high), (y_low, y_high) = _fences(xs), _fences(ys)
+        inside = [
+            x_low <= x <= x_high and y_low <= y <= y_high for x, y in zip(xs, ys, strict=True)
+        ]
+        kept = [(x, y) for (x, y, i) in zip(xs, ys, inside, strict=True) if i] or list(
+            zip(xs, ys, strict=True)
+        )
+        (x0, x1), (y0, y1) = ((min(v), max(v)) for v in zip(*kept, strict=True))
+        pad_x, pad_y = 0.1 * (x1 - x0 or 1.0), 0.1 * (y1 - y0 or 1.0)
+        x0, x1, y0, y1 = x0 - pad_x, x1 + pad_x, y0 - pad_y, y1 + pad_y
+        for r, x, y, ok in zip(done, xs, ys, inside, strict=True):
+            name = f"{r['method']}" + (f" ({r['variant']})" if r["variant"] != "None" else "")
+            if ok:
+                ax.plot(x, y, "o")
+                ax.annotate(name, (x, y), fontsize=6)
+            else:  # a far outlier sits on the edge, with its values
+                cx, cy = min(max(x, x0), x1), min(max(y, y0), y1)
+                ax.plot(cx, cy, "x", color="red")
+                ax.annotate(f"{name} ({x:.3g}, {y:.3g})", (cx, cy), fontsize=6, color="red")
+        ax.set_xlim(x0, x1)
+        ax.set_ylim(y0, y1)
         ax.set_xlabel(metrics[0])
         ax.set_ylabel(metrics[1])
         ax.set_title(f"{problem.name}: final trade-off between the two tasks")
@@ -283,6 +304,18 @@ def plots(problem: Problem, runs: list[dict], rows: list[dict], out: Path) -> No
         _toy_trajectories(ok, out, plt)
     if problem.name == "scaling":
         _scaling_curves(rows, out, plt)
+
+
+def _fences(values: list[float]) -> tuple[float, float]:
+    """Bounds beyond which a point is a far outlier: 5 spreads past the quartiles, the spread
+    being the interquartile range or a tenth of the median's size, whichever is larger (methods
+    often cluster tightly); infinite when there are too few points to tell."""
+    finite = [v for v in values if v == v and abs(v) != float("inf")]
+    if len(finite) < 5:
+        return -float("inf"), float("inf")
+    q1, median, q3 = statistics.quantiles(finite, n=4)
+    spread = max(q3 - q1, 0.1 * abs(median), 1e-12)
+    return q1 - 5 * spread, q3 + 5 * spread
 
 
 def _toy_trajectories(runs: list[dict], out: Path, plt: Any) -> None:
