@@ -282,9 +282,9 @@ def plots(problem: Problem, runs: list[dict], rows: list[dict], out: Path) -> No
         (x0, x1), (y0, y1) = ((min(v), max(v)) for v in zip(*kept, strict=True))
         pad_x, pad_y = 0.1 * (x1 - x0 or 1.0), 0.1 * (y1 - y0 or 1.0)
         x0, x1, y0, y1 = x0 - pad_x, x1 + pad_x, y0 - pad_y, y1 + pad_y
-        for r, x, y, ok in zip(done, xs, ys, inside, strict=True):
+        for r, x, y, in_range in zip(done, xs, ys, inside, strict=True):
             name = f"{r['method']}" + (f" ({r['variant']})" if r["variant"] != "None" else "")
-            if ok:
+            if in_range:
                 ax.plot(x, y, "o")
                 ax.annotate(name, (x, y), fontsize=6)
             else:  # a far outlier sits on the edge, with its values
