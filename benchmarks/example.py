@@ -17,20 +17,12 @@ from torch import nn
 
 import mtlopt
 
+from .scaling import Regressor
 
-class TwoTaskNet(nn.Module):
-    """A shared MLP trunk and one linear head per task."""
 
-    def __init__(self, inputs: int = 32, hidden: int = 128, tasks: int = 2) -> None:
-        super().__init__()
-        self.trunk = nn.Sequential(
-            nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU()
-        )
-        self.heads = nn.ModuleList(nn.Linear(hidden, 1) for _ in range(tasks))
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        features = self.trunk(x)
-        return [head(features).squeeze(-1) for head in self.heads]
+def two_task_net(inputs: int = 32) -> Regressor:
+    """A shared MLP trunk (inputs → 128 → 128) and one linear head per task."""
+    return Regressor(inputs, tasks=2)
 
 
 def make_data(n: int = 2048, inputs: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,7 +34,7 @@ def make_data(n: int = 2048, inputs: int = 32, seed: int = 0) -> tuple[torch.Ten
     return x, y
 
 
-def task_losses(model: TwoTaskNet, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+def task_losses(model: Regressor, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
     preds = model(x)
     return {f"task{i}": nn.functional.mse_loss(p, y[:, i]) for i, p in enumerate(preds)}
 
@@ -50,7 +42,7 @@ def task_losses(model: TwoTaskNet, x: torch.Tensor, y: torch.Tensor) -> dict[str
 def train(steps: int, batch: int = 128, seed: int = 0) -> None:
     torch.manual_seed(seed)
     x, y = make_data(seed=seed)
-    model = TwoTaskNet()
+    model = two_task_net()
     opt = mtlopt.MTLOptimizer(torch.optim.Adam(model.parameters(), lr=1e-3), strategy="pcgrad")
     for step in range(steps + 1):
         idx = torch.randint(0, x.shape[0], (batch,))
@@ -75,7 +67,7 @@ def time_ratio(steps: int, batch: int = 128, seed: int = 0) -> float:
     """
     torch.manual_seed(seed)
     x, y = make_data(seed=seed)
-    plain_model, mtl_model, floor_model = TwoTaskNet(), TwoTaskNet(), TwoTaskNet()
+    plain_model, mtl_model, floor_model = two_task_net(), two_task_net(), two_task_net()
     plain = torch.optim.Adam(plain_model.parameters(), lr=1e-3)
     wrapped = mtlopt.MTLOptimizer(torch.optim.Adam(mtl_model.parameters(), lr=1e-3), "pcgrad")
     floor = torch.optim.Adam(floor_model.parameters(), lr=1e-3)
