@@ -273,7 +273,6 @@ class MTLOptimizer(torch.optim.Optimizer):
         assert isinstance(self._combiner, LossStrategy)
         window = self._window
         device = losses[0].device
-        stacked = torch.stack([loss.reshape(()).to(device) for loss in losses])
         if window.losses is not None and not self._combiner.linear_in_losses:
             self._warn_once(
                 "nonlinear-accumulation",
@@ -282,7 +281,7 @@ class MTLOptimizer(torch.optim.Optimizer):
                 "far (the last one by the step's total), not by the step's total losses",
             )
         seen = detached if window.losses is None else window.losses + detached
-        stacked = torch.stack(_with_values(list(stacked), seen))
+        stacked = torch.stack(_with_values([loss.reshape(()).to(device) for loss in losses], seen))
         scalarized = self._combiner.scalarize(stacked)
         objective = scalarized.loss
         if self._scaling is not None:
