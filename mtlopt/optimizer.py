@@ -315,9 +315,8 @@ class MTLOptimizer(torch.optim.Optimizer):
             jacobian, specific, detached = self._average(jacobian, specific, detached)
             if not _all_finite(detached):
                 return self._nonfinite_loss(names, detached)
-        finite_rows = _finite_rows(jacobian)
-        for i, name in enumerate(names):
-            if not finite_rows[i] or _first_nonfinite(specific[i]) is not None:
+        for name, finite in zip(names, _finite_tasks(jacobian, specific), strict=True):
+            if not finite:
                 return self._bad_gradient(names, detached, f"non-finite gradient for task {name!r}")
 
         jacobian = jacobian if window.jacobian is None else window.jacobian + jacobian
@@ -411,9 +410,9 @@ class MTLOptimizer(torch.optim.Optimizer):
         jacobian = torch.stack([grads[0].reshape(-1) for grads in per_task])
         if scale != 1.0:
             jacobian.mul_(1.0 / scale)
-        finite_rows = _finite_rows(jacobian)
-        for i, name in enumerate(names):
-            if not finite_rows[i] or _first_nonfinite(per_task[i][1:]) is not None:
+        own_grads = [list(grads[1:]) for grads in per_task]
+        for name, finite in zip(names, _finite_tasks(jacobian, own_grads), strict=True):
+            if not finite:
                 return self._bad_gradient(names, detached, f"non-finite gradient for task {name!r}")
         try:
             combined = self._combiner.combine(jacobian, detached.to(jacobian.device))
@@ -703,6 +702,28 @@ def _accumulate(params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
             # incoming gradient to both operands) or a view of the combined update; adding into
             # such a .grad in place would double-count or rewrite the wrapper's own record.
             p.grad = g.detach().to(p.dtype).clone()
+
+
+def _finite_tasks(jacobian: Tensor, specific: Sequence[Sequence[Tensor | None]]) -> list[bool]:
+    """Whether each task's gradients (its row of ``J`` and those of its own parameters) are all
+    finite, with one transfer to the host whatever the number of tasks.
+
+    A row's sum and a tensor's largest magnitude are NaN or infinite if any entry is; a finite row
+    whose sum overflows is re-checked exactly (the rare path)."""
+    owned = [(task, g) for task, grads in enumerate(specific) for g in grads if g is not None]
+    checks = [jacobian.sum(dim=1).double()]
+    if owned:
+        norms = torch._foreach_norm([g for _, g in owned], math.inf)
+        checks.append(torch.stack([n.double() for n in norms]))
+    values = torch.cat(checks).tolist()
+    num_tasks = jacobian.shape[0]
+    finite = [
+        math.isfinite(v) or bool(torch.isfinite(jacobian[i]).all())
+        for i, v in enumerate(values[:num_tasks])
+    ]
+    for (task, _), v in zip(owned, values[num_tasks:], strict=True):
+        finite[task] = finite[task] and math.isfinite(v)
+    return finite
 
 
 def _finite_rows(matrix: Tensor) -> list[bool]:

@@ -123,20 +123,30 @@ def fair_weights(gramian: np.ndarray, alpha: float = 1.0, max_iter: int = 100) -
 
 
 def project_dual_cone(gramian: np.ndarray, lower: np.ndarray) -> np.ndarray:
-    """Weights ``v = argmin_{v ≥ lower} vᵀ G v``.
+    """Weights ``v = argmin_{v ≥ lower} vᵀ G v``, for one ``lower`` vector or each row of a matrix.
 
     ``Jᵀ v`` is then the projection of ``Jᵀ lower`` onto the dual cone ``{x : J x ≥ 0}`` of the
     task gradients (Quinton & Rey, 2024, Prop. 1). With ``v = lower + z`` and ``G = Lᵀ L`` this is
     the non-negative least-squares problem ``min_{z ≥ 0} ‖L z + L lower‖²``, solved exactly by the
-    Lawson–Hanson active-set method.
+    Lawson–Hanson active-set method. ``G`` is factorised once for all rows, and a row whose
+    ``G lower`` is already non-negative (KKT holds at ``z = 0``: ``Jᵀ lower`` conflicts with no
+    task) is its own projection and costs no solve.
     """
     from scipy.optimize import nnls
 
     gramian = np.asarray(gramian, dtype=np.float64)
+    lower = np.asarray(lower, dtype=np.float64)
+    rows = np.atleast_2d(lower)
+    result = rows.copy()
     scale = float(np.max(np.abs(np.diag(gramian))))
-    if not scale > 0:
-        return np.asarray(lower, dtype=np.float64).copy()
-    eigenvalues, eigenvectors = np.linalg.eigh(gramian / scale)
-    root = np.sqrt(np.clip(eigenvalues, 0.0, None))[:, None] * eigenvectors.T
-    z, _ = nnls(root, -root @ lower, maxiter=50 * gramian.shape[0])
-    return lower + z
+    if scale > 0:
+        unit = gramian / scale
+        conflicting = np.flatnonzero(np.any(rows @ unit < 0, axis=1))
+        if conflicting.size:
+            eigenvalues, eigenvectors = np.linalg.eigh(unit)
+            root = np.sqrt(np.clip(eigenvalues, 0.0, None))[:, None] * eigenvectors.T
+            targets = -rows[conflicting] @ root.T
+            for k, target in zip(conflicting, targets, strict=True):
+                z, _ = nnls(root, target, maxiter=50 * len(gramian))
+                result[k] += z
+    return result.reshape(lower.shape)

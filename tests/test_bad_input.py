@@ -151,3 +151,27 @@ def test_row_finiteness_check_survives_overflowing_sums():
 
     matrix = torch.tensor([[3e38, 3e38], [1.0, float("nan")], [1.0, float("inf")], [1.0, -2.0]])
     assert _finite_rows(matrix) == [True, False, False, True]
+
+
+@pytest.mark.parametrize("name", ["pcgrad", "mgda"])
+@pytest.mark.parametrize("representation", [False, True])
+def test_nonfinite_gradient_of_one_head_only_names_its_task(net, name, representation):
+    """The shared rows of J are finite; only task t1's own (head) parameter gradient is NaN."""
+    x, y = make_batch()
+    opt = _opt(net, name)
+    handle = net.heads[1].weight.register_hook(lambda g: g * float("nan"))
+    snapshot = _snapshot(net)
+    with pytest.raises(FloatingPointError, match="non-finite gradient for task 't1'"):
+        if representation:
+            features = net.trunk(x)
+            opt.backward(
+                {
+                    f"t{i}": ((h(features).squeeze(-1) - y[:, i]) ** 2).mean()
+                    for i, h in enumerate(net.heads)
+                },
+                features=features,
+            )
+        else:
+            opt.step(dict(zip(["t0", "t1"], losses_of(net, x, y), strict=True)))
+    handle.remove()
+    _assert_unchanged(net, snapshot)

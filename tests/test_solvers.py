@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.optimize import minimize
 
-from mtlopt.solvers import min_norm_simplex
+from mtlopt.solvers import min_norm_simplex, project_dual_cone
 
 
 def _gramian(tasks, dim, seed, rank=None):
@@ -61,3 +61,39 @@ def test_min_norm_degenerate_inputs():
         np.ones((4, 4))
     )  # identical gradients: any point of the simplex is optimal
     assert np.isclose(w.sum(), 1) and np.all(w >= 0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(tasks=st.integers(1, 25), dim=st.integers(1, 30), seed=st.integers(0, 2**31 - 1))
+def test_dual_cone_projection_satisfies_kkt_for_every_row(tasks, dim, seed):
+    """KKT of min vᵀGv s.t. v ≥ e_i, for all rows i at once: Gv ≥ 0 (dual feasibility, which makes
+    Jᵀv conflict with no task), and (Gv)_j = 0 wherever v_j > e_ij (complementary slackness)."""
+    g = _gramian(tasks, dim, seed) + 1e-6 * np.eye(tasks)
+    lower = np.eye(tasks)
+    v = project_dual_cone(g, lower)
+    scale = np.abs(g).max()
+    assert v.shape == lower.shape and np.all(v >= lower - 1e-12)
+    gv = v @ g
+    assert np.all(gv >= -1e-6 * scale * np.abs(v).sum(axis=1, keepdims=True))
+    slack = v - lower > 1e-9
+    assert np.all(
+        np.abs(gv[slack]) <= 1e-6 * scale * np.abs(v).sum(axis=1).repeat(tasks)[slack.ravel()]
+    )
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_dual_cone_rows_at_once_equal_one_at_a_time(seed):
+    """Mixed rows, some conflicting with no task (their own projection), some needing a solve."""
+    rng = np.random.default_rng(seed)
+    j = np.zeros((12, 6))
+    j[:10, 0] = 1.0
+    j[:10, 1:5] = 0.1 * rng.standard_normal((10, 4))  # ten nearly aligned tasks
+    j[10, :2] = [-1.0, 1.0]  # conflicts with the ten
+    j[11, 5] = 1.0  # orthogonal to all: conflicts with none
+    g = j @ j.T
+    lower = np.vstack([np.eye(12), np.full(12, 1 / 12)])
+    together = project_dual_cone(g, lower)
+    apart = np.stack([project_dual_cone(g, row) for row in lower])
+    np.testing.assert_allclose(together, apart, rtol=1e-12, atol=1e-14)
+    assert np.array_equal(together[11], lower[11])  # no conflict: its own projection
+    assert not np.array_equal(together[10], lower[10])  # conflicting: solved

@@ -42,8 +42,7 @@ class UPGrad(GramianStrategy):
     def weigh(self, gramian: np.ndarray, losses: np.ndarray | None) -> tuple[np.ndarray, Commit]:
         t = gramian.shape[0]
         regularised = _regularise(gramian, self.reg_eps)
-        projections = [project_dual_cone(regularised, np.eye(t)[i]) for i in range(t)]
-        return np.mean(projections, axis=0), _noop
+        return project_dual_cone(regularised, np.eye(t)).mean(axis=0), _noop
 
 
 def _regularise(gramian: np.ndarray, reg_eps: float) -> np.ndarray:
