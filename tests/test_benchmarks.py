@@ -173,11 +173,34 @@ def test_with_libmtl_adds_libmtl_rows_trained_on_the_same_batches(tmp_path, caps
 def test_perf_tables_cover_every_gradient_strategy_and_mark_missed_targets():
     from benchmarks import perf
 
-    lines, medians = perf.floor_table([("qm9", 2)], rounds=1, warmup=0, progress=lambda m: None)
+    lines, medians, own = perf.floor_table(
+        [("qm9", 2)], rounds=2, warmup=0, progress=lambda m: None
+    )
     table = "\n".join(lines)
+    assert own[-1].startswith("| qm9 T=2 |")
+    # The wrapper's own work excludes the backward passes: a small fraction of the floor's step.
+    floor_ms, typical_ms = (float(cell) for cell in own[-1].split("|")[2:4])
+    assert 0 < typical_ms < floor_ms / 2
     for name in perf.gradient_methods():
         assert f"| {name} |" in table
     assert set(medians["qm9", 2]) == {"floor", *perf.gradient_methods()}
     assert perf._mark(1.2, 1.1) == "**1.20**" and perf._mark(1.05, 1.1) == "1.05"
     modes = "\n".join(perf.modes_table([("multifashion", 2)], 1, 0, lambda m: None))
     assert "dtme, after expansion" in modes and "mgda, representation mode" in modes
+    assert perf.ANALYSIS_OVER_FLOOR in modes
+
+
+def test_perf_peer_table_pairs_each_method_with_libmtl_and_libmtl_with_its_floor():
+    from benchmarks import libmtl_peer, perf
+
+    if not libmtl_peer.available():
+        pytest.skip("LibMTL 1.1.5 is not installed")
+    lines = perf.peer_table([("qm9", 2)], rounds=1, warmup=0, progress=lambda m: None)
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in lines[2:]}
+    assert set(rows) == set(libmtl_peer.LIBMTL_METHODS)
+    for method, (ours_over_libmtl, libmtl_over_floor) in rows.items():
+        if method in ("graddrop", "cagrad"):  # LibMTL cannot run these here: the reason is shown
+            assert "LibMTL fails" in ours_over_libmtl and libmtl_over_floor.strip() == "–"
+        else:
+            assert float(ours_over_libmtl.strip(" *")) > 0
+            assert float(libmtl_over_floor) > 0
