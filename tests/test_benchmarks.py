@@ -204,3 +204,15 @@ def test_perf_peer_table_pairs_each_method_with_libmtl_and_libmtl_with_its_floor
         else:
             assert float(ours_over_libmtl.strip(" *")) > 0
             assert float(libmtl_over_floor) > 0
+
+
+def test_perf_allocator_table_runs_both_configurations_in_subprocesses():
+    from benchmarks import allocator
+
+    assert isinstance(allocator.pin(), bool)
+    lines = allocator.table("qm9", 2, "ew", repeats=1, rounds=1, progress=lambda m: None)
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in lines[2:]}
+    assert set(rows) == {"default (adaptive)", "pinned", "pinned / default, same pair of processes"}
+    for label in ("default (adaptive)", "pinned"):
+        floor_ms, ratio = (float(cell) for cell in rows[label])
+        assert floor_ms > 0 and ratio > 0
