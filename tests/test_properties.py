@@ -291,3 +291,68 @@ def test_graddrop_keeps_one_sign_per_coordinate(shape):
     negative = jacobian.clamp_max(0).sum(0)
     # Each coordinate keeps either all positive or all negative components (leak = 0).
     assert torch.all(torch.isclose(out, positive) | torch.isclose(out, negative))
+
+
+def _pcgrad_one_pair_at_a_time(gramian, orders):
+    """Yu et al. (2020), Algorithm 1, one task and one pair at a time, on coefficients."""
+    coefficients = np.eye(len(gramian))
+    for i, order in enumerate(orders):
+        for j in order:
+            dot = coefficients[i] @ gramian[:, j]
+            if dot < 0 and gramian[j, j] > 0:
+                coefficients[i, j] -= dot / gramian[j, j]
+    return coefficients
+
+
+def _gradvac_one_pair_at_a_time(gramian, targets, orders, beta):
+    """Wang et al. (2021), Algorithm 1, one task and one pair at a time, on coefficients."""
+    targets = targets.copy()
+    coefficients = np.eye(len(gramian))
+    for i, order in enumerate(orders):
+        c = coefficients[i]
+        for j in order:
+            norm_i, norm_j = np.sqrt(max(c @ gramian @ c, 0.0)), np.sqrt(gramian[j, j])
+            if norm_i == 0 or norm_j == 0:
+                continue
+            phi = np.clip(c @ gramian[:, j] / (norm_i * norm_j), -1, 1)
+            target = targets[i, j]
+            if phi < target:
+                c[j] += (
+                    norm_i
+                    * (target * np.sqrt(1 - phi**2) - phi * np.sqrt(1 - target**2))
+                    / (norm_j * np.sqrt(max(1 - target**2, 1e-12)))
+                )
+            targets[i, j] = (1 - beta) * target + beta * phi
+    return coefficients, targets
+
+
+@SETTINGS
+@given(shape=small_shapes, data=st.data())
+def test_pcgrad_and_gradvac_rounds_equal_one_pair_at_a_time(shape, data):
+    """The vectorised passes (all tasks advance together) equal the papers' sequential loops, with
+    zero gradients and sequences of any length (a task may visit only some of the others)."""
+    from mtlopt.strategies.gradvac import vaccinate
+    from mtlopt.strategies.pcgrad import project_conflicting
+
+    tasks, dim, seed = shape
+    jacobian = random_jacobian(tasks, dim, seed).double()
+    jacobian[data.draw(st.integers(0, tasks - 1))] = 0.0
+    gramian = (jacobian @ jacobian.T).numpy()
+    rng = np.random.default_rng(seed)
+    orders = [
+        rng.permutation(np.delete(np.arange(tasks), i))[: data.draw(st.integers(0, tasks - 1))]
+        for i in range(tasks)
+    ]
+    targets = rng.uniform(-0.5, 0.5, (tasks, tasks))
+    np.testing.assert_allclose(
+        project_conflicting(gramian, orders),
+        _pcgrad_one_pair_at_a_time(gramian, orders),
+        rtol=1e-9,
+        atol=1e-12,
+    )
+    coefficients, new_targets = vaccinate(gramian, targets, orders, 0.3)
+    expected_coefficients, expected_targets = _gradvac_one_pair_at_a_time(
+        gramian, targets, orders, 0.3
+    )
+    np.testing.assert_allclose(coefficients, expected_coefficients, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(new_targets, expected_targets, rtol=1e-9, atol=1e-12)
