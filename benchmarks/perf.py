@@ -509,8 +509,8 @@ def run(out: Path, quick: bool, command: str, write_docs: bool, progress=print) 
             "### The wrapper's own work",
             "",
             "The floor ratio of a ~100 ms step moves by several percent from round to round on "
-            "this machine (a second floor timed against the first gives 0.98–1.02). The wrapper's "
-            "own work is measured directly instead: the time of `opt.step(losses)` less its "
+            "this machine (a second floor timed against the first gave 0.98–1.01 in four runs). "
+            "The wrapper's own work is measured directly instead: the time of `opt.step(losses)` less its "
             "`autograd.grad` calls and the inner Adam step, which the floor does too (the "
             "Jacobian's assembly, the finiteness checks, the Gramian, the solver, `wᵀJ`, writing "
             "`.grad`, the diagnostics). Medians over the timed steps of each strategy.",
