@@ -325,7 +325,7 @@ class MTLOptimizer(torch.optim.Optimizer):
             combined = self._combiner.combine(jacobian, losses_sum.to(jacobian.device))
         except FloatingPointError as error:
             return self._nonfinite(names, detached, str(error))
-        if not _finite_rows(combined.direction[None])[0]:
+        if not _finite_tasks(combined.direction[None], [[]])[0]:
             return self._nonfinite(
                 names, detached, f"{self._combiner.info.name} produced a non-finite update"
             )
@@ -724,13 +724,6 @@ def _finite_tasks(jacobian: Tensor, specific: Sequence[Sequence[Tensor | None]])
     for (task, _), v in zip(owned, values[num_tasks:], strict=True):
         finite[task] = finite[task] and math.isfinite(v)
     return finite
-
-
-def _finite_rows(matrix: Tensor) -> list[bool]:
-    """Whether each row is finite. A row's sum is NaN or infinite if any entry is (one reduction,
-    no T×P mask); a finite row whose sum overflows is re-checked exactly."""
-    sums_finite = torch.isfinite(matrix.sum(dim=1)).tolist()
-    return [ok or bool(torch.isfinite(matrix[i]).all()) for i, ok in enumerate(sums_finite)]
 
 
 def _with_values(losses: Sequence[Tensor], values: Tensor) -> list[Tensor]:

@@ -146,11 +146,14 @@ def test_zero_or_identical_task_gradients_give_finite_updates(name, case):
         assert p.grad is None or torch.isfinite(p.grad).all()
 
 
-def test_row_finiteness_check_survives_overflowing_sums():
-    from mtlopt.optimizer import _finite_rows
+def test_task_finiteness_check_survives_overflowing_sums():
+    from mtlopt.optimizer import _finite_tasks
 
     matrix = torch.tensor([[3e38, 3e38], [1.0, float("nan")], [1.0, float("inf")], [1.0, -2.0]])
-    assert _finite_rows(matrix) == [True, False, False, True]
+    assert _finite_tasks(matrix, [[], [], [], []]) == [True, False, False, True]
+    # A task's own gradients count too: a NaN in task 3's head, and a huge finite one in task 0's.
+    heads = [[torch.tensor([3e38, 3e38])], [], [None], [torch.ones(2), torch.tensor(float("nan"))]]
+    assert _finite_tasks(matrix, heads) == [True, False, False, False]
 
 
 @pytest.mark.parametrize("name", ["pcgrad", "mgda"])

@@ -84,10 +84,10 @@ def vaccinate(
         denominator = np.where(active, norm_i * norm_j, 1.0)
         phi = np.where(active, np.clip(products[tasks, partners] / denominator, -1.0, 1.0), 0.0)
         target = targets[tasks, partners]
-        raise_ = active & (phi < target)
+        below_target = active & (phi < target)
         w = norm_i * (target * np.sqrt(1 - phi**2) - phi * np.sqrt(1 - target**2))
         scale = np.where(active, norm_j * np.sqrt(np.maximum(1 - target**2, 1e-12)), 1.0)
-        steps = np.where(raise_, w / scale, 0.0)
+        steps = np.where(below_target, w / scale, 0.0)
         # ‖c + s e_j‖²_G = ‖c‖²_G + 2 s (C G)_ij + s² G_jj, then M_i += s G_j.
         squared += 2 * steps * products[tasks, partners] + steps**2 * gramian[partners, partners]
         coefficients[tasks, partners] += steps
