@@ -1,12 +1,13 @@
 """``mtlopt-bench run perf``: step-time ratios measured side by side in one run.
 
-Every ratio compares medians of per-step times taken round-robin (one step of each contender in
-turn, so that machine noise hits all alike) on the QM9 set transformer and the MultiFashion ViT with
-T task heads, on random inputs of the suite's shapes and batch sizes (no dataset needed: the cost of
-a step does not depend on the values).
+Every ratio is measured on the QM9 set transformer and the MultiFashion ViT with T task heads, on
+random inputs of the suite's shapes and batch sizes (no dataset needed: the cost of a step does not
+depend on the values), with glibc's malloc thresholds pinned (:mod:`benchmarks.allocator`).
 
 Ratios are medians over rounds of per-round ratios: each round runs a contender's reference step
-and then its own, back to back, so slow drifts of a shared machine cancel.
+and its own back to back, in alternating order, so slow drifts of a shared machine cancel (see
+:func:`paired`). In the floor table each strategy is timed against a floor of its own, one pair of
+models alive at a time.
 
 1. **Floor ratio**: each parameter-space gradient strategy through :class:`~mtlopt.MTLOptimizer`
    (defaults, diagnostics on) over the bare floor: one forward, one ``autograd.grad`` per task over

@@ -292,7 +292,7 @@ class MTLOptimizer(torch.optim.Optimizer):
         grads_present = [g for _, g in present]
         if self._replicas is not None:
             grads_present = self._replicas.mean(grads_present)
-        if _first_nonfinite(grads_present) is not None:
+        if not _finite_tensors(grads_present):
             return self._bad_gradient(names, detached, "non-finite gradient of the combined loss")
         params_present = [p for p, _ in present]
         _accumulate(params_present, self._correct_own(params_present, grads_present))
@@ -425,7 +425,7 @@ class MTLOptimizer(torch.optim.Optimizer):
             allow_unused=True,
             materialize_grads=True,
         )
-        if _first_nonfinite(trunk) is not None:
+        if not _finite_tensors(trunk):
             return self._bad_gradient(
                 names, detached, f"{self._combiner.info.name} produced a non-finite update"
             )
@@ -711,11 +711,8 @@ def _finite_tasks(jacobian: Tensor, specific: Sequence[Sequence[Tensor | None]])
     A row's sum and a tensor's largest magnitude are NaN or infinite if any entry is; a finite row
     whose sum overflows is re-checked exactly (the rare path)."""
     owned = [(task, g) for task, grads in enumerate(specific) for g in grads if g is not None]
-    checks = [jacobian.sum(dim=1).double()]
-    if owned:
-        norms = torch._foreach_norm([g for _, g in owned], math.inf)
-        checks.append(torch.stack([n.double() for n in norms]))
-    values = torch.cat(checks).tolist()
+    magnitudes = _largest_magnitudes([g for _, g in owned]).to(jacobian.device)
+    values = torch.cat([jacobian.sum(dim=1).double(), magnitudes]).tolist()
     num_tasks = jacobian.shape[0]
     finite = [
         math.isfinite(v) or bool(torch.isfinite(jacobian[i]).all())
@@ -747,14 +744,14 @@ def _all_finite(values: Tensor) -> bool:
     return bool(torch.isfinite(values).all())
 
 
-def _first_nonfinite(grads: Sequence[Tensor | None]) -> int | None:
-    present = [(i, g) for i, g in enumerate(grads) if g is not None]
+def _finite_tensors(grads: Sequence[Tensor | None]) -> bool:
+    """Whether every given tensor is finite (one transfer to the host)."""
+    return all(math.isfinite(v) for v in _largest_magnitudes(grads).tolist())
+
+
+def _largest_magnitudes(grads: Sequence[Tensor | None]) -> Tensor:
+    """Each present tensor's largest |entry| in float64 (NaN or inf if it holds one), on one device."""
+    present = [g for g in grads if g is not None]
     if not present:
-        return None
-    norms = torch.stack(
-        [n.double() for n in torch._foreach_norm([g for _, g in present], math.inf)]
-    )
-    finite = torch.isfinite(norms)
-    if bool(finite.all()):
-        return None
-    return present[int((~finite).nonzero()[0])][0]
+        return torch.zeros(0, dtype=torch.float64)
+    return torch.stack([n.double() for n in torch._foreach_norm(present, math.inf)])
