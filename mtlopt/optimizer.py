@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections import OrderedDict
@@ -9,17 +10,21 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from .amp import LossScaling
 from .distributed import Replicas
-from .engine import (
+from .engine import TaskGradients, rebuild_jacobian, task_gradients, unflatten
+from .finite import all_finite, finite_tensors, task_magnitudes
+from .partition import (
     Partition,
+    Reach,
+    column_map,
     compiled_graph,
     partition_parameters,
     reached_parameters,
-    task_gradients,
 )
 from .registry import create
 from .strategies.base import (
@@ -31,14 +36,19 @@ from .strategies.base import (
     TokenStrategy,
     gramian_of,
 )
+from .tasks import Losses, StepTasks, check_names, read_losses
 
-Losses = Sequence[Tensor] | Mapping[str, Tensor]
 NonFinite = Literal["raise", "skip"]
+_SAVED = ("optimizer", "strategy", "strategy_name", "task_names")
 
 
 @dataclass
 class StepInfo:
-    """Diagnostics of the last optimizer step (``MTLOptimizer.last_step``)."""
+    """Diagnostics of the last optimizer step (``MTLOptimizer.last_step``).
+
+    Per-task tensors hold one entry per task of the optimizer, in its order (``task_names``); an
+    entry of a task absent from the step is NaN.
+    """
 
     task_names: list[str]
     losses: Tensor
@@ -52,11 +62,16 @@ class StepInfo:
     skipped: bool = False
     """True when the step was skipped because of a non-finite loss or gradient (``nonfinite='skip'``)."""
     reason: str = ""
+    present: list[str] = field(default_factory=list)
+    """The tasks that had a loss in this step."""
 
     def as_dict(self) -> dict[str, Any]:
-        """Plain Python numbers keyed by task name, for loggers."""
+        """Plain Python numbers keyed by task name (present tasks only), for loggers."""
         out: dict[str, Any] = {"skipped": self.skipped}
+        present = set(self.present or self.task_names)
         for i, name in enumerate(self.task_names):
+            if name not in present:
+                continue
             out[f"loss/{name}"] = float(self.losses[i])
             if self.weights is not None:
                 out[f"weight/{name}"] = float(self.weights[i])
@@ -65,7 +80,9 @@ class StepInfo:
         if self.cosines is not None:
             for i, a in enumerate(self.task_names):
                 for j in range(i + 1, len(self.task_names)):
-                    out[f"cos/{a}~{self.task_names[j]}"] = float(self.cosines[i, j])
+                    b = self.task_names[j]
+                    if a in present and b in present:
+                        out[f"cos/{a}~{b}"] = float(self.cosines[i, j])
         return out
 
 
@@ -73,13 +90,21 @@ class StepInfo:
 class _Window:
     """What has been accumulated since the last step: per-task gradients, losses, pending state."""
 
+    present: np.ndarray | None = None
+    """Tasks with a loss in any micro-batch of the window (increasing indices)."""
     jacobian: Tensor | None = None
+    """Summed shared gradients, one row per task of ``present``."""
     losses: Tensor | None = None
+    """Summed losses of every task (0 for a task not yet present), float64."""
     written: Tensor | None = None
     written_own: dict[tuple[int | None, int], Tensor] = field(default_factory=dict)
+    own_sums: dict[tuple[int, int], Tensor] = field(default_factory=dict)
+    """``(task, id(parameter)) → `` summed gradient of a task's own parameter in the window."""
     commit: Commit | None = None
     info: StepInfo | None = None
     skipped: bool = False
+    marker: Tensor | None = None
+    """A parameter whose ``.grad`` the window wrote: ``None`` there means someone zeroed it."""
 
 
 class MTLOptimizer(torch.optim.Optimizer):
@@ -99,6 +124,11 @@ class MTLOptimizer(torch.optim.Optimizer):
     Args:
         optimizer: the optimizer to wrap; its ``param_groups`` and ``state`` are shared with it.
         strategy: a registered name (see :func:`mtlopt.available`) or a strategy instance.
+        tasks: the task names, in order. By default the first step's keys (``task0, ...`` for a
+            list) fix them. Strategies that own per-task parameters (UW, IMTL) create them when
+            the tasks are fixed: with ``tasks=``, at construction, so that a learning-rate
+            scheduler created afterwards sees their group; otherwise at the first step (a
+            scheduler created before then leaves their learning rate constant).
         shared: the shared parameters (an iterable of parameters or a module). By default they are
             found once, on the first step, as the parameters reached by two tasks or more.
         nonfinite: ``"raise"`` (default) raises ``FloatingPointError`` naming the task when a loss
@@ -122,6 +152,7 @@ class MTLOptimizer(torch.optim.Optimizer):
         optimizer: torch.optim.Optimizer,
         strategy: str | Strategy = "ew",
         *,
+        tasks: Sequence[str] | None = None,
         shared: Iterable[Tensor] | nn.Module | None = None,
         nonfinite: NonFinite = "raise",
         diagnostics: bool = True,
@@ -135,7 +166,10 @@ class MTLOptimizer(torch.optim.Optimizer):
             raise TypeError("the optimizer is already an MTLOptimizer")
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+        names = check_names(tasks) if tasks is not None else None
         if isinstance(strategy, str):
+            if names is not None:
+                strategy_kwargs.setdefault("num_tasks", len(names))
             strategy = create(strategy, **strategy_kwargs)
         elif strategy_kwargs:
             raise TypeError("strategy keyword arguments are only accepted with a strategy name")
@@ -153,15 +187,19 @@ class MTLOptimizer(torch.optim.Optimizer):
         self._shared_ids = _parameter_ids(shared) if shared is not None else None
         self._partition: Partition | None = None
         self._partition_key: tuple[int, ...] | None = None
-        self._task_names: list[str] | None = None
+        self._reach: Reach | None = None
+        self._loss_reach_checked: set[tuple[int, ...]] = set()
+        self._tasks: tuple[str, ...] | None = None
         self._window = _Window()
         self.last_step: StepInfo | None = None
+        self._last_present: np.ndarray | None = None
+        self._awaiting_update = False
         self._scaling = LossScaling(scaler) if scaler is not None else None
         self._replicas = Replicas.detect(process_group)
         self._replicas_synced = False
         self._warned: set[str] = set()
         self._updates = 0
-        self._own_ids = {id(p) for p in self._combiner.parameters()}
+        self._joined: set[int] = set()
         if self._replicas is not None and isinstance(strategy, TokenStrategy):
             raise NotImplementedError(
                 "DTME under torch.distributed is not supported yet: each rank would analyse its "
@@ -178,8 +216,10 @@ class MTLOptimizer(torch.optim.Optimizer):
         self._optimizer_load_state_dict_post_hooks: OrderedDict[int, Callable] = OrderedDict()
         self._patch_step_function()
         self._warned_capturable_if_run_uncaptured = True
-        for parameter in strategy.parameters():
-            self.optimizer.add_param_group({"params": [parameter], "weight_decay": 0.0})
+        if names is not None:
+            self._fix_tasks(names)
+        else:
+            self._join_strategy_parameters()
         if isinstance(strategy, TokenStrategy):
             strategy.attach(self)
 
@@ -202,7 +242,8 @@ class MTLOptimizer(torch.optim.Optimizer):
 
     @property
     def task_names(self) -> list[str] | None:
-        return self._task_names
+        """The optimizer's tasks, in order (fixed by ``tasks=`` or by the first step's keys)."""
+        return None if self._tasks is None else list(self._tasks)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self.optimizer.add_param_group(param_group)
@@ -214,9 +255,36 @@ class MTLOptimizer(torch.optim.Optimizer):
     def __repr__(self) -> str:
         return f"MTLOptimizer({self.strategy!r}, {self.optimizer!r})"
 
+    # Tasks --------------------------------------------------------------------------------------
+    def _fix_tasks(self, names: tuple[str, ...]) -> None:
+        """Fix the task set; strategies that size state or parameters by it are built now."""
+        self.strategy.check_num_tasks(len(names))
+        self._tasks = names
+        self._reach = Reach(len(names))
+        self.strategy.build(len(names))
+        if isinstance(self.strategy, TokenStrategy):
+            self._combiner.build(len(names))
+        self._join_strategy_parameters()
+
+    def _join_strategy_parameters(self) -> None:
+        """The strategy's own parameters join the wrapped optimizer as one group of their own,
+        without weight decay (UW's log-variances, IMTL's loss scales)."""
+        new = [p for p in self._combiner.parameters() if id(p) not in self._joined]
+        if new:
+            self.optimizer.add_param_group({"params": new, "weight_decay": 0.0})
+            self._joined.update(map(id, new))
+
+    @property
+    def _own_ids(self) -> set[int]:
+        return self._joined
+
     # Backward -----------------------------------------------------------------------------------
     def backward(self, losses: Losses, *, features: Tensor | None = None) -> StepInfo:
         """Back-propagate the task losses; the shared gradients hold the combined update afterwards.
+
+        ``losses`` maps task names to scalar losses (a sequence is read as ``task0, task1, ...``).
+        A task without a loss in this step is left out or given as ``None``: strategies then
+        combine the present tasks only (see the guide, "Tasks missing from a batch").
 
         Call it several times before :meth:`step` to accumulate gradients over micro-batches: the
         per-task gradients are accumulated and the strategy combines their sums.
@@ -227,52 +295,71 @@ class MTLOptimizer(torch.optim.Optimizer):
         once. The shared parameters are then those that produce ``features``. In this mode each
         ``backward`` call combines its own micro-batch (the trunk graph of each is needed).
         """
-        names, tensors = self._validate(losses)
+        step = read_losses(losses, self._tasks)
+        self.strategy.check_num_tasks(len(step.names))
+        if self._window_is_stale():
+            self._window = _Window()
         window = self._window
         if window.skipped:
             return window.info  # type: ignore[return-value]
         replicas = self._replicas
-        if replicas is not None:
-            if features is not None:
-                raise NotImplementedError(
-                    "representation mode (features=) under torch.distributed is not supported: "
-                    "each rank's features are different samples, so their gradients cannot be averaged"
-                )
-            self._sync_replicas_once()
-        detached = _detach_losses(tensors)
+        if replicas is not None and features is not None:
+            raise NotImplementedError(
+                "representation mode (features=) under torch.distributed is not supported: "
+                "each rank's features are different samples, so their gradients cannot be averaged"
+            )
+        detached = _detach_losses(step.losses)
         # Under torch.distributed the losses are checked after their average across ranks, so that
         # every rank takes the same decision.
-        if replicas is None and not _all_finite(detached):
-            return self._nonfinite_loss(names, detached)
-        if isinstance(self.strategy, TokenStrategy):
-            self.strategy.observe(tensors)
-        if isinstance(self._combiner, LossStrategy):
-            if features is not None:
-                raise ValueError(
-                    f"{self._combiner.info.name} is a loss strategy: representation mode "
-                    "(features=) applies to gradient strategies only"
-                )
+        if replicas is None and not all_finite(detached):
+            return self._nonfinite_loss(step, detached)
+        if isinstance(self._combiner, LossStrategy) and features is not None:
+            raise ValueError(
+                f"{self._combiner.info.name} is a loss strategy: representation mode "
+                "(features=) applies to gradient strategies only"
+            )
+        first = self._tasks is None
+        if first:
+            self._fix_tasks(step.names)
+        try:
             if replicas is not None:
-                (detached,) = replicas.mean([detached])
-                if not _all_finite(detached):
-                    return self._nonfinite_loss(names, detached)
-            return self._backward_scalarized(names, tensors, detached)
+                self._sync_replicas_once()
+            self._warn_if_update_missed()
+            if isinstance(self.strategy, TokenStrategy):
+                self.strategy.observe(list(step.losses))
+            if isinstance(self._combiner, LossStrategy):
+                return self._backward_scalarized(step, detached)
+            return self._backward_gradients(step, detached, features)
+        except BaseException:
+            if first and self._updates == 0 and self._window.info is None:
+                self._tasks, self._reach = None, None
+            raise
+
+    def _backward_gradients(
+        self, step: StepTasks, detached: Tensor, features: Tensor | None
+    ) -> StepInfo:
+        window = self._window
+        present = step.present
+        tensors = list(step.losses)
         if window.losses is not None:
-            tensors = _with_values(tensors, window.losses + detached)
-        tensors = [self._combiner.transform_loss(i, t.reshape(())) for i, t in enumerate(tensors)]
+            tensors = _with_values(tensors, _window_losses(window, step, detached)[present])
+        with self._combiner.restricted_to(step.restriction):
+            tensors = [
+                self._combiner.transform_loss(k, t.reshape(())) for k, t in enumerate(tensors)
+            ]
         scale = 1.0
         if self._scaling is not None:
             tensors, scale = self._scaling.scale(tensors)
         if features is not None:
-            return self._backward_representation(names, tensors, detached, features, scale)
-        return self._backward_jacobian(names, tensors, detached, scale)
+            return self._backward_representation(step, tensors, detached, features, scale)
+        return self._backward_jacobian(step, tensors, detached, scale)
 
-    def _backward_scalarized(
-        self, names: list[str], losses: list[Tensor], detached: Tensor
-    ) -> StepInfo:
+    def _backward_scalarized(self, step: StepTasks, detached: Tensor) -> StepInfo:
         assert isinstance(self._combiner, LossStrategy)
         window = self._window
-        device = losses[0].device
+        device = step.losses[0].device
+        params = self._trainable()
+        self._check_losses_reach(step, params)
         if window.losses is not None and not self._combiner.linear_in_losses:
             self._warn_once(
                 "nonlinear-accumulation",
@@ -280,54 +367,73 @@ class MTLOptimizer(torch.optim.Optimizer):
                 "gradient accumulation each micro-batch is weighted by the losses accumulated so "
                 "far (the last one by the step's total), not by the step's total losses",
             )
-        seen = detached if window.losses is None else window.losses + detached
-        stacked = torch.stack(_with_values([loss.reshape(()).to(device) for loss in losses], seen))
-        scalarized = self._combiner.scalarize(stacked)
+        if self._replicas is not None:
+            (detached,) = self._replicas.mean([detached])
+            if not all_finite(detached):
+                return self._nonfinite_loss(step, detached)
+        seen = _window_losses(window, step, detached)
+        present = step.present
+        values = seen[present]
+        stacked = torch.stack(
+            _with_values([loss.reshape(()).to(device) for loss in step.losses], values)
+        )
+        with self._combiner.restricted_to(step.restriction):
+            scalarized = self._combiner.scalarize(stacked)
         objective = scalarized.loss
         if self._scaling is not None:
             (objective,), _ = self._scaling.scale([objective])
-        params = self._trainable()
         grads = torch.autograd.grad(objective, params, allow_unused=True)
-        present = [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
-        grads_present = [g for _, g in present]
+        reached = [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
+        grads_present = [g for _, g in reached]
         if self._replicas is not None:
             grads_present = self._replicas.mean(grads_present)
-        if not _finite_tensors(grads_present):
-            return self._bad_gradient(names, detached, "non-finite gradient of the combined loss")
-        params_present = [p for p, _ in present]
+        if not finite_tensors(grads_present):
+            return self._bad_gradient(step, detached, "non-finite gradient of the combined loss")
+        params_present = [p for p, _ in reached]
         _accumulate(params_present, self._correct_own(params_present, grads_present))
         window.losses = seen
-        window.commit = scalarized.commit
-        window.info = StepInfo(list(names), seen.clone(), scalarized.weights.detach())
+        window.present = _union(window.present, present)
+        window.commit = self._combiner.commit_restricted(step.restriction, scalarized.commit)
+        window.marker = params_present[0] if params_present else None
+        window.info = self._info(step, seen, window.present, _spread(scalarized.weights, step))
         return window.info
 
     def _backward_jacobian(
-        self, names: list[str], losses: list[Tensor], detached: Tensor, scale: float
+        self, step: StepTasks, losses: list[Tensor], detached: Tensor, scale: float
     ) -> StepInfo:
         assert isinstance(self._combiner, GradientStrategy)
         window = self._window
-        partition = self._partition_for(losses, names)
-        grads = task_gradients(losses, partition)
-        jacobian, specific = grads.jacobian, grads.specific
+        trainable = self._trainable()
+        partition = self._partition_for(step, losses, trainable)
+        grads = task_gradients(losses, trainable, partition)
+        partition, jacobian = self._follow_reach(step, grads, trainable, partition)
+        specific = self._specific_gradients(step, grads, trainable, partition)
         if scale != 1.0:
             jacobian.mul_(1.0 / scale)  # exact: GradScaler's scales are powers of two
         if self._replicas is not None:
             jacobian, specific, detached = self._average(jacobian, specific, detached)
-            if not _all_finite(detached):
-                return self._nonfinite_loss(names, detached)
-        for name, finite in zip(names, _finite_tasks(jacobian, specific), strict=True):
-            if not finite:
-                return self._bad_gradient(names, detached, f"non-finite gradient for task {name!r}")
+            if not all_finite(detached):
+                return self._nonfinite_loss(step, detached)
+        magnitudes = task_magnitudes(jacobian, specific)
+        for name, magnitude in zip(step.present_names, magnitudes, strict=True):
+            if not math.isfinite(magnitude):
+                return self._bad_gradient(step, detached, f"non-finite gradient for task {name!r}")
+        self._warn_zero_tasks(step, magnitudes)
 
-        jacobian = jacobian if window.jacobian is None else window.jacobian + jacobian
-        losses_sum = detached if window.losses is None else window.losses + detached
+        present = _union(window.present, step.present)
+        jacobian = _add_rows(window.jacobian, window.present, jacobian, step.present, present)
+        losses_sum = _window_losses(window, step, detached)
+        restriction = None if len(present) == len(step.names) else present
         try:
-            combined = self._combiner.combine(jacobian, losses_sum.to(jacobian.device))
+            with self._combiner.restricted_to(restriction):
+                combined = self._combiner.combine(
+                    jacobian, losses_sum[present].to(jacobian.device)
+                )
         except FloatingPointError as error:
-            return self._nonfinite(names, detached, str(error))
-        if not _finite_tasks(combined.direction[None], [[]])[0]:
+            return self._nonfinite(step, detached, str(error))
+        if not math.isfinite(task_magnitudes(combined.direction[None], [[]])[0]):
             return self._nonfinite(
-                names, detached, f"{self._combiner.info.name} produced a non-finite update"
+                step, detached, f"{self._combiner.info.name} produced a non-finite update"
             )
 
         delta = (
@@ -335,15 +441,103 @@ class MTLOptimizer(torch.optim.Optimizer):
         )
         if scale != 1.0:
             delta = delta * scale  # .grad holds scaled gradients until scaler.unscale_
-        _accumulate(partition.shared, _unflatten(delta, partition.shared))
-        for task, (params, grads_of_task) in enumerate(
-            zip(partition.specific, specific, strict=True)
-        ):
-            _accumulate(params, self._correct_own(params, grads_of_task, task))  # type: ignore[arg-type]
-        window.jacobian, window.losses, window.written = jacobian, losses_sum, combined.direction
-        window.commit = combined.commit
-        window.info = self._gradient_info(names, losses_sum, jacobian, combined)
+        _accumulate(partition.shared, unflatten(delta, partition.shared))
+        for k, task in enumerate(step.present):
+            params = partition.specific[task]
+            own = specific[k]
+            _accumulate(params, self._correct_own(params, own, int(task)))  # type: ignore[arg-type]
+            for p, g in zip(params, own, strict=True):
+                key = (int(task), id(p))
+                window.own_sums[key] = g if key not in window.own_sums else window.own_sums[key] + g
+        window.present, window.jacobian, window.losses = present, jacobian, losses_sum
+        window.written = combined.direction
+        window.commit = self._combiner.commit_restricted(restriction, combined.commit)
+        window.marker = partition.shared[0] if partition.shared else None
+        window.info = self._gradient_info(step, losses_sum, present, jacobian, combined)
         return window.info
+
+    def _specific_gradients(
+        self, step: StepTasks, grads: TaskGradients, trainable: list[Tensor], partition: Partition
+    ) -> list[list[Tensor]]:
+        index_of = {id(p): i for i, p in enumerate(trainable)}
+        return [
+            [grads.own[k][index_of[id(p)]] for p in partition.specific[task]]
+            for k, task in enumerate(step.present)
+        ]
+
+    def _follow_reach(
+        self, step: StepTasks, grads: TaskGradients, trainable: list[Tensor], partition: Partition
+    ) -> tuple[Partition, Tensor]:
+        """Record what each task reached; if that makes the partition change, rebuild ``J`` (and
+        the window's, and the strategy's per-column state) under the new one."""
+        assert self._reach is not None
+        for k, task in enumerate(step.present):
+            if not any(grads.reached[k]):
+                raise ValueError(
+                    f"the loss of task {step.names[task]!r} reaches no parameter of the wrapped "
+                    "optimizer (was it computed from another model, or is it a constant "
+                    "placeholder?); pass None for a task without a loss in this step; nothing "
+                    "was changed"
+                )
+        changed = False
+        reach = self._reach.copy()
+        for k, task in enumerate(step.present):
+            changed |= reach.add(int(task), trainable, grads.reached[k])
+        if not changed:
+            self._reach = reach
+            return partition, grads.jacobian
+        new = self._new_partition(step, reach, trainable)
+        same = [id(p) for p in new.shared] == [id(p) for p in partition.shared] and [
+            [id(p) for p in s] for s in new.specific
+        ] == [[id(p) for p in s] for s in partition.specific]
+        self._reach = reach
+        if same:
+            return partition, grads.jacobian
+        jacobian = rebuild_jacobian(grads, trainable, partition, new)
+        self._adopt_partition(partition, new, trainable)
+        return new, jacobian
+
+    def _adopt_partition(self, old: Partition, new: Partition, trainable: list[Tensor]) -> None:
+        """Make ``new`` current: the window's rows and written update, and the strategy's state
+        indexed by column, follow each parameter to its new columns."""
+        assert isinstance(self._combiner, GradientStrategy)
+        mapping = column_map(old, new)
+        self._combiner.remap_columns(mapping)
+        window = self._window
+        if window.jacobian is not None:
+            before = old.column_ranges()
+            keep = mapping >= 0
+            rows = window.jacobian.new_zeros(window.jacobian.shape[0], new.num_shared)
+            rows[:, keep] = window.jacobian[:, mapping[keep].to(window.jacobian.device)]
+            written = rows.new_zeros(new.num_shared)
+            if window.written is not None:
+                written[keep] = window.written[mapping[keep].to(written.device)]
+            start = 0
+            for p in new.shared:
+                stop = start + p.numel() * (2 if p.is_complex() else 1)
+                if id(p) not in before:
+                    for r, task in enumerate(window.present):  # type: ignore[arg-type]
+                        g = window.own_sums.get((int(task), id(p)))
+                        if g is not None:
+                            flat = torch.view_as_real(g) if g.is_complex() else g
+                            rows[r, start:stop] = flat.reshape(-1)
+                            written[start:stop] += flat.reshape(-1)
+                start = stop
+            window.jacobian, window.written = rows, written
+        self._partition = new
+        self._partition_key = self._key_of(trainable)
+
+    def _warn_zero_tasks(self, step: StepTasks, magnitudes: list[float]) -> None:
+        zero = [step.names[t] for t, m in zip(step.present, magnitudes, strict=True) if m == 0.0]
+        if zero and len(step.present) > 1:
+            self._warn_once(
+                "zero-task",
+                f"task(s) {', '.join(map(repr, zero))} have an exactly zero gradient (a `0 * loss` "
+                "placeholder for a batch without labels?): gradient strategies take such a task "
+                "as already optimal and may stop the shared update. Pass None (or leave the key "
+                "out) for a task without a loss in this step; mtlopt.masked_mean does it for "
+                "per-sample masks",
+            )
 
     def _correct_own(
         self, params: Sequence[Tensor], grads: Sequence[Tensor], task: int | None = None
@@ -355,8 +549,7 @@ class MTLOptimizer(torch.optim.Optimizer):
         micro-batch computes them at the step's losses so far (:func:`_with_values`): writing the
         difference leaves ``.grad`` holding the gradient at the step's total losses, with the
         regularizer ``+ s`` counted once, not once per micro-batch. In the gradient path each
-        task's gradient of an own parameter (IMTL's scales tensor holds one entry per task) is
-        tracked apart (``task``).
+        task's gradient of an own parameter is tracked apart (``task``).
         """
         own = self._own_ids
         if not own:
@@ -372,19 +565,19 @@ class MTLOptimizer(torch.optim.Optimizer):
         return out
 
     def _average(
-        self, jacobian: Tensor, specific: list[list[Tensor | None]], losses: Tensor
-    ) -> tuple[Tensor, list[list[Tensor | None]], Tensor]:
+        self, jacobian: Tensor, specific: list[list[Tensor]], losses: Tensor
+    ) -> tuple[Tensor, list[list[Tensor]], Tensor]:
         """All ranks' mean of the per-task gradients and losses, in one collective."""
         assert self._replicas is not None
-        flat = [g for task in specific for g in task if g is not None]
+        flat = [g for task in specific for g in task]
         averaged = self._replicas.mean([jacobian, losses.to(jacobian.dtype), *flat])
         jacobian, mean_losses, rest = averaged[0], averaged[1], iter(averaged[2:])
-        specific = [[None if g is None else next(rest) for g in task] for task in specific]
+        specific = [[next(rest) for _ in task] for task in specific]
         return jacobian, specific, mean_losses.to(torch.float64)
 
     def _backward_representation(
         self,
-        names: list[str],
+        step: StepTasks,
         losses: list[Tensor],
         detached: Tensor,
         features: Tensor,
@@ -396,28 +589,31 @@ class MTLOptimizer(torch.optim.Optimizer):
         if not isinstance(features, Tensor) or not features.requires_grad:
             raise ValueError("features must be a tensor that requires grad (the trunk's output)")
         window = self._window
-        partition = self._partition_for(losses, names, features=features)
+        partition = self._partition_for(step, losses, self._trainable(), features=features)
         per_task = [
             torch.autograd.grad(
                 loss,
-                [features, *partition.specific[i]],
+                [features, *partition.specific[task]],
                 retain_graph=True,
                 allow_unused=True,
                 materialize_grads=True,
             )
-            for i, loss in enumerate(losses)
+            for loss, task in zip(losses, step.present, strict=True)
         ]
         jacobian = torch.stack([grads[0].reshape(-1) for grads in per_task])
         if scale != 1.0:
             jacobian.mul_(1.0 / scale)
         own_grads = [list(grads[1:]) for grads in per_task]
-        for name, finite in zip(names, _finite_tasks(jacobian, own_grads), strict=True):
-            if not finite:
-                return self._bad_gradient(names, detached, f"non-finite gradient for task {name!r}")
+        magnitudes = task_magnitudes(jacobian, own_grads)
+        for name, magnitude in zip(step.present_names, magnitudes, strict=True):
+            if not math.isfinite(magnitude):
+                return self._bad_gradient(step, detached, f"non-finite gradient for task {name!r}")
+        self._warn_zero_tasks(step, magnitudes)
         try:
-            combined = self._combiner.combine(jacobian, detached.to(jacobian.device))
+            with self._combiner.restricted_to(step.restriction):
+                combined = self._combiner.combine(jacobian, detached.to(jacobian.device))
         except FloatingPointError as error:
-            return self._nonfinite(names, detached, str(error))
+            return self._nonfinite(step, detached, str(error))
         trunk = torch.autograd.grad(
             features,
             partition.shared,
@@ -425,30 +621,53 @@ class MTLOptimizer(torch.optim.Optimizer):
             allow_unused=True,
             materialize_grads=True,
         )
-        if not _finite_tensors(trunk):
+        if not finite_tensors(trunk):
             return self._bad_gradient(
-                names, detached, f"{self._combiner.info.name} produced a non-finite update"
+                step, detached, f"{self._combiner.info.name} produced a non-finite update"
             )
         _accumulate(partition.shared, trunk)
-        for params, grads in zip(partition.specific, per_task, strict=True):
-            _accumulate(params, grads[1:])
-        window.losses = detached if window.losses is None else window.losses + detached
-        window.commit = combined.commit
-        window.info = self._gradient_info(names, window.losses, jacobian, combined)
+        for task, grads in zip(step.present, per_task, strict=True):
+            _accumulate(partition.specific[task], grads[1:])
+        window.losses = _window_losses(window, step, detached)
+        window.present = _union(window.present, step.present)
+        window.commit = self._combiner.commit_restricted(step.restriction, combined.commit)
+        window.marker = partition.shared[0] if partition.shared else None
+        window.info = self._gradient_info(step, window.losses, step.present, jacobian, combined)
         return window.info
 
-    def _gradient_info(
-        self, names: list[str], losses: Tensor, jacobian: Tensor, combined: Combined
+    def _info(
+        self, step: StepTasks, losses: Tensor, present: np.ndarray, weights: Tensor | None
     ) -> StepInfo:
-        weights = combined.weights
-        info = StepInfo(list(names), losses.clone(), None if weights is None else weights.detach())
+        shown = losses.clone()
+        shown[np.setdiff1d(np.arange(len(step.names)), present)] = math.nan
+        return StepInfo(
+            list(step.names), shown, weights, present=[step.names[i] for i in present]
+        )
+
+    def _gradient_info(
+        self,
+        step: StepTasks,
+        losses: Tensor,
+        present: np.ndarray,
+        jacobian: Tensor,
+        combined: Combined,
+    ) -> StepInfo:
+        weights = None
+        if combined.weights is not None:
+            weights = _spread(combined.weights.detach(), step, present)
+        info = self._info(step, losses, present, weights)
         if self.diagnostics and jacobian.shape[1] > 0:
             computed = combined.gramian if combined.gramian is not None else gramian_of(jacobian)
             gramian = torch.from_numpy(computed)
             norms = gramian.diagonal().clamp_min(0).sqrt()
             denominator = torch.outer(norms, norms)
-            info.gradient_norms = norms
-            info.cosines = torch.where(denominator > 0, gramian / denominator, torch.zeros(()))
+            cosines = torch.where(denominator > 0, gramian / denominator, torch.zeros(()))
+            t = len(step.names)
+            index = torch.as_tensor(present)
+            info.gradient_norms = torch.full((t,), math.nan, dtype=norms.dtype)
+            info.gradient_norms[index] = norms
+            info.cosines = torch.full((t, t), math.nan, dtype=cosines.dtype)
+            info.cosines[index[:, None], index[None, :]] = cosines
         return info
 
     # Step ---------------------------------------------------------------------------------------
@@ -474,6 +693,8 @@ class MTLOptimizer(torch.optim.Optimizer):
                 self._scaling.scaler.step(self)
                 if self._updates > updates:
                     self._after_step(closure)
+                else:
+                    self._window = _Window()  # the scaler skipped this step
                 return self.last_step
         if self._scaling is not None:
             self._scaling.check_step_allowed(self)
@@ -487,6 +708,7 @@ class MTLOptimizer(torch.optim.Optimizer):
             window.commit()
         self.optimizer.step()
         self._updates += 1
+        self._last_present = window.present
         self._window = _Window()
         self.last_step = info
         if isinstance(self.strategy, TokenStrategy):
@@ -495,46 +717,121 @@ class MTLOptimizer(torch.optim.Optimizer):
         return info
 
     def _after_step(self, closure: Callable[[], Losses] | None) -> None:
-        if closure is not None and getattr(self._combiner, "needs_losses_after_step", False):
-            with torch.no_grad():
-                self.update(closure())
+        if not getattr(self._combiner, "needs_losses_after_step", False):
+            return
+        if closure is None:
+            self._awaiting_update = True
+            return
+        with torch.no_grad():
+            self.update(closure())
+
+    def _warn_if_update_missed(self) -> None:
+        if self._awaiting_update:
+            self._warn_once(
+                "missed-update",
+                f"{self._combiner.info.name} learns from the losses re-evaluated after each step, "
+                "and none were given: its task weights stay where they are. Pass a closure, "
+                "opt.step(lambda: compute_losses(batch)), or call opt.update(losses) after "
+                "opt.step(...)",
+            )
+            self._awaiting_update = False
 
     def update(self, losses: Losses) -> None:
         """Feed the losses of the same batch, re-evaluated after :meth:`step`, to strategies that
-        learn from them (FAMO). ``step(closure)`` does this by itself."""
+        learn from them (FAMO). ``step(closure)`` does this by itself. The tasks must be those of
+        the last step (by name, or a list over all tasks with ``None`` for the absent ones)."""
         if not getattr(self._combiner, "needs_losses_after_step", False):
             raise TypeError(f"{self._combiner.info.name} does not learn from post-step losses")
-        values = list(losses.values()) if isinstance(losses, Mapping) else list(losses)
-        after = _detach_losses([torch.as_tensor(v) for v in values])
+        if self._tasks is None or self._last_present is None:
+            raise RuntimeError("update() needs a step first")
+        if isinstance(losses, Tensor):
+            losses = list(losses.reshape(-1))
+        if isinstance(losses, Mapping):
+            given = dict(losses)
+        else:
+            values = list(losses)
+            present_names = [self._tasks[i] for i in self._last_present]
+            if len(values) == len(self._tasks):
+                given = dict(zip(self._tasks, values, strict=True))
+            elif len(values) == len(present_names):
+                given = dict(zip(present_names, values, strict=True))
+            else:
+                raise ValueError(
+                    f"update() got {len(values)} losses; the last step had tasks "
+                    f"{', '.join(present_names)} of {len(self._tasks)}"
+                )
+        wanted = [self._tasks[i] for i in self._last_present]
+        got = [k for k, v in given.items() if v is not None]
+        if sorted(got) != sorted(wanted):
+            raise ValueError(
+                f"update() needs the losses of the last step's tasks {wanted}, got {sorted(got)}"
+            )
+        after = _detach_losses([torch.as_tensor(given[name]) for name in wanted])
         if self._replicas is not None:
             (after,) = self._replicas.mean([after])
-        self._combiner.update(after)  # type: ignore[union-attr]
+        restriction = None if len(wanted) == len(self._tasks) else self._last_present
+        with self._combiner.restricted_to(restriction):
+            self._combiner.update(after)  # type: ignore[union-attr]
+        self._awaiting_update = False
 
     # State --------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer's state, the strategy's (as tensors and Python primitives, so that
+        ``torch.load``'s default ``weights_only=True`` reads it), its name and the task names."""
         state = {
             "optimizer": self.optimizer.state_dict(),
             "strategy": self.strategy.state_dict(),
-            "task_names": self._task_names,
+            "strategy_name": self.strategy.info.name,
+            "task_names": self.task_names,
         }
         if self._scaling is not None:
             state["scaler"] = self._scaling.scaler.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        missing = {"optimizer", "strategy"} - set(state_dict)
+        """Restore a state saved by :meth:`state_dict`. The strategy's name and the task names must
+        match (an optimizer that has not fixed its tasks takes the saved ones); everything is
+        checked before anything changes, and a failure leaves the optimizer as it was."""
+        missing = set(_SAVED) - set(state_dict)
         if missing:
             raise KeyError(
                 f"not an MTLOptimizer state dict (missing {sorted(missing)}); to load a plain "
                 "optimizer's state use opt.optimizer.load_state_dict(...)"
             )
-        # The strategy first: DTME re-applies its expansion, which adds parameter groups that the
-        # wrapped optimizer's saved state refers to.
-        self.strategy.load_state_dict(state_dict["strategy"])
-        self.optimizer.load_state_dict(state_dict["optimizer"])
-        if self._scaling is not None and "scaler" in state_dict:
-            self._scaling.scaler.load_state_dict(state_dict["scaler"])
-        self._task_names = state_dict.get("task_names")
+        name = state_dict["strategy_name"]
+        if name != self.strategy.info.name:
+            raise ValueError(
+                f"this checkpoint was saved with strategy {name!r}; this optimizer runs "
+                f"{self.strategy.info.name!r}: create it with strategy={name!r} to load it"
+            )
+        saved_tasks = state_dict["task_names"]
+        saved_tasks = None if saved_tasks is None else tuple(saved_tasks)
+        if self._tasks is not None and saved_tasks is not None and saved_tasks != self._tasks:
+            raise ValueError(
+                f"this checkpoint was saved with tasks {list(saved_tasks)}; this optimizer has "
+                f"{list(self._tasks)}"
+            )
+        snapshot = (
+            self.strategy.state_dict(),
+            copy.deepcopy(self.optimizer.state_dict()),
+            self._tasks,
+            self._reach,
+        )
+        try:
+            if self._tasks is None and saved_tasks is not None:
+                self._fix_tasks(saved_tasks)
+            # The strategy first: DTME re-applies its expansion, which adds parameter groups that
+            # the wrapped optimizer's saved state refers to.
+            self.strategy.load_state_dict(state_dict["strategy"])
+            self._join_strategy_parameters()
+            self.optimizer.load_state_dict(state_dict["optimizer"])
+            if self._scaling is not None and "scaler" in state_dict:
+                self._scaling.scaler.load_state_dict(state_dict["scaler"])
+        except BaseException:
+            self.strategy.load_state_dict(snapshot[0])
+            self.optimizer.load_state_dict(snapshot[1])
+            self._tasks, self._reach = snapshot[2], snapshot[3]
+            raise
         self._window = _Window()
 
     # Helpers ------------------------------------------------------------------------------------
@@ -549,131 +846,171 @@ class MTLOptimizer(torch.optim.Optimizer):
             self._warned.add(key)
             warnings.warn(message, stacklevel=4)
 
+    def _window_is_stale(self) -> bool:
+        """Whether someone else zeroed the gradients since the window began (``model.zero_grad()``
+        in place of ``opt.zero_grad()``): the window's record of ``.grad`` is then void."""
+        marker = self._window.marker
+        if marker is None:
+            return False
+        if marker.grad is None:
+            return True
+        return self._window.skipped and not bool(torch.isinf(marker.grad).any())
+
     def _trainable(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
 
+    def _key_of(self, trainable: list[Tensor]) -> tuple[int, ...]:
+        return tuple(map(id, trainable))
+
+    def _check_losses_reach(self, step: StepTasks, params: list[Tensor]) -> None:
+        """A loss that reaches no parameter of the optimizer is an error (checked by walking the
+        graphs once per combination of present tasks and trainable parameters)."""
+        key = (*step.present.tolist(), -1, *map(id, params))
+        if key in self._loss_reach_checked:
+            return
+        for name, loss in zip(step.present_names, step.losses, strict=True):
+            if not reached_parameters(loss, params):
+                raise ValueError(
+                    f"the loss of task {name!r} reaches no parameter of the wrapped optimizer (was "
+                    "it computed from another model, or is it a constant placeholder?); pass None "
+                    "for a task without a loss in this step; nothing was changed"
+                )
+        self._loss_reach_checked.add(key)
+
     def _partition_for(
-        self, losses: list[Tensor], names: list[str], features: Tensor | None = None
+        self,
+        step: StepTasks,
+        losses: list[Tensor],
+        trainable: list[Tensor],
+        features: Tensor | None = None,
     ) -> Partition:
-        trainable = self._trainable()
-        key = (len(losses), features is not None, *map(id, trainable))
-        if self._partition is None or key != self._partition_key:
-            shared_ids = self._shared_ids
-            if shared_ids is not None:
-                known = {id(p) for group in self.param_groups for p in group["params"]}
-                if not shared_ids <= known:
-                    raise ValueError(
-                        f"{len(shared_ids - known)} tensor(s) in `shared` are not parameters of "
-                        "the wrapped optimizer"
-                    )
-            if features is not None:
-                reached = reached_parameters(features, trainable)
-                shared_ids = {id(trainable[i]) for i in reached}
-            own = {id(p) for p in self._combiner.parameters()}
-            owners = {}
-            if isinstance(self.strategy, TokenStrategy):
-                owners = {
-                    id(p): task
-                    for task, params in enumerate(self.strategy.task_parameters())
-                    for p in params
-                }
-            compiled = len(losses) > 1 and compiled_graph(losses[0])
-            if compiled and shared_ids is None:
-                raise ValueError(
-                    "the losses come out of a torch.compile'd model, whose backward is one opaque "
-                    "graph node: every parameter looks reached by every task, so the shared "
-                    "parameters cannot be found; pass them: MTLOptimizer(..., shared=model.trunk)"
-                )
-            partition, multiply_reached = partition_parameters(
-                losses, trainable, shared_ids, own, owners
-            )
-            if shared_ids is not None and multiply_reached and not compiled:
-                warnings.warn(
-                    f"{len(multiply_reached)} parameter tensor(s) not in `shared` are reached by "
-                    "several tasks; their gradient is the sum of those tasks' gradients",
-                    stacklevel=4,
-                )
-            if not partition.shared and len(losses) > 1:
-                warnings.warn(
-                    "no shared parameters: no parameter of the optimizer is reached by two tasks, "
-                    "so the strategy has nothing to combine",
-                    stacklevel=4,
-                )
-            elif partition.blind and len(losses) > 1:
-                blind = ", ".join(repr(names[i]) for i in partition.blind)
-                warnings.warn(
-                    f"task(s) {blind} reach none of the shared parameters: their gradient rows are "
-                    "zero, which strategies that balance or normalise gradients (MGDA, IMTL, "
-                    "Nash-MTL, ...) take as a task already at a stationary point",
-                    stacklevel=4,
-                )
-            self._partition, self._partition_key = partition, key
-        return self._partition
-
-    def _validate(self, losses: Losses) -> tuple[list[str], list[Tensor]]:
-        if isinstance(losses, Tensor):
-            raise TypeError(
-                "pass the task losses as a sequence or a dict of scalar tensors, not one tensor "
-                "(use list(losses) for a vector of losses)"
-            )
-        if isinstance(losses, Mapping):
-            names, tensors = [str(k) for k in losses], list(losses.values())
+        """The current partition; found afresh, from the graphs, when the trainable parameters
+        changed (or in representation mode, when the task set did)."""
+        key = self._key_of(trainable)
+        if features is not None:
+            key = (-1, *step.present.tolist(), -1, *key)
+        if self._partition is not None and key == self._partition_key:
+            return self._partition
+        assert self._reach is not None
+        reach = self._reach.copy()
+        for loss, task in zip(losses, step.present, strict=True):
+            hit = set(reached_parameters(loss, trainable))
+            reach.add(int(task), trainable, tuple(i in hit for i in range(len(trainable))))
+        if features is not None:
+            reached = reached_parameters(features, trainable)
+            feature_ids = {id(trainable[i]) for i in reached}
+            partition = self._new_partition(step, reach, trainable, feature_ids)
         else:
-            tensors = list(losses)
-            names = [f"task{i}" for i in range(len(tensors))]
-        if not tensors:
-            raise ValueError("no losses given")
-        self.strategy.check_num_tasks(len(tensors))
-        if self._task_names is not None and len(self._task_names) != len(tensors):
+            partition = self._new_partition(step, reach, trainable)
+            if self._partition is not None:
+                self._adopt_partition(self._partition, partition, trainable)
+            self._reach = reach
+        self._partition, self._partition_key = partition, key
+        return partition
+
+    def _new_partition(
+        self,
+        step: StepTasks,
+        reach: Reach,
+        trainable: list[Tensor],
+        shared_ids: set[int] | None = None,
+    ) -> Partition:
+        if shared_ids is None:
+            shared_ids = self._shared_ids
+        if self._shared_ids is not None:
+            known = {id(p) for group in self.param_groups for p in group["params"]}
+            if not self._shared_ids <= known:
+                raise ValueError(
+                    f"{len(self._shared_ids - known)} tensor(s) in `shared` are not parameters of "
+                    "the wrapped optimizer"
+                )
+        owners = {}
+        if isinstance(self.strategy, TokenStrategy):
+            owners = {
+                id(p): task
+                for task, params in enumerate(self.strategy.task_parameters())
+                for p in params
+            }
+        many = len(step.losses) > 1
+        compiled = many and compiled_graph(step.losses[0])
+        if compiled and shared_ids is None:
             raise ValueError(
-                f"this optimizer has been stepping with {len(self._task_names)} tasks "
-                f"({', '.join(self._task_names)}) but got {len(tensors)} losses"
+                "the losses come out of a torch.compile'd model, whose backward is one opaque "
+                "graph node: every parameter looks reached by every task, so the shared "
+                "parameters cannot be found; pass them: MTLOptimizer(..., shared=model.trunk)"
             )
-        for name, loss in zip(names, tensors, strict=True):
-            if not isinstance(loss, Tensor):
-                raise TypeError(f"loss of task {name!r} is a {type(loss).__name__}, not a tensor")
-            if loss.numel() != 1:
+        never_shared = {id(p) for p in self._combiner.parameters()}
+        partition, multiply_reached = partition_parameters(
+            reach.by_task, trainable, shared_ids, never_shared, owners
+        )
+        if shared_ids is not None and multiply_reached and not compiled:
+            warnings.warn(
+                f"{len(multiply_reached)} parameter tensor(s) not in `shared` are reached by "
+                "several tasks; their gradient is the sum of those tasks' gradients",
+                stacklevel=5,
+            )
+        seen = sum(bool(r) for r in reach.by_task)
+        if not partition.shared and seen > 1:
+            self._warn_once(
+                "no-shared",
+                "no shared parameters: no parameter of the optimizer is reached by two tasks, "
+                "so the strategy has nothing to combine",
+            )
+        elif partition.blind and seen > 1:
+            blind = ", ".join(repr(step.names[i]) for i in partition.blind)
+            self._warn_once(
+                f"blind-{blind}",
+                f"task(s) {blind} reach none of the shared parameters: their gradient rows are "
+                "zero, which strategies that balance or normalise gradients (MGDA, IMTL, "
+                "Nash-MTL, ...) take as a task already at a stationary point",
+            )
+        for p in partition.shared:
+            if p.is_sparse or (p.grad is not None and p.grad.is_sparse):
                 raise ValueError(
-                    f"loss of task {name!r} has shape {tuple(loss.shape)}; losses must be scalars "
-                    "(reduce it with .mean() or .sum())"
+                    "a shared parameter has sparse gradients (nn.Embedding(sparse=True)); see the "
+                    "guide's 'Recommender models'"
                 )
-            if not loss.requires_grad:
-                raise ValueError(
-                    f"loss of task {name!r} does not require grad: it has no gradient path to any "
-                    "parameter (was it computed under torch.no_grad() or from detached tensors?)"
-                )
-        if self._task_names is None:
-            self._task_names = names
-        return names, tensors
+        return partition
 
-    def _nonfinite_loss(self, names: list[str], losses: Tensor) -> StepInfo:
-        bad = [n for n, v in zip(names, losses.tolist(), strict=True) if not math.isfinite(v)]
-        return self._nonfinite(names, losses, f"non-finite loss for task(s) {', '.join(bad)}")
+    def _nonfinite_loss(self, step: StepTasks, losses: Tensor) -> StepInfo:
+        bad = [
+            n for n, v in zip(step.present_names, losses.tolist(), strict=True)
+            if not math.isfinite(v)
+        ]
+        return self._nonfinite(step, losses, f"non-finite loss for task(s) {', '.join(bad)}")
 
-    def _bad_gradient(self, names: list[str], losses: Tensor, reason: str) -> StepInfo:
+    def _bad_gradient(self, step: StepTasks, losses: Tensor, reason: str) -> StepInfo:
         """A non-finite gradient: an error (or a skip), or with a GradScaler an overflow."""
         if self._scaling is None or not self._scaling.enabled:
-            return self._nonfinite(names, losses, reason)
-        self._scaling.signal_overflow(self._trainable())
-        info = StepInfo(
-            list(names), losses, skipped=True, reason=f"{reason}: overflow, skipped by the scaler"
-        )
-        self._window = _Window(skipped=True, info=info)
+            return self._nonfinite(step, losses, reason)
+        params = self._trainable()
+        self._scaling.signal_overflow(params)
+        info = self._skipped_info(step, losses, f"{reason}: overflow, skipped by the scaler")
+        self._window = _Window(skipped=True, info=info, marker=params[0])
         self.last_step = info
         return info
 
-    def _nonfinite(self, names: list[str], losses: Tensor, reason: str) -> StepInfo:
+    def _nonfinite(self, step: StepTasks, losses: Tensor, reason: str) -> StepInfo:
         if self.nonfinite == "raise":
             raise FloatingPointError(
                 f"{reason}; nothing was changed (use nonfinite='skip' to skip)"
             )
-        info = StepInfo(list(names), losses, skipped=True, reason=reason)
+        info = self._skipped_info(step, losses, reason)
         self._window = _Window(skipped=True, info=info)
         if self._scaling is not None and self._scaling.enabled:
             # The scaler must see the skip too (it refuses a step without any gradient checks).
-            self._scaling.signal_overflow(self._trainable())
+            params = self._trainable()
+            self._scaling.signal_overflow(params)
+            self._window.marker = params[0]
             self.last_step = info
         return info
+
+    def _skipped_info(self, step: StepTasks, losses: Tensor, reason: str) -> StepInfo:
+        full = torch.full((len(step.names),), math.nan, dtype=torch.float64)
+        full[torch.as_tensor(step.present)] = losses.detach().double().cpu()
+        return StepInfo(
+            list(step.names), full, skipped=True, reason=reason, present=step.present_names
+        )
 
 
 def _parameter_ids(shared: Iterable[Tensor] | nn.Module) -> set[int]:
@@ -682,11 +1019,6 @@ def _parameter_ids(shared: Iterable[Tensor] | nn.Module) -> set[int]:
         if not isinstance(p, Tensor):
             raise TypeError(f"`shared` must hold tensors, got {type(p).__name__}")
     return {id(p) for p in params}
-
-
-def _unflatten(vector: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
-    pieces = vector.split([p.numel() for p in like])
-    return [piece.view_as(p) for piece, p in zip(pieces, like, strict=True)]
 
 
 def _accumulate(params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
@@ -702,25 +1034,6 @@ def _accumulate(params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
             # incoming gradient to both operands) or a view of the combined update; adding into
             # such a .grad in place would double-count or rewrite the wrapper's own record.
             p.grad = g.detach().to(p.dtype).clone()
-
-
-def _finite_tasks(jacobian: Tensor, specific: Sequence[Sequence[Tensor | None]]) -> list[bool]:
-    """Whether each task's gradients (its row of ``J`` and those of its own parameters) are all
-    finite, with one transfer to the host whatever the number of tasks.
-
-    A row's sum and a tensor's largest magnitude are NaN or infinite if any entry is; a finite row
-    whose sum overflows is re-checked exactly (the rare path)."""
-    owned = [(task, g) for task, grads in enumerate(specific) for g in grads if g is not None]
-    magnitudes = _largest_magnitudes([g for _, g in owned]).to(jacobian.device)
-    values = torch.cat([jacobian.sum(dim=1).double(), magnitudes]).tolist()
-    num_tasks = jacobian.shape[0]
-    finite = [
-        math.isfinite(v) or bool(torch.isfinite(jacobian[i]).all())
-        for i, v in enumerate(values[:num_tasks])
-    ]
-    for (task, _), v in zip(owned, values[num_tasks:], strict=True):
-        finite[task] = finite[task] and math.isfinite(v)
-    return finite
 
 
 def _with_values(losses: Sequence[Tensor], values: Tensor) -> list[Tensor]:
@@ -740,18 +1053,43 @@ def _detach_losses(losses: Sequence[Tensor]) -> Tensor:
     return torch.stack([t.detach().reshape(()).to(device) for t in losses]).to(torch.float64)
 
 
-def _all_finite(values: Tensor) -> bool:
-    return bool(torch.isfinite(values).all())
+def _window_losses(window: _Window, step: StepTasks, detached: Tensor) -> Tensor:
+    """Every task's loss summed over the window's micro-batches, this one included (0 where a
+    task has not been present)."""
+    total = (
+        torch.zeros(len(step.names), dtype=torch.float64, device=detached.device)
+        if window.losses is None
+        else window.losses.clone()
+    )
+    total[torch.as_tensor(step.present, device=detached.device)] += detached
+    return total
 
 
-def _finite_tensors(grads: Sequence[Tensor | None]) -> bool:
-    """Whether every given tensor is finite (one transfer to the host)."""
-    return all(math.isfinite(v) for v in _largest_magnitudes(grads).tolist())
+def _union(a: np.ndarray | None, b: np.ndarray) -> np.ndarray:
+    return b if a is None or np.array_equal(a, b) else np.union1d(a, b)
 
 
-def _largest_magnitudes(grads: Sequence[Tensor | None]) -> Tensor:
-    """Each present tensor's largest |entry| in float64 (NaN or inf if it holds one), on one device."""
-    present = [g for g in grads if g is not None]
-    if not present:
-        return torch.zeros(0, dtype=torch.float64)
-    return torch.stack([n.double() for n in torch._foreach_norm(present, math.inf)])
+def _add_rows(
+    rows: Tensor | None, rows_tasks: np.ndarray | None, new: Tensor, new_tasks: np.ndarray,
+    tasks: np.ndarray,
+) -> Tensor:
+    """``rows`` (one per task of ``rows_tasks``) plus ``new`` (one per task of ``new_tasks``), as
+    one row per task of ``tasks``."""
+    if rows is None:
+        return new
+    if np.array_equal(rows_tasks, new_tasks):
+        return rows + new
+    out = new.new_zeros(len(tasks), new.shape[1])
+    out[torch.as_tensor(np.searchsorted(tasks, rows_tasks))] += rows
+    out[torch.as_tensor(np.searchsorted(tasks, new_tasks))] += new
+    return out
+
+
+def _spread(weights: Tensor, step: StepTasks, present: np.ndarray | None = None) -> Tensor:
+    """Per-present-task weights as one entry per task (NaN for absent tasks)."""
+    present = step.present if present is None else present
+    if len(present) == len(step.names):
+        return weights
+    full = torch.full((len(step.names),), math.nan, dtype=weights.dtype, device=weights.device)
+    full[torch.as_tensor(present, device=weights.device)] = weights
+    return full

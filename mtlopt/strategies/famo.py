@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 import torch
 from torch import Tensor
 
 from ..registry import register
 from ._adam import AdamState, adam_step
+from ._state import TaskAxes
 from .base import LossStrategy, Scalarized
 
 
@@ -30,7 +33,11 @@ class FAMO(LossStrategy):
     re-evaluated: with ``δ_i = log(L_i^old − b_i) − log(L_i^new − b_i)`` the logits take an Adam
     step along ``(∂z/∂ξ)ᵀ δ`` plus weight decay ``γ ξ`` (Eq. 7), so tasks that improved less gain
     weight. With :class:`~mtlopt.MTLOptimizer`, pass a closure to ``step`` (it is re-evaluated under
-    ``torch.no_grad`` after the step) or call ``opt.update(losses)`` yourself.
+    ``torch.no_grad`` after the step) or call ``opt.update(losses)`` yourself; without either the
+    logits never move (the optimizer warns).
+
+    Absent tasks: ``z`` is the softmax of the present tasks' logits; an absent task's logit, Adam
+    moments and previous loss are not advanced.
 
     Args:
         lr: learning rate of the logits (default 0.025).
@@ -43,6 +50,11 @@ class FAMO(LossStrategy):
 
     needs_losses_after_step = True
     _state_attrs = ("logits", "_adam", "_previous")
+    _task_state: ClassVar[dict[str, TaskAxes]] = {
+        "logits": TaskAxes((0,), 0.0),
+        "_adam": TaskAxes((0,), 0.0),
+        "_previous": TaskAxes((0,), np.nan),
+    }
 
     def __init__(
         self,
@@ -93,6 +105,15 @@ class FAMO(LossStrategy):
         if self._previous is None or self.logits is None:
             raise RuntimeError("famo.update() needs a step first")
         new = losses_after_step.detach().double().cpu().numpy().reshape(-1)
+        if new.shape != self._previous.shape:
+            raise ValueError(
+                f"famo.update() got {new.size} losses for a step with {self._previous.size} tasks: "
+                "pass the losses of the tasks of the last step, re-evaluated on the same batch"
+            )
+        if not np.all(np.isfinite(new)):
+            raise FloatingPointError(
+                f"famo.update() got non-finite losses {new}; nothing was changed"
+            )
         delta = np.log(self._gaps(self._previous)) - np.log(self._gaps(new))
         z = np.exp(self.logits - self.logits.max())
         z /= z.sum()

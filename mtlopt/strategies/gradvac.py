@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 
 from ..registry import register
+from ._state import TaskAxes
 from .base import Commit, GramianStrategy, Randomized, chain
 from .pcgrad import visiting_rounds
 
@@ -35,6 +38,7 @@ class GradVac(Randomized, GramianStrategy):
     """
 
     _state_attrs = ("targets", "_rng_state")
+    _task_state: ClassVar[dict[str, TaskAxes]] = {"targets": TaskAxes((0, 1), 0.0)}
 
     def __init__(self, beta: float = 0.5, seed: int | None = None, num_tasks: int | None = None):
         super().__init__(num_tasks)

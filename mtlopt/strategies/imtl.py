@@ -73,11 +73,11 @@ class IMTLL(_LossScales, LossStrategy):
 
     def __init__(self, num_tasks: int | None = None):
         super().__init__(num_tasks)
-        self._init_learned(num_tasks)
+        self._init_learned()
 
     def scalarize(self, losses: Tensor) -> Scalarized:
         scaled = self.scale_losses(losses)
-        return Scalarized(loss=scaled.sum(), weights=torch.exp(self.log_scales.detach()).to(losses))
+        return Scalarized(loss=scaled.sum(), weights=torch.exp(self.learned_like(losses).detach()))
 
 
 @register(
@@ -96,7 +96,7 @@ class IMTL(_LossScales, GramianStrategy):
 
     def __init__(self, num_tasks: int | None = None):
         super().__init__(num_tasks)
-        self._init_learned(num_tasks)
+        self._init_learned()
 
     def transform_loss(self, index: int, loss: Tensor) -> Tensor:
         return self.scale_losses(loss, index)
