@@ -19,6 +19,7 @@ from .strategies.base import (
     Strategy,
     TokenStrategy,
 )
+from .tasks import masked_mean
 from .tokens import task_view
 
 __version__ = "0.1.0"
@@ -39,6 +40,7 @@ __all__ = [
     "available",
     "create",
     "info",
+    "masked_mean",
     "register",
     "task_view",
     "tokens",

@@ -411,7 +411,9 @@ class MTLOptimizer(torch.optim.Optimizer):
         if scale != 1.0:
             jacobian.mul_(1.0 / scale)  # exact: GradScaler's scales are powers of two
         if self._replicas is not None:
-            jacobian, specific, detached = self._average(jacobian, specific, detached)
+            jacobian, specific, detached = self._average(
+                jacobian, specific, detached, [partition.specific[t] for t in step.present]
+            )
             if not all_finite(detached):
                 return self._nonfinite_loss(step, detached)
         magnitudes = task_magnitudes(jacobian, specific)
@@ -447,6 +449,8 @@ class MTLOptimizer(torch.optim.Optimizer):
             own = specific[k]
             _accumulate(params, self._correct_own(params, own, int(task)))  # type: ignore[arg-type]
             for p, g in zip(params, own, strict=True):
+                if g is None:
+                    continue
                 key = (int(task), id(p))
                 window.own_sums[key] = g if key not in window.own_sums else window.own_sums[key] + g
         window.present, window.jacobian, window.losses = present, jacobian, losses_sum
@@ -458,10 +462,12 @@ class MTLOptimizer(torch.optim.Optimizer):
 
     def _specific_gradients(
         self, step: StepTasks, grads: TaskGradients, trainable: list[Tensor], partition: Partition
-    ) -> list[list[Tensor]]:
+    ) -> list[list[Tensor | None]]:
+        """Each present task's gradients of its own parameters (``None`` for one it reached on an
+        earlier step only)."""
         index_of = {id(p): i for i, p in enumerate(trainable)}
         return [
-            [grads.own[k][index_of[id(p)]] for p in partition.specific[task]]
+            [grads.own[k].get(index_of[id(p)]) for p in partition.specific[task]]
             for k, task in enumerate(step.present)
         ]
 
@@ -565,11 +571,20 @@ class MTLOptimizer(torch.optim.Optimizer):
         return out
 
     def _average(
-        self, jacobian: Tensor, specific: list[list[Tensor]], losses: Tensor
-    ) -> tuple[Tensor, list[list[Tensor]], Tensor]:
-        """All ranks' mean of the per-task gradients and losses, in one collective."""
+        self,
+        jacobian: Tensor,
+        specific: list[list[Tensor | None]],
+        losses: Tensor,
+        params: list[list[Tensor]],
+    ) -> tuple[Tensor, list[list[Tensor | None]], Tensor]:
+        """All ranks' mean of the per-task gradients and losses, in one collective (a gradient one
+        rank does not have counts as zero there)."""
         assert self._replicas is not None
-        flat = [g for task in specific for g in task]
+        flat = [
+            torch.zeros_like(p) if g is None else g
+            for grads, ps in zip(specific, params, strict=True)
+            for g, p in zip(grads, ps, strict=True)
+        ]
         averaged = self._replicas.mean([jacobian, losses.to(jacobian.dtype), *flat])
         jacobian, mean_losses, rest = averaged[0], averaged[1], iter(averaged[2:])
         specific = [[next(rest) for _ in task] for task in specific]
@@ -1021,8 +1036,12 @@ def _parameter_ids(shared: Iterable[Tensor] | nn.Module) -> set[int]:
     return {id(p) for p in params}
 
 
-def _accumulate(params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
-    """``p.grad += g`` for every pair, creating ``p.grad`` where it is ``None``."""
+def _accumulate(params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> None:
+    """``p.grad += g`` for every pair, creating ``p.grad`` where it is ``None`` (a ``None``
+    gradient leaves its parameter alone)."""
+    if any(g is None for g in grads):
+        kept = [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
+        params, grads = [p for p, _ in kept], [g for _, g in kept]
     existing = [(p, g) for p, g in zip(params, grads, strict=True) if p.grad is not None]
     if existing:
         torch._foreach_add_(

@@ -167,6 +167,13 @@ class Strategy:
         return []
 
     def check_num_tasks(self, num_tasks: int) -> None:
+        if self._present is not None:
+            if num_tasks != len(self._present):
+                raise ValueError(
+                    f"{self.info.name} is restricted to {len(self._present)} present tasks but "
+                    f"got {num_tasks} rows"
+                )
+            return
         if self.num_tasks is not None and num_tasks != self.num_tasks:
             raise ValueError(
                 f"{self.info.name} was created for {self.num_tasks} tasks but got {num_tasks} losses"

@@ -99,7 +99,11 @@ class IMTL(_LossScales, GramianStrategy):
         self._init_learned()
 
     def transform_loss(self, index: int, loss: Tensor) -> Tensor:
-        return self.scale_losses(loss, index)
+        task = index if self._present is None else int(self._present[index])
+        if not self._learned:
+            self.learned_like(loss)
+        s = self._learned[task].to(loss.dtype)
+        return torch.exp(s) * loss - s  # one task's graph reaches its own scale only
 
     def weigh(self, gramian: np.ndarray, losses: np.ndarray | None) -> tuple[np.ndarray, Commit]:
         return imtl_g_weights(gramian), _noop
