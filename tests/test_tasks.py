@@ -54,7 +54,8 @@ def test_per_task_state_follows_the_name_whatever_the_order(name):
         for step in range(6):
             x, y = make_batch(tasks=3, seed=step)
             # Different loss scales make per-task state differ between tasks.
-            losses = {k: v * s for (k, v), s in zip(_named_losses(model, x, y).items(), (1, 5, 25), strict=True)}
+            named = _named_losses(model, x, y).items()
+            losses = {k: v * s for (k, v), s in zip(named, (1, 5, 25), strict=True)}
             if reverse and step % 2:
                 losses = dict(reversed(list(losses.items())))
             opt.zero_grad()
@@ -217,7 +218,8 @@ def test_a_parameter_that_becomes_shared_in_the_middle_of_accumulation():
     opt = _wrap(model, "mgda")
     opt.zero_grad()
     opt.backward({"a": ((model(x[:8])[0] - y[:8, 0]) ** 2).mean(), "b": None})
-    opt.backward(dict(zip("ab", [((p - y[8:, i]) ** 2).mean() for i, p in enumerate(model(x[8:]))], strict=True)))
+    second = [((p - y[8:, i]) ** 2).mean() for i, p in enumerate(model(x[8:]))]
+    opt.backward(dict(zip("ab", second, strict=True)))
     got = torch.cat([p.grad.reshape(-1) for p in [*model.trunk.parameters(),
                                                   *model.late.parameters()]])
     torch.testing.assert_close(got, expected)
