@@ -412,3 +412,58 @@ def test_complex_shared_parameters_are_combined_as_pairs_of_reals(name):
     opt.zero_grad()
     opt.backward([((p - y[:, i]) ** 2).mean() for i, p in enumerate(model(x))])
     torch.testing.assert_close(torch.view_as_real(model.weight.grad).reshape(-1), expected)
+
+
+# A changing parameter set ------------------------------------------------------------------------
+@pytest.mark.parametrize("name", GRADIENT)
+def test_freezing_unfreezing_and_adding_parameters_mid_training(name):
+    """Layers frozen, unfrozen and added between steps: every strategy trains on, and each shared
+    parameter receives the combination of the tasks that reach it."""
+    torch.manual_seed(0)
+    model = SharedTrunkNet()
+    opt = _wrap(model, name)
+    extra = nn.Linear(8, 8)
+
+    def losses(use_extra=False):
+        x, y = make_batch()
+        features = model.trunk(x)
+        if use_extra:
+            features = extra(features)
+        return {n: ((h(features).squeeze(-1) - y[:, i]) ** 2).mean()
+                for i, (n, h) in enumerate(zip("ab", model.heads, strict=True))}
+
+    def step(**kw):
+        opt.zero_grad()
+        opt.step(lambda: losses(**kw))
+
+    step()
+    model.trunk[0].requires_grad_(False)
+    step()
+    assert model.trunk[0].weight.grad is None
+    model.trunk[0].requires_grad_(True)
+    step()
+    assert model.trunk[0].weight.grad is not None
+    opt.add_param_group({"params": list(extra.parameters())})
+    step(use_extra=True)
+    assert extra.weight.grad is not None
+    for p in [*model.parameters(), *extra.parameters()]:
+        assert torch.isfinite(p).all()
+
+
+def test_db_mtl_ema_columns_follow_their_parameters():
+    torch.manual_seed(0)
+    model = SharedTrunkNet()
+    opt = _wrap(model, "db_mtl")
+    x, y = make_batch()
+    opt.zero_grad()
+    opt.step(_named_losses(model, x, y, names=("a", "b")))
+    first = sum(p.numel() for p in model.trunk[0].parameters())
+    kept = opt.strategy.ema[:, first:].clone()
+    model.trunk[0].requires_grad_(False)
+    with opt.strategy.restricted_to(None):
+        strategy = copy.deepcopy(opt.strategy)
+    strategy.remap_columns(torch.arange(first, opt.strategy.ema.shape[1]))
+    torch.testing.assert_close(strategy.ema, kept)
+    opt.zero_grad()
+    opt.step(_named_losses(model, x, y, names=("a", "b")))
+    assert opt.strategy.ema.shape[1] == kept.shape[1]
