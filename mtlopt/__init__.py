@@ -8,6 +8,7 @@ Wrap the optimizer you already have and pick a strategy by name::
 
 from . import strategies as _strategies  # noqa: F401  (registers the built-in strategies)
 from . import tokens
+from .multi import OptimizerChain
 from .optimizer import MTLOptimizer, StepInfo
 from .registry import Cost, Kind, StrategyInfo, available, create, info, register
 from .strategies.base import (
@@ -32,6 +33,7 @@ __all__ = [
     "Kind",
     "LossStrategy",
     "MTLOptimizer",
+    "OptimizerChain",
     "Scalarized",
     "StepInfo",
     "Strategy",

@@ -24,6 +24,9 @@ class TaskGradients:
     """Per present task: ``index in trainable → gradient`` of the non-shared parameters it reached."""
     reached: list[tuple[bool, ...]]
     """Per present task: which trainable parameters its loss reached."""
+    sparse: set[int]
+    """Indices (in trainable) of shared parameters whose gradient came back sparse: their
+    columns of ``J`` are zeros, their gradients are in ``own``."""
 
 
 def task_gradients(
@@ -43,16 +46,25 @@ def task_gradients(
     jacobian = torch.empty(num_tasks, partition.num_shared, dtype=dtype, device=device)
     own: list[dict[int, Tensor]] = []
     reached: list[tuple[bool, ...]] = []
+    sparse: set[int] = set()
     for k, loss in enumerate(losses):
         grads = torch.autograd.grad(
             loss, trainable, retain_graph=k < num_tasks - 1, allow_unused=True
         )
         reached.append(tuple(g is not None for g in grads))
+        found = {i for i in shared_index if grads[i] is not None and grads[i].is_sparse}
         if shared_index:
-            pieces = [_flat(grads[i], trainable[i]) for i in shared_index]
+            pieces = [_flat(None if i in found else grads[i], trainable[i]) for i in shared_index]
             torch.cat(pieces, out=jacobian[k])
-        own.append({i: g for i, g in enumerate(grads) if g is not None and i not in shared_set})
-    return TaskGradients(jacobian, own, reached)
+        sparse |= found
+        own.append(
+            {
+                i: g
+                for i, g in enumerate(grads)
+                if g is not None and (i not in shared_set or i in found)
+            }
+        )
+    return TaskGradients(jacobian, own, reached, sparse)
 
 
 def rebuild_jacobian(

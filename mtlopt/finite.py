@@ -37,7 +37,7 @@ def finite_tensors(grads: Sequence[Tensor | None]) -> bool:
 
 def largest_magnitudes(grads: Sequence[Tensor | None]) -> Tensor:
     """Each present tensor's largest |entry| in float64 (NaN or inf if it holds one), on one device."""
-    present = [g for g in grads if g is not None]
+    present = [g._values() if g.is_sparse else g for g in grads if g is not None]
     if not present:
         return torch.zeros(0, dtype=torch.float64)
     return torch.stack([n.double() for n in torch._foreach_norm(present, math.inf)])

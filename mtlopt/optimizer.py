@@ -18,6 +18,7 @@ from .amp import LossScaling
 from .distributed import Replicas
 from .engine import TaskGradients, rebuild_jacobian, task_gradients, unflatten
 from .finite import all_finite, finite_tensors, task_magnitudes
+from .multi import OptimizerChain
 from .partition import (
     Partition,
     Reach,
@@ -99,6 +100,8 @@ class _Window:
     written: Tensor | None = None
     written_own: dict[tuple[int | None, int], Tensor] = field(default_factory=dict)
     own_sums: dict[tuple[int, int], Tensor] = field(default_factory=dict)
+    written_sparse: dict[int, Tensor] = field(default_factory=dict)
+    """``id(parameter) →`` what the window wrote to a sparse shared parameter's ``.grad``."""
     """``(task, id(parameter)) → `` summed gradient of a task's own parameter in the window."""
     commit: Commit | None = None
     info: StepInfo | None = None
@@ -123,6 +126,8 @@ class MTLOptimizer(torch.optim.Optimizer):
 
     Args:
         optimizer: the optimizer to wrap; its ``param_groups`` and ``state`` are shared with it.
+            A list of optimizers (``[SparseAdam(embeddings), Adam(rest)]``) is stepped as one
+            (:class:`~mtlopt.OptimizerChain`).
         strategy: a registered name (see :func:`mtlopt.available`) or a strategy instance.
         tasks: the task names, in order. By default the first step's keys (``task0, ...`` for a
             list) fix them. Strategies that own per-task parameters (UW, IMTL) create them when
@@ -149,7 +154,7 @@ class MTLOptimizer(torch.optim.Optimizer):
 
     def __init__(
         self,
-        optimizer: torch.optim.Optimizer,
+        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
         strategy: str | Strategy = "ew",
         *,
         tasks: Sequence[str] | None = None,
@@ -160,6 +165,8 @@ class MTLOptimizer(torch.optim.Optimizer):
         process_group: Any = None,
         **strategy_kwargs: Any,
     ) -> None:
+        if isinstance(optimizer, (list, tuple)):
+            optimizer = OptimizerChain(*optimizer)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, MTLOptimizer):
@@ -200,6 +207,7 @@ class MTLOptimizer(torch.optim.Optimizer):
         self._warned: set[str] = set()
         self._updates = 0
         self._joined: set[int] = set()
+        self._sparse_ids: set[int] = set()
         if self._replicas is not None and isinstance(strategy, TokenStrategy):
             raise NotImplementedError(
                 "DTME under torch.distributed is not supported yet: each rank would analyse its "
@@ -416,7 +424,9 @@ class MTLOptimizer(torch.optim.Optimizer):
             )
             if not all_finite(detached):
                 return self._nonfinite_loss(step, detached)
-        magnitudes = task_magnitudes(jacobian, specific)
+        sparse_grads = [[own.get(i) for i in grads.sparse] for own in grads.own]
+        checked = [[*s, *g] for s, g in zip(specific, sparse_grads, strict=True)]
+        magnitudes = task_magnitudes(jacobian, checked)
         for name, magnitude in zip(step.present_names, magnitudes, strict=True):
             if not math.isfinite(magnitude):
                 return self._bad_gradient(step, detached, f"non-finite gradient for task {name!r}")
@@ -449,16 +459,53 @@ class MTLOptimizer(torch.optim.Optimizer):
             own = specific[k]
             _accumulate(params, self._correct_own(params, own, int(task)))  # type: ignore[arg-type]
             for p, g in zip(params, own, strict=True):
-                if g is None:
-                    continue
-                key = (int(task), id(p))
-                window.own_sums[key] = g if key not in window.own_sums else window.own_sums[key] + g
+                if g is not None:
+                    _add_to_sum(window.own_sums, (int(task), id(p)), g)
+        if partition.sparse:
+            self._write_sparse(step, grads, trainable, partition, present, combined, scale)
         window.present, window.jacobian, window.losses = present, jacobian, losses_sum
         window.written = combined.direction
         window.commit = self._combiner.commit_restricted(restriction, combined.commit)
         window.marker = partition.shared[0] if partition.shared else None
         window.info = self._gradient_info(step, losses_sum, present, jacobian, combined)
         return window.info
+
+    def _write_sparse(
+        self,
+        step: StepTasks,
+        grads: TaskGradients,
+        trainable: list[Tensor],
+        partition: Partition,
+        present: np.ndarray,
+        combined: Combined,
+        scale: float,
+    ) -> None:
+        """Shared parameters with sparse gradients get ``Σ_i w_i g_i`` with the strategy's task
+        weights (the plain sum for strategies without weights), kept sparse."""
+        window = self._window
+        index_of = {id(p): i for i, p in enumerate(trainable)}
+        for k, task in enumerate(step.present):
+            for p in partition.sparse:
+                g = grads.own[k].get(index_of[id(p)])
+                if g is not None:
+                    _add_to_sum(window.own_sums, (int(task), id(p)), g / scale)
+        weights = combined.weights
+        for p in partition.sparse:
+            terms = [
+                (window.own_sums[(int(task), id(p))], r)
+                for r, task in enumerate(present)
+                if (int(task), id(p)) in window.own_sums
+            ]
+            if not terms:
+                continue
+            target = sum(
+                (g * (1.0 if weights is None else float(weights[r])) for g, r in terms),
+                start=torch.zeros_like(terms[0][0]),
+            ).coalesce()
+            previous = window.written_sparse.get(id(p))
+            window.written_sparse[id(p)] = target
+            delta = target if previous is None else (target - previous).coalesce()
+            _accumulate([p], [delta * scale if scale != 1.0 else delta])
 
     def _specific_gradients(
         self, step: StepTasks, grads: TaskGradients, trainable: list[Tensor], partition: Partition
@@ -485,7 +532,14 @@ class MTLOptimizer(torch.optim.Optimizer):
                     "placeholder?); pass None for a task without a loss in this step; nothing "
                     "was changed"
                 )
-        changed = False
+        sparse = {id(trainable[i]) for i in grads.sparse} - self._sparse_ids
+        if sparse and self._replicas is not None:
+            raise NotImplementedError(
+                "shared parameters with sparse gradients (nn.Embedding(sparse=True)) under "
+                "torch.distributed are not supported: use dense embeddings there"
+            )
+        self._sparse_ids |= sparse
+        changed = bool(sparse)
         reach = self._reach.copy()
         for k, task in enumerate(step.present):
             changed |= reach.add(int(task), trainable, grads.reached[k])
@@ -956,7 +1010,7 @@ class MTLOptimizer(torch.optim.Optimizer):
             )
         never_shared = {id(p) for p in self._combiner.parameters()}
         partition, multiply_reached = partition_parameters(
-            reach.by_task, trainable, shared_ids, never_shared, owners
+            reach.by_task, trainable, shared_ids, never_shared, owners, self._sparse_ids
         )
         if shared_ids is not None and multiply_reached and not compiled:
             warnings.warn(
@@ -979,12 +1033,6 @@ class MTLOptimizer(torch.optim.Optimizer):
                 "zero, which strategies that balance or normalise gradients (MGDA, IMTL, "
                 "Nash-MTL, ...) take as a task already at a stationary point",
             )
-        for p in partition.shared:
-            if p.is_sparse or (p.grad is not None and p.grad.is_sparse):
-                raise ValueError(
-                    "a shared parameter has sparse gradients (nn.Embedding(sparse=True)); see the "
-                    "guide's 'Recommender models'"
-                )
         return partition
 
     def _nonfinite_loss(self, step: StepTasks, losses: Tensor) -> StepInfo:
@@ -1042,6 +1090,12 @@ def _accumulate(params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> Non
     if any(g is None for g in grads):
         kept = [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
         params, grads = [p for p, _ in kept], [g for _, g in kept]
+    if any(g.is_sparse for g in grads):
+        for p, g in zip(params, grads, strict=True):
+            if g.is_sparse:
+                p.grad = g.detach().clone() if p.grad is None else (p.grad + g).coalesce()
+        kept = [(p, g) for p, g in zip(params, grads, strict=True) if not g.is_sparse]
+        params, grads = [p for p, _ in kept], [g for _, g in kept]
     existing = [(p, g) for p, g in zip(params, grads, strict=True) if p.grad is not None]
     if existing:
         torch._foreach_add_(
@@ -1053,6 +1107,10 @@ def _accumulate(params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> Non
             # incoming gradient to both operands) or a view of the combined update; adding into
             # such a .grad in place would double-count or rewrite the wrapper's own record.
             p.grad = g.detach().to(p.dtype).clone()
+
+
+def _add_to_sum(sums: dict[tuple[int, int], Tensor], key: tuple[int, int], grad: Tensor) -> None:
+    sums[key] = grad if key not in sums else sums[key] + grad
 
 
 def _with_values(losses: Sequence[Tensor], values: Tensor) -> list[Tensor]:

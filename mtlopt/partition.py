@@ -64,6 +64,9 @@ class Partition:
     """``specific[i]``: parameters reached by task ``i`` (of every task) and not shared."""
     blind: list[int] = field(default_factory=list)
     """Tasks that reach none of the shared parameters (their row of ``J`` is zero)."""
+    sparse: list[Tensor] = field(default_factory=list)
+    """Shared parameters with sparse gradients (``nn.Embedding(sparse=True)``): kept out of
+    ``J``; they receive the task gradients weighted by the strategy's task weights."""
 
     @property
     def num_shared(self) -> int:
@@ -123,10 +126,12 @@ def partition_parameters(
     shared: set[int] | None,
     never_shared: set[int] = frozenset(),  # type: ignore[assignment]
     owners: dict[int, int] | None = None,
+    sparse: set[int] = frozenset(),  # type: ignore[assignment]
 ) -> tuple[Partition, list[int]]:
     """Split ``trainable`` into shared and task-specific parameters from each task's ``reach``
     (sets of parameter ids).
 
+    Shared parameters whose ids are in ``sparse`` go to ``Partition.sparse`` instead of ``J``.
     With ``shared=None`` the shared parameters are those reached by two tasks or more, except
     ``never_shared`` ones (a strategy's own parameters, such as IMTL's per-task loss scales):
     those go to every task that reaches them. Returns the partition and the indices of other
@@ -155,6 +160,9 @@ def partition_parameters(
     shared_ids = {id(p) for p, s in zip(trainable, is_shared, strict=True) if s}
     blind = [task for task, r in enumerate(reach) if r and not (r & shared_ids)]
     partition = Partition(
-        [p for p, s in zip(trainable, is_shared, strict=True) if s], specific, blind
+        [p for p, s in zip(trainable, is_shared, strict=True) if s and id(p) not in sparse],
+        specific,
+        blind,
+        [p for p, s in zip(trainable, is_shared, strict=True) if s and id(p) in sparse],
     )
     return partition, multiply_reached
