@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .amp import LossScaling
-from .distributed import Replicas
+from .distributed import Agreement, ReplicaError, Replicas
 from .engine import TaskGradients, rebuild_jacobian, task_gradients, unflatten
 from .finite import all_finite, finite_tensors, task_magnitudes
 from .multi import OptimizerChain
@@ -303,6 +303,19 @@ class MTLOptimizer(torch.optim.Optimizer):
         once. The shared parameters are then those that produce ``features``. In this mode each
         ``backward`` call combines its own micro-batch (the trunk graph of each is needed).
         """
+        self._agreed = self._replicas is None
+        try:
+            return self._backward(losses, features)
+        except ReplicaError:
+            raise
+        except Exception:
+            if not self._agreed:
+                # Every other rank is waiting in the agreement: tell them, then raise here.
+                assert self._replicas is not None
+                self._replicas.agree(failed=True, num_tasks=len(self._tasks or ()))
+            raise
+
+    def _backward(self, losses: Losses, features: Tensor | None) -> StepInfo:
         step = read_losses(losses, self._tasks)
         self.strategy.check_num_tasks(len(step.names))
         if self._window_is_stale():
@@ -330,8 +343,6 @@ class MTLOptimizer(torch.optim.Optimizer):
         if first:
             self._fix_tasks(step.names)
         try:
-            if replicas is not None:
-                self._sync_replicas_once()
             self._warn_if_update_missed()
             if isinstance(self.strategy, TokenStrategy):
                 self.strategy.observe(list(step.losses))
@@ -368,6 +379,9 @@ class MTLOptimizer(torch.optim.Optimizer):
         device = step.losses[0].device
         params = self._trainable()
         self._check_losses_reach(step, params)
+        given = list(step.losses)
+        if self._replicas is not None:
+            step, given, detached = self._agree_losses(step, detached)
         if window.losses is not None and not self._combiner.linear_in_losses:
             self._warn_once(
                 "nonlinear-accumulation",
@@ -375,15 +389,13 @@ class MTLOptimizer(torch.optim.Optimizer):
                 "gradient accumulation each micro-batch is weighted by the losses accumulated so "
                 "far (the last one by the step's total), not by the step's total losses",
             )
-        if self._replicas is not None:
-            (detached,) = self._replicas.mean([detached])
-            if not all_finite(detached):
-                return self._nonfinite_loss(step, detached)
+        if self._replicas is not None and not all_finite(detached):
+            return self._nonfinite_loss(step, detached)
         seen = _window_losses(window, step, detached)
         present = step.present
         values = seen[present]
         stacked = torch.stack(
-            _with_values([loss.reshape(()).to(device) for loss in step.losses], values)
+            _with_values([loss.reshape(()).to(device) for loss in given], values)
         )
         with self._combiner.restricted_to(step.restriction):
             scalarized = self._combiner.scalarize(stacked)
@@ -391,6 +403,12 @@ class MTLOptimizer(torch.optim.Optimizer):
         if self._scaling is not None:
             (objective,), _ = self._scaling.scale([objective])
         grads = torch.autograd.grad(objective, params, allow_unused=True)
+        if self._replicas is not None:
+            anywhere = self._replicas.union(torch.tensor([g is not None for g in grads]))
+            grads = tuple(
+                (torch.zeros_like(p) if g is None else g) if hit else None
+                for p, g, hit in zip(params, grads, anywhere.tolist(), strict=True)
+            )
         reached = [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
         grads_present = [g for _, g in reached]
         if self._replicas is not None:
@@ -414,13 +432,17 @@ class MTLOptimizer(torch.optim.Optimizer):
         trainable = self._trainable()
         partition = self._partition_for(step, losses, trainable)
         grads = task_gradients(losses, trainable, partition)
+        self._check_reached(step, grads)
+        counts = None
+        if self._replicas is not None:
+            step, grads, detached, counts = self._agree_gradients(step, grads, detached)
         partition, jacobian = self._follow_reach(step, grads, trainable, partition)
         specific = self._specific_gradients(step, grads, trainable, partition)
         if scale != 1.0:
             jacobian.mul_(1.0 / scale)  # exact: GradScaler's scales are powers of two
-        if self._replicas is not None:
-            jacobian, specific, detached = self._average(
-                jacobian, specific, detached, [partition.specific[t] for t in step.present]
+        if counts is not None:
+            jacobian, specific = self._average(
+                jacobian, specific, counts, [partition.specific[t] for t in step.present]
             )
             if not all_finite(detached):
                 return self._nonfinite_loss(step, detached)
@@ -518,12 +540,7 @@ class MTLOptimizer(torch.optim.Optimizer):
             for k, task in enumerate(step.present)
         ]
 
-    def _follow_reach(
-        self, step: StepTasks, grads: TaskGradients, trainable: list[Tensor], partition: Partition
-    ) -> tuple[Partition, Tensor]:
-        """Record what each task reached; if that makes the partition change, rebuild ``J`` (and
-        the window's, and the strategy's per-column state) under the new one."""
-        assert self._reach is not None
+    def _check_reached(self, step: StepTasks, grads: TaskGradients) -> None:
         for k, task in enumerate(step.present):
             if not any(grads.reached[k]):
                 raise ValueError(
@@ -532,6 +549,72 @@ class MTLOptimizer(torch.optim.Optimizer):
                     "placeholder?); pass None for a task without a loss in this step; nothing "
                     "was changed"
                 )
+
+    def _agreement(self, step: StepTasks, detached: Tensor, reach: Tensor | None) -> Agreement:
+        """The ranks agree on their tasks, losses and reach; then rank 0's strategy state is
+        given to every rank (once)."""
+        assert self._replicas is not None
+        agreement = self._replicas.agree(
+            failed=False, num_tasks=len(step.names), present=step.present, losses=detached,
+            reach=reach,
+        )
+        self._agreed = True
+        self._sync_replicas_once()
+        return agreement
+
+    def _agree_losses(
+        self, step: StepTasks, detached: Tensor
+    ) -> tuple[StepTasks, list[Tensor], Tensor]:
+        """Loss path under torch.distributed: the tasks of any rank, their losses averaged over
+        the ranks that have them; a task's loss here is scaled so that averaging the gradients
+        over all ranks averages it over those ranks only, and a task absent here enters as its
+        (constant) mean."""
+        agreement = self._agreement(step, detached, None)
+        union = torch.nonzero(agreement.counts).reshape(-1).numpy()
+        mine = dict(zip(step.present.tolist(), step.losses, strict=True))
+        size = self._replicas.size  # type: ignore[union-attr]
+        given = []
+        for task in union.tolist():
+            mean = agreement.losses[task]
+            if task in mine:
+                loss = mine[task] * (size / int(agreement.counts[task]))
+                given.append(_with_values([loss], mean.reshape(1))[0])
+            else:
+                given.append(mean.to(step.losses[0]).detach())
+        united = StepTasks(step.names, union, tuple(given))
+        return united, given, agreement.losses[union].to(detached.device)
+
+    def _agree_gradients(
+        self, step: StepTasks, grads: TaskGradients, detached: Tensor
+    ) -> tuple[StepTasks, TaskGradients, Tensor, Tensor]:
+        """Gradient path under torch.distributed: every rank lays out the rows of the tasks any
+        rank has (zeros where it has none) and records what any rank reached."""
+        total = len(step.names)
+        reach = torch.zeros(total, len(grads.reached[0]) if grads.reached else 0, dtype=torch.bool)
+        if grads.reached:
+            reach[torch.as_tensor(step.present)] = torch.tensor(grads.reached)
+        agreement = self._agreement(step, detached, reach)
+        union = torch.nonzero(agreement.counts).reshape(-1).numpy()
+        rows = torch.searchsorted(torch.as_tensor(union), torch.as_tensor(step.present))
+        jacobian = grads.jacobian.new_zeros(len(union), grads.jacobian.shape[1])
+        jacobian[rows] = grads.jacobian
+        own: list[dict[int, Tensor]] = [{} for _ in union]
+        for k, r in enumerate(rows.tolist()):
+            own[r] = grads.own[k]
+        reached = [tuple(agreement.reach[t].tolist()) for t in union.tolist()]
+        placeholder = step.losses[0].detach()
+        united = StepTasks(step.names, union, tuple(placeholder for _ in union))
+        losses = agreement.losses[union].to(detached.device)
+        return united, TaskGradients(jacobian, own, reached, grads.sparse), losses, (
+            agreement.counts[union]
+        )
+
+    def _follow_reach(
+        self, step: StepTasks, grads: TaskGradients, trainable: list[Tensor], partition: Partition
+    ) -> tuple[Partition, Tensor]:
+        """Record what each task reached; if that makes the partition change, rebuild ``J`` (and
+        the window's, and the strategy's per-column state) under the new one."""
+        assert self._reach is not None
         sparse = {id(trainable[i]) for i in grads.sparse} - self._sparse_ids
         if sparse and self._replicas is not None:
             raise NotImplementedError(
@@ -628,21 +711,24 @@ class MTLOptimizer(torch.optim.Optimizer):
         self,
         jacobian: Tensor,
         specific: list[list[Tensor | None]],
-        losses: Tensor,
+        counts: Tensor,
         params: list[list[Tensor]],
-    ) -> tuple[Tensor, list[list[Tensor | None]], Tensor]:
-        """All ranks' mean of the per-task gradients and losses, in one collective (a gradient one
-        rank does not have counts as zero there)."""
+    ) -> tuple[Tensor, list[list[Tensor | None]]]:
+        """Each task's gradients averaged over the ranks that have the task, in one collective
+        (a gradient a rank does not have counts as zero there)."""
         assert self._replicas is not None
         flat = [
             torch.zeros_like(p) if g is None else g
             for grads, ps in zip(specific, params, strict=True)
             for g, p in zip(grads, ps, strict=True)
         ]
-        averaged = self._replicas.mean([jacobian, losses.to(jacobian.dtype), *flat])
-        jacobian, mean_losses, rest = averaged[0], averaged[1], iter(averaged[2:])
-        specific = [[next(rest) for _ in task] for task in specific]
-        return jacobian, specific, mean_losses.to(torch.float64)
+        summed = self._replicas.sum([jacobian, *flat])
+        divisors = counts.to(jacobian)
+        jacobian, rest = summed[0] / divisors[:, None], iter(summed[1:])
+        specific = [
+            [next(rest) / float(c) for _ in task] for task, c in zip(specific, counts, strict=True)
+        ]
+        return jacobian, specific
 
     def _backward_representation(
         self,
