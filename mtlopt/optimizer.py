@@ -345,6 +345,12 @@ class MTLOptimizer(torch.optim.Optimizer):
         try:
             self._warn_if_update_missed()
             if isinstance(self.strategy, TokenStrategy):
+                if not step.all_present:
+                    raise ValueError(
+                        f"{self.strategy.info.name} needs every task's loss in every step (its "
+                        f"task streams and conflict counts are per task); missing: "
+                        f"{', '.join(sorted(set(step.names) - set(step.present_names)))}"
+                    )
                 self.strategy.observe(list(step.losses))
             if isinstance(self._combiner, LossStrategy):
                 return self._backward_scalarized(step, detached)

@@ -71,6 +71,8 @@ class Strategy:
     """
 
     info: ClassVar[StrategyInfo]
+    absent_tasks: ClassVar[str] = ""
+    """What the strategy does when a task has no loss in a step (the catalogue shows it)."""
 
     def __init__(self, num_tasks: int | None = None) -> None:
         if num_tasks is not None and num_tasks < 1:
@@ -166,6 +168,13 @@ class Strategy:
         """Learnable parameters the wrapped optimizer should train (e.g. UW's log-variances)."""
         return []
 
+    def present_entries(self, values: Any) -> Any:
+        """A per-task option (FAMO's ``min_losses``, STCH's preference) for the present tasks: a
+        scalar as it is, a sequence cut down to the present tasks' entries."""
+        if values is None or np.ndim(values) == 0 or self._present is None:
+            return values
+        return [values[i] for i in self._present]
+
     def check_num_tasks(self, num_tasks: int) -> None:
         if self._present is not None:
             if num_tasks != len(self._present):
@@ -190,6 +199,8 @@ class Strategy:
 class LossStrategy(Strategy):
     """Scalarizes the vector of task losses; costs one backward pass."""
 
+    absent_tasks: ClassVar[str] = "the present tasks' losses are weighted; an absent task adds nothing"
+
     needs_losses_after_step: ClassVar[bool] = False
     """True for strategies that learn from the losses re-evaluated after the step (FAMO)."""
     linear_in_losses: ClassVar[bool] = True
@@ -206,6 +217,8 @@ class LossStrategy(Strategy):
 
 class GradientStrategy(Strategy):
     """Combines per-task gradients of the shared parameters, given as the rows of ``J``."""
+
+    absent_tasks: ClassVar[str] = "the present tasks' rows of J are combined"
 
     supports_representation: ClassVar[bool] = True
     """Whether the strategy may combine gradients taken with respect to shared features."""
@@ -402,6 +415,9 @@ class TokenStrategy(Strategy):
     of the task gradients to a ``base`` strategy."""
 
     base: LossStrategy | GradientStrategy
+    absent_tasks: ClassVar[str] = (
+        "not supported yet: every task needs a loss in every step (an error says so)"
+    )
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         """Called once by :class:`~mtlopt.MTLOptimizer` with itself (new parameters join it)."""

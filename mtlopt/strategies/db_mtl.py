@@ -37,6 +37,10 @@ class DBMTL(GradientStrategy):
         eps: ε inside the logarithm (default 1e-8).
     """
 
+    absent_tasks = (
+        "present rows; an absent task's EMA row is not advanced"
+    )
+
     supports_representation = False  # the EMA needs a fixed P; feature shapes vary with the batch
     _state_attrs = ("ema", "_step")
     _task_state: ClassVar[dict[str, TaskAxes]] = {"ema": TaskAxes((0,), 0.0)}

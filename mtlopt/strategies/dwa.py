@@ -38,6 +38,11 @@ class DWA(LossStrategy):
         window: steps per averaging window (default 25).
     """
 
+    absent_tasks = (
+        "each task's loss window advances only when it is present; softmax and the factor "
+        "T run over the present tasks"
+    )
+
     _state_attrs = ("_history", "_seen")
     _task_state: ClassVar[dict[str, TaskAxes]] = {
         "_history": TaskAxes((0,), np.nan),

@@ -46,6 +46,11 @@ class FAMO(LossStrategy):
         eps: ``ε`` inside the logarithms (default 1e-8).
     """
 
+    absent_tasks = (
+        "z = softmax of the present tasks' logits; an absent task's logit, Adam moments "
+        "and previous loss are not advanced"
+    )
+
     linear_in_losses = False
 
     needs_losses_after_step = True
@@ -75,7 +80,8 @@ class FAMO(LossStrategy):
         return {"lr": self.lr, "gamma": self.gamma, "min_losses": self.min_losses}
 
     def _gaps(self, losses: np.ndarray) -> np.ndarray:
-        gaps = losses - np.asarray(self.min_losses, dtype=np.float64) + self.eps
+        gaps = losses - np.asarray(self.present_entries(self.min_losses), dtype=np.float64)
+        gaps = gaps + self.eps
         if np.any(gaps <= 0):
             raise ValueError(
                 f"famo needs losses above min_losses (got losses {losses}); set min_losses lower"
@@ -90,7 +96,9 @@ class FAMO(LossStrategy):
         observed = losses.detach().double().cpu().numpy()
         gaps = self._gaps(observed)
         c = 1.0 / float(np.sum(z / gaps))
-        bounds = torch.as_tensor(np.asarray(self.min_losses, dtype=np.float64)).to(losses)
+        bounds = torch.as_tensor(
+            np.asarray(self.present_entries(self.min_losses), dtype=np.float64)
+        ).to(losses)
         z_t = torch.from_numpy(z).to(losses)
         loss = c * (z_t * torch.log(losses - bounds + self.eps)).sum()
         weights = torch.from_numpy(c * z / gaps).to(losses)

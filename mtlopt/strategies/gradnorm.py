@@ -39,6 +39,11 @@ class GradNorm(GramianStrategy):
         lr: learning rate of the internal Adam on the weights (default 0.025).
     """
 
+    absent_tasks = (
+        "present rows; weights of the present tasks renormalised to sum to their number; "
+        "an absent task's weight, L_i(0) and Adam state stay"
+    )
+
     _state_attrs = ("weights", "initial_losses", "_adam")
     _task_state: ClassVar[dict[str, TaskAxes]] = {
         "weights": TaskAxes((0,), 1.0),

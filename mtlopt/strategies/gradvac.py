@@ -37,6 +37,11 @@ class GradVac(Randomized, GramianStrategy):
         seed: seed of the strategy's generator.
     """
 
+    absent_tasks = (
+        "present rows, visited in random order among the present tasks; targets between "
+        "absent tasks are not updated"
+    )
+
     _state_attrs = ("targets", "_rng_state")
     _task_state: ClassVar[dict[str, TaskAxes]] = {"targets": TaskAxes((0, 1), 0.0)}
 

@@ -71,6 +71,8 @@ class IMTLL(_LossScales, LossStrategy):
     """IMTL-L (Liu et al., 2021, Sec. 3.1): minimise ``Σ_i e^{s_i} L_i − s_i`` jointly in ``s``,
     which drives every scaled loss ``e^{s_i} L_i`` towards 1."""
 
+    absent_tasks = "the present terms only; an absent task's scale gets no gradient"
+
     def __init__(self, num_tasks: int | None = None):
         super().__init__(num_tasks)
         self._init_learned()
@@ -93,6 +95,8 @@ class IMTL(_LossScales, GramianStrategy):
     """IMTL, the hybrid (Liu et al., 2021, Algorithm 1): losses scaled by IMTL-L's learnable
     ``e^{s} L − s``, shared gradients combined by IMTL-G. ``aggregate(J)`` on a plain matrix takes
     the rows of ``J`` as gradients of the scaled losses and applies IMTL-G."""
+
+    absent_tasks = "IMTL-G over the present rows; an absent task's scale gets no gradient"
 
     def __init__(self, num_tasks: int | None = None):
         super().__init__(num_tasks)

@@ -39,6 +39,10 @@ class NashMTL(GramianStrategy):
         update_weights_every: recompute ``α`` every k steps and reuse it in between (default 1).
     """
 
+    absent_tasks = (
+        "bargaining among the present tasks; an absent task's α is not reused"
+    )
+
     _state_attrs = ("_alpha", "_step")
     _task_state: ClassVar[dict[str, TaskAxes]] = {"_alpha": TaskAxes((0,), np.nan)}
 

@@ -31,6 +31,11 @@ class UW(LearnedTaskVector, LossStrategy):
         init: initial value of every ``s_i`` (default 0).
     """
 
+    absent_tasks = (
+        "the present terms only; an absent task's s_i gets no gradient (its optimizer "
+        "state does not move)"
+    )
+
     learned_name = "log_vars"
 
     def __init__(self, num_tasks: int | None = None, init: float = 0.0):
