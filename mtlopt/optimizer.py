@@ -627,6 +627,12 @@ class MTLOptimizer(torch.optim.Optimizer):
                 "shared parameters with sparse gradients (nn.Embedding(sparse=True)) under "
                 "torch.distributed are not supported: use dense embeddings there"
             )
+        key = self._key_of(trainable)
+        if not sparse and all(
+            self._reach.known(int(task), key, reached)
+            for task, reached in zip(step.present, grads.reached, strict=True)
+        ):
+            return partition, grads.jacobian
         self._sparse_ids |= sparse
         changed = bool(sparse)
         reach = self._reach.copy()

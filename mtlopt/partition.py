@@ -103,6 +103,10 @@ class Reach:
         self.by_task: list[set[int]] = [set() for _ in range(num_tasks)]
         self._seen: dict[tuple[int, tuple[int, ...]], tuple[bool, ...]] = {}
 
+    def known(self, task: int, key: tuple[int, ...], reached: tuple[bool, ...]) -> bool:
+        """Whether ``task`` already reached exactly this over the parameters ``key`` (their ids)."""
+        return self._seen.get((task, key)) == reached
+
     def add(self, task: int, params: Sequence[Tensor], reached: tuple[bool, ...]) -> bool:
         """Record that ``task`` reached ``params[k]`` where ``reached[k]``; whether that is new."""
         key = (task, tuple(map(id, params)))
