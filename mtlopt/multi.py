@@ -10,6 +10,21 @@ from typing import Any
 import torch
 
 
+def delegating_optimizer_init(optimizer: torch.optim.Optimizer, defaults: dict[str, Any]) -> None:
+    """What ``torch.optim.Optimizer.__init__`` sets up, for an optimizer whose ``param_groups`` and
+    ``state`` are views of other optimizers' (it must not call that ``__init__``, which would make
+    groups of its own): the defaults, the hook registries and the patched ``step``."""
+    optimizer.defaults = defaults
+    optimizer._optimizer_step_pre_hooks = OrderedDict()
+    optimizer._optimizer_step_post_hooks = OrderedDict()
+    optimizer._optimizer_state_dict_pre_hooks = OrderedDict()
+    optimizer._optimizer_state_dict_post_hooks = OrderedDict()
+    optimizer._optimizer_load_state_dict_pre_hooks = OrderedDict()
+    optimizer._optimizer_load_state_dict_post_hooks = OrderedDict()
+    optimizer._patch_step_function()
+    optimizer._warned_capturable_if_run_uncaptured = True
+
+
 class OptimizerChain(torch.optim.Optimizer):
     """Steps several optimizers as one ``torch.optim.Optimizer``.
 
@@ -42,15 +57,7 @@ class OptimizerChain(torch.optim.Optimizer):
                         )
                     seen.add(id(p))
         self.optimizers = list(optimizers)
-        self.defaults = self.optimizers[-1].defaults
-        self._optimizer_step_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_step_post_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_state_dict_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_state_dict_post_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._patch_step_function()
-        self._warned_capturable_if_run_uncaptured = True
+        delegating_optimizer_init(self, self.optimizers[-1].defaults)
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -14,7 +13,7 @@ from torch import Tensor, nn
 from .amp import LossScaling
 from .distributed import ReplicaError, Replicas
 from .finite import all_finite
-from .multi import OptimizerChain
+from .multi import OptimizerChain, delegating_optimizer_init
 from .partition import Partition, Reach
 from .paths import JacobianPath, RepresentationPath, ScalarizedPath
 from .registry import create
@@ -139,15 +138,7 @@ class MTLOptimizer(JacobianPath, RepresentationPath, ScalarizedPath, torch.optim
             )
 
         # The torch.optim.Optimizer contract, sharing the wrapped optimizer's groups and state.
-        self.defaults = optimizer.defaults
-        self._optimizer_step_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_step_post_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_state_dict_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_state_dict_post_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._patch_step_function()
-        self._warned_capturable_if_run_uncaptured = True
+        delegating_optimizer_init(self, optimizer.defaults)
         if names is not None:
             self._fix_tasks(names)
         else:
