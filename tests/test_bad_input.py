@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from conftest import SharedTrunkNet, losses_of, make_batch
@@ -149,10 +147,10 @@ def test_zero_or_identical_task_gradients_give_finite_updates(name, case):
 
 
 def test_task_finiteness_check_survives_overflowing_sums():
-    from mtlopt.finite import task_magnitudes
+    from mtlopt.finite import check_tasks
 
     def finite(matrix, heads):
-        return [math.isfinite(m) for m in task_magnitudes(matrix, heads)]
+        return [check.finite for check in check_tasks(matrix, heads)]
 
     matrix = torch.tensor([[3e38, 3e38], [1.0, float("nan")], [1.0, float("inf")], [1.0, -2.0]])
     assert finite(matrix, [[], [], [], []]) == [True, False, False, True]
@@ -183,3 +181,11 @@ def test_nonfinite_gradient_of_one_head_only_names_its_task(net, name, represent
             opt.step(dict(zip(["t0", "t1"], losses_of(net, x, y), strict=True)))
     handle.remove()
     _assert_unchanged(net, snapshot)
+
+
+def test_zero_task_check_survives_underflowing_squares():
+    from mtlopt.finite import check_tasks
+
+    matrix = torch.tensor([[1e-30, 0.0], [0.0, 0.0], [1.0, 2.0]])
+    heads = [[], [torch.zeros(3)], [torch.tensor([1e-30])]]
+    assert [c.zero for c in check_tasks(matrix, heads)] == [False, True, False]

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from ..amp import LossScaling
 from ..distributed import Agreement, Replicas
+from ..finite import TaskCheck
 from ..partition import Partition, Reach, compiled_graph, partition_parameters, reached_parameters
 from ..stepinfo import StepInfo, spread
 from ..strategies.base import (
@@ -85,8 +86,8 @@ class PathBase:
         self._sync_replicas_once()
         return agreement
 
-    def _warn_zero_tasks(self, step: StepTasks, magnitudes: list[float]) -> None:
-        zero = [step.names[t] for t, m in zip(step.present, magnitudes, strict=True) if m == 0.0]
+    def _warn_zero_tasks(self, step: StepTasks, checks: list[TaskCheck]) -> None:
+        zero = [step.names[t] for t, c in zip(step.present, checks, strict=True) if c.zero]
         if zero and len(step.present) > 1:
             self._warn_once(
                 "zero-task",

@@ -3,14 +3,12 @@ combination of its rows written to the shared parameters."""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from torch import Tensor
 
 from ..engine import TaskGradients, rebuild_jacobian, task_gradients, unflatten
-from ..finite import all_finite, task_magnitudes
+from ..finite import all_finite, check_tasks
 from ..partition import Partition, column_map
 from ..stepinfo import StepInfo
 from ..strategies.base import Combined, GradientStrategy
@@ -46,11 +44,11 @@ class JacobianPath(PathBase):
                 return self._nonfinite_loss(step, detached)
         sparse_grads = [[own.get(i) for i in grads.sparse] for own in grads.own]
         checked = [[*s, *g] for s, g in zip(specific, sparse_grads, strict=True)]
-        magnitudes = task_magnitudes(jacobian, checked)
-        for name, magnitude in zip(step.present_names, magnitudes, strict=True):
-            if not math.isfinite(magnitude):
+        checks = check_tasks(jacobian, checked)
+        for name, check in zip(step.present_names, checks, strict=True):
+            if not check.finite:
                 return self._bad_gradient(step, detached, f"non-finite gradient for task {name!r}")
-        self._warn_zero_tasks(step, magnitudes)
+        self._warn_zero_tasks(step, checks)
 
         present = union(window.present, step.present)
         jacobian = add_rows(window.jacobian, window.present, jacobian, step.present, present)
@@ -63,7 +61,7 @@ class JacobianPath(PathBase):
                 )
         except FloatingPointError as error:
             return self._nonfinite(step, detached, str(error))
-        if not math.isfinite(task_magnitudes(combined.direction[None], [[]])[0]):
+        if not check_tasks(combined.direction[None], [[]])[0].finite:
             return self._nonfinite(
                 step, detached, f"{self._combiner.info.name} produced a non-finite update"
             )

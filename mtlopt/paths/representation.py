@@ -3,12 +3,10 @@ combined, and back-propagated through the trunk once."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-from ..finite import finite_tensors, task_magnitudes
+from ..finite import check_tasks, finite_tensors
 from ..stepinfo import StepInfo
 from ..strategies.base import GradientStrategy
 from ..tasks import StepTasks
@@ -48,11 +46,11 @@ class RepresentationPath(PathBase):
         if scale != 1.0:
             jacobian.mul_(1.0 / scale)
         own_grads = [list(grads[1:]) for grads in per_task]
-        magnitudes = task_magnitudes(jacobian, own_grads)
-        for name, magnitude in zip(step.present_names, magnitudes, strict=True):
-            if not math.isfinite(magnitude):
+        checks = check_tasks(jacobian, own_grads)
+        for name, check in zip(step.present_names, checks, strict=True):
+            if not check.finite:
                 return self._bad_gradient(step, detached, f"non-finite gradient for task {name!r}")
-        self._warn_zero_tasks(step, magnitudes)
+        self._warn_zero_tasks(step, checks)
         try:
             with self._combiner.restricted_to(step.restriction):
                 combined = self._combiner.combine(jacobian, detached.to(jacobian.device))
