@@ -55,6 +55,11 @@ class PathBase:
     def _own_ids(self) -> set[int]:
         raise NotImplementedError
 
+    def _adopt_partition(self, old: Partition, new: Partition, trainable: list[Tensor]) -> None:
+        """Make ``new`` the current partition, moving what is indexed by ``J``'s columns
+        (:class:`~mtlopt.paths.JacobianPath` implements it)."""
+        raise NotImplementedError
+
     def _backward_gradients(
         self, step: StepTasks, detached: Tensor, features: Tensor | None
     ) -> StepInfo:

@@ -18,7 +18,9 @@ from .base import PathBase
 
 
 class JacobianPath(PathBase):
-    """The backward path of gradient strategies: one ``autograd.grad`` per task into ``J``, the strategy's"""
+    """Gradient strategies: per-task gradients into the rows of ``J`` (following what each task
+    reaches), the strategy's combination of the present rows written to the shared parameters, and
+    each task's own gradients to its own parameters."""
 
     def _backward_jacobian(
         self, step: StepTasks, losses: list[Tensor], detached: Tensor, scale: float
@@ -77,8 +79,8 @@ class JacobianPath(PathBase):
             own = specific[k]
             accumulate(params, self._correct_own(params, own, int(task)))  # type: ignore[arg-type]
             for p, g in zip(params, own, strict=True):
-                if g is not None:
-                    add_to_sum(window.own_sums, (int(task), id(p)), g)
+                if g is not None:  # kept unscaled, as J: they become J's columns if p turns shared
+                    add_to_sum(window.own_sums, (int(task), id(p)), g if scale == 1.0 else g / scale)
         if partition.sparse:
             self._write_sparse(step, grads, trainable, partition, present, combined, scale)
         window.present, window.jacobian, window.losses = present, jacobian, losses_sum

@@ -15,7 +15,8 @@ from .base import PathBase
 
 
 class RepresentationPath(PathBase):
-    """Representation mode (MGDA-UB, LibMTL's ``rep_grad``): per-task gradients of shared features,"""
+    """Representation mode: per-task gradients of the shared features, combined, then one backward
+    through the trunk."""
 
     def _backward_representation(
         self,

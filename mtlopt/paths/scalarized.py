@@ -15,7 +15,7 @@ from .base import PathBase
 
 
 class ScalarizedPath(PathBase):
-    """The backward path of loss strategies: one backward of the scalarized objective."""
+    """Loss strategies: the present tasks' losses scalarized, then one backward of the objective."""
 
     def _backward_scalarized(self, step: StepTasks, detached: Tensor) -> StepInfo:
         assert isinstance(self._combiner, LossStrategy)
