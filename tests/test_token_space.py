@@ -73,8 +73,7 @@ def test_find_blocks_errors():
     with pytest.raises(ValueError, match="could not find the blocks"):
         find_blocks(torch.nn.Linear(2, 2))
     layer = torch.nn.TransformerEncoderLayer(8, 2, batch_first=False)
-    with pytest.raises(ValueError, match="batch_first=True"):
-        find_blocks([layer])
+    assert find_blocks([layer]) == [layer]  # sequence-first layers are supported (issue 15)
 
 
 def test_taps_reject_blocks_without_token_inputs():

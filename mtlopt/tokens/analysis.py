@@ -56,7 +56,7 @@ class TokenSpaceAnalysis:
     # Each observation is computed first (``stage_*``) and added by ``commit``, so that a caller can
     # drop a batch whose training step fails.
     def stage_tokens(self) -> tuple[str, Any]:
-        tokens = self.taps.captured()
+        tokens = self.taps.batch_first(self.taps.captured())
         real = list(self.taps.real)
         dims = [x.shape[-1] for x in tokens]
         if self.dims and dims != self.dims:
@@ -65,14 +65,19 @@ class TokenSpaceAnalysis:
         self.taps.clear()
         return "tokens", (increments, tokens[0].shape[0], dims)
 
-    def stage_gradients(self, losses: Sequence[Tensor], retain_graph: bool = True) -> tuple[str, Any]:
+    def stage_gradients(
+        self, losses: Sequence[Tensor], retain_graph: bool = True
+    ) -> tuple[str, Any]:
         if self.spaces is None:
             raise RuntimeError("fit_spaces() must run before observe_gradients()")
         self.set_num_tasks(len(losses))
         assert self.counts is not None
         tokens = self.taps.captured()
         real = list(self.taps.real)
-        grads = token_gradients(losses, tokens, retain_graph=retain_graph)
+        grads = [
+            self.taps.batch_first(g)
+            for g in token_gradients(losses, tokens, retain_graph=retain_graph)
+        ]
         increments = self.counts.increments(self.spaces, grads, self.eps, real)
         self.taps.clear()
         return "gradients", increments

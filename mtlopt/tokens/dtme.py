@@ -145,9 +145,7 @@ class DTME(TokenStrategy):
             )
         except ValueError as error:
             if num_tasks is None and "num_tasks" in str(error):
-                raise ValueError(
-                    f"dtme with base={base!r} needs num_tasks= ({error})"
-                ) from error
+                raise ValueError(f"dtme with base={base!r} needs num_tasks= ({error})") from error
             raise
         if not isinstance(self.base, (LossStrategy, GradientStrategy)):
             raise TypeError("the base of dtme must be a loss or gradient strategy")
@@ -327,14 +325,18 @@ class DTME(TokenStrategy):
             modulation = self._expansion.modulation_parameters()
             tokens = self._expansion.token_parameters()
             if modulation:
-                self._optimizer.add_param_group({**hyper, "params": modulation, "weight_decay": 0.0})
+                self._optimizer.add_param_group(
+                    {**hyper, "params": modulation, "weight_decay": 0.0}
+                )
             if tokens:
                 self._optimizer.add_param_group({**hyper, "params": tokens})
         if self.model is not None:
             # Scope the stream context to this model's forward pass, so that task_view in another
             # model's forward (or after this one) never sees this model's streams.
             self._expansion.handles += [
-                self.model.register_forward_pre_hook(lambda module, args: STREAMS.reset()),
+                self.model.register_forward_pre_hook(
+                    lambda module, args: STREAMS.reset(scoped=True)
+                ),
                 self.model.register_forward_hook(_check_task_view),
             ]
 
@@ -369,7 +371,16 @@ class DTME(TokenStrategy):
             raise ValueError(
                 f"not a DTME checkpoint (strategy {found!r}); load a checkpoint saved by dtme"
             )
-        required = {"num_tasks", "num_blocks", "steps", "seed", "base", "analysis", "plan", "report"}
+        required = {
+            "num_tasks",
+            "num_blocks",
+            "steps",
+            "seed",
+            "base",
+            "analysis",
+            "plan",
+            "report",
+        }
         missing = required - set(state)
         if missing:
             raise KeyError(f"DTME state is missing {sorted(missing)}")
@@ -426,6 +437,6 @@ _NO_TASK_VIEW = (
 
 def _check_task_view(module: nn.Module, args: tuple, output: object) -> None:
     unviewed = STREAMS.branched and STREAMS.views == 0
-    STREAMS.reset()
+    STREAMS.reset(scoped=False)
     if unviewed:
         raise RuntimeError(_NO_TASK_VIEW)

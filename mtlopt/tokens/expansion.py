@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .extras import adapt, argument_names
 from .streams import STREAMS
+from .taps import batch_axis
 
 
 class TokenModulation(nn.Module):
@@ -30,7 +31,9 @@ class TokenModulation(nn.Module):
     ) -> None:
         super().__init__()
         kw = {"dtype": dtype, "device": device}
-        self.weight = nn.ParameterList(nn.Parameter(torch.ones(dim, **kw)) for _ in range(num_tasks))
+        self.weight = nn.ParameterList(
+            nn.Parameter(torch.ones(dim, **kw)) for _ in range(num_tasks)
+        )
         self.bias = nn.ParameterList(nn.Parameter(torch.zeros(dim, **kw)) for _ in range(num_tasks))
 
     def forward(self, x: Tensor, task: int | None = None) -> Tensor:
@@ -113,11 +116,16 @@ class Expansion:
 
     def modulation_parameters(self) -> list[nn.Parameter]:
         return [
-            p for m in self.modules.values() if isinstance(m, TokenModulation) for p in m.parameters()
+            p
+            for m in self.modules.values()
+            if isinstance(m, TokenModulation)
+            for p in m.parameters()
         ]
 
     def token_parameters(self) -> list[nn.Parameter]:
-        return [p for m in self.modules.values() if isinstance(m, TaskTokens) for p in m.parameters()]
+        return [
+            p for m in self.modules.values() if isinstance(m, TaskTokens) for p in m.parameters()
+        ]
 
     def task_parameters(self) -> list[list[nn.Parameter]]:
         """``[task][...]``: the parameters each task owns (its modulation and its tokens)."""
@@ -169,6 +177,12 @@ def expand(
     for d, block in enumerate(blocks):
         if d < branch:
             continue
+        if isinstance(block, nn.Sequential):
+            raise TypeError(
+                f"block {d} is an nn.Sequential: DTME registers its modules on the block, where a "
+                "Sequential would run them as layers; wrap the Sequential in a Module whose "
+                "forward calls it"
+            )
         dtype, device = block_layout(block, dims[d])
         modulation = tokens = None
         if d in plan.modulation_layers:
@@ -181,7 +195,7 @@ def expand(
             )
             block.add_module("dtme_tokens", tokens)
             expansion.modules[f"{d}.tokens"] = tokens
-        hooks = StreamHooks(k, d == branch, modulation, tokens, conventions)
+        hooks = StreamHooks(k, d == branch, modulation, tokens, conventions, batch_axis(block))
         expansion.handles.append(block.register_forward_pre_hook(hooks.before, with_kwargs=True))
         expansion.handles.append(block.register_forward_hook(hooks.after, with_kwargs=True))
     if branch > 0:  # a new forward pass of these blocks: forget the previous pass's streams
@@ -206,7 +220,9 @@ class StreamHooks:
         modulation: TokenModulation | None,
         tokens: TaskTokens | None,
         conventions: Mapping[str, bool] | None = None,
+        axis: int = 0,
     ) -> None:
+        self.axis = axis
         self.k, self.branches, self.modulation, self.tokens = (
             num_tasks,
             branches,
@@ -215,6 +231,7 @@ class StreamHooks:
         )
         self.conventions = dict(conventions or {})
         self.length = 0
+        self.causal: bool | None = None
 
     def before(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         key = next((n for n in TOKEN_NAMES if n in kwargs), None) if not args else None
@@ -226,6 +243,8 @@ class StreamHooks:
         x = args[0] if args else kwargs[key]
         if not isinstance(x, Tensor) or x.is_nested or x.dim() != 3:
             raise _not_tokens(module, x)
+        if self.axis:
+            x = x.transpose(0, 1)  # [N, B, p] → [B, N, p]
         only = STREAMS.only
         if only is not None and not 0 <= only < self.k:
             raise IndexError(f"single_task({only}): the model has {self.k} task streams")
@@ -251,26 +270,48 @@ class StreamHooks:
         def fit(name: str, value: object) -> object:
             return adapt(name, value, streams, batch, self.length, extra, self.conventions)
 
+        if extra:
+            self._check_causal(module, names, args, kwargs)
         rest = tuple(fit(n, a) for n, a in zip(names[1:], args[1:], strict=True))
+        if self.axis:
+            x = x.transpose(0, 1)
         kwargs = {name: (v if name == key else fit(name, v)) for name, v in kwargs.items()}
         if key is not None:
             kwargs[key] = x
             return (), kwargs
         return (x, *rest), kwargs
 
+    def _check_causal(self, module: nn.Module, names: list[str], args: tuple, kwargs: dict) -> None:
+        """Causal attention without a mask tensor (SDPA's ``is_causal``) hides tokens appended at
+        the end from every real token: refuse rather than train task tokens that do nothing."""
+        if self.causal is None:
+            self.causal = any(getattr(m, "is_causal", False) is True for m in module.modules())
+        if not self.causal:
+            return
+        given = dict(zip(names, args, strict=True)) | kwargs
+        if not any(
+            isinstance(v, Tensor) and ("mask" in n or "bias" in n) for n, v in given.items()
+        ):
+            raise ValueError(
+                f"{type(module).__name__} attends causally without a mask tensor (is_causal), so "
+                "task tokens appended after the sequence are invisible to every real token; "
+                "build the model with attn_implementation='eager' (it always passes its causal "
+                "mask, which DTME extends), or use expansion=False"
+            )
+
     def after(self, module: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
         if self.tokens is None:
             return output
         if isinstance(output, Tensor):
-            return output[:, : self.length]
+            return self._drop_tokens(output)
         if isinstance(output, tuple) and output and isinstance(output[0], Tensor):
-            return (output[0][:, : self.length], *output[1:])
-        if hasattr(output, "__getitem__") and isinstance(getattr(output, "last_hidden_state", None), Tensor):
-            output.last_hidden_state = output.last_hidden_state[:, : self.length]
-            return output
+            return (self._drop_tokens(output[0]), *output[1:])
         raise TypeError(
             f"{type(module).__name__} returned {type(output).__name__}; expected tokens"
         )
+
+    def _drop_tokens(self, output: Tensor) -> Tensor:
+        return output[: self.length] if self.axis else output[:, : self.length]
 
 
 def _not_tokens(module: nn.Module, x: object) -> ValueError:

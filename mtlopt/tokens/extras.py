@@ -32,8 +32,16 @@ from torch import Tensor, nn
 TRUE_ATTENDS = frozenset({"attention_mask", "encoder_attention_mask", "sliding_window_mask"})
 """Boolean masks where ``True`` means "may attend" (Hugging Face, SDPA)."""
 TRUE_MASKS = frozenset(
-    {"src_mask", "src_key_padding_mask", "key_padding_mask", "attn_mask", "mask", "padding",
-     "padding_mask", "is_causal_mask"}
+    {
+        "src_mask",
+        "src_key_padding_mask",
+        "key_padding_mask",
+        "attn_mask",
+        "mask",
+        "padding",
+        "padding_mask",
+        "is_causal_mask",
+    }
 )
 """Boolean masks where ``True`` means "masked out" (torch's nn.MultiheadAttention convention)."""
 
@@ -121,8 +129,10 @@ def adapt(
 ) -> Any:
     """``value`` for the ``num_tasks`` streams of a ``batch`` of ``length`` tokens, each followed by
     ``extra`` task tokens."""
-    if isinstance(value, (tuple, list)) and len(value) == 2 and all(
-        isinstance(v, Tensor) and v.dim() >= 2 and v.shape[-2] == length for v in value
+    if (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(isinstance(v, Tensor) and v.dim() >= 2 and v.shape[-2] == length for v in value)
     ):
         cos, sin = (_repeat(v, num_tasks, batch) for v in value)
         if extra:

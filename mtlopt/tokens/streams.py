@@ -25,12 +25,17 @@ class _StreamContext(threading.local):
         self.branched = False
         self.views = 0
         self.only: int | None = None
+        self.scoped = False
 
     def start(self, num_tasks: int, batch: int) -> None:
         self.num_tasks, self.batch, self.branched, self.views = num_tasks, batch, True, 0
 
-    def reset(self) -> None:
+    def reset(self, scoped: bool | None = None) -> None:
+        """Forget the current pass's streams; ``scoped``: whether a model's forward pass (DTME's
+        ``model=``) now encloses them (default: unchanged)."""
         self.num_tasks, self.batch, self.branched, self.views = 1, 0, False, 0
+        if scoped is not None:
+            self.scoped = scoped
 
 
 STREAMS = _StreamContext()
@@ -42,8 +47,8 @@ def task_view(x: Tensor, task: int) -> Tensor:
 
     Inside :func:`single_task` (i) the blocks ran stream i only: ``task_view(x, i)`` is ``x`` and
     any other task's view is filled with NaN, so that an output read for another task cannot pass
-    for a real one. An activation with neither B nor K·B rows in an expanded forward pass is an
-    error (it is not one of this pass's activations).
+    for a real one. Inside the forward pass of the model given to DTME (``model=``), an activation
+    with neither B nor K·B rows is an error (it is not one of this pass's activations).
     """
     if not STREAMS.branched:
         return x
@@ -58,7 +63,7 @@ def task_view(x: Tensor, task: int) -> Tensor:
     if x.shape[0] == k * batch:
         STREAMS.views += 1
         return x[task * batch : (task + 1) * batch]
-    if x.shape[0] == batch:
+    if x.shape[0] == batch or not STREAMS.scoped:
         return x
     raise ValueError(
         f"task_view got {x.shape[0]} rows in a forward pass with {k} task streams of batch {batch}: "
@@ -74,7 +79,11 @@ def stream_count() -> int:
 def is_streamed(x: Tensor) -> bool:
     """Whether ``x`` (an activation of the current forward pass) holds the K task streams, i.e.
     was computed after the DTME branch; hidden states from earlier blocks do not."""
-    return STREAMS.branched and STREAMS.num_tasks > 1 and x.shape[0] == STREAMS.num_tasks * STREAMS.batch
+    return (
+        STREAMS.branched
+        and STREAMS.num_tasks > 1
+        and x.shape[0] == STREAMS.num_tasks * STREAMS.batch
+    )
 
 
 @contextmanager

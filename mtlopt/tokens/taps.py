@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .extras import named_extras, real_tokens
+from .streams import STREAMS
 
 TOKEN_NAMES = ("src", "x", "hidden_states")
 
@@ -57,27 +58,42 @@ def find_blocks(model: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
     ):
         blocks = list(model)
     else:
-        blocks = []
-        for path in BLOCK_ATTRIBUTES:
-            found: Any = model
-            for part in path.split("."):
-                found = getattr(found, part, None)
-            if isinstance(found, (nn.ModuleList, nn.Sequential)) and len(found) > 0:
-                blocks = list(found)
-                break
+        blocks = _search(model)
         if not blocks:
             raise ValueError(
                 f"could not find the blocks of {type(model).__name__}: looked for "
-                f"{', '.join('.' + a for a in BLOCK_ATTRIBUTES)}; pass the list of blocks instead"
-            )
-    for block in blocks:
-        if isinstance(block, nn.TransformerEncoderLayer) and not block.self_attn.batch_first:
-            raise ValueError(
-                "nn.TransformerEncoderLayer must be built with batch_first=True: DTME reads and "
-                "stacks task streams on the batch axis of [B, N, p] tokens; rebuild the layer with "
-                "batch_first=True (and transpose the input once)"
+                f"{', '.join('.' + a for a in BLOCK_ATTRIBUTES)} on it and on its sub-modules; "
+                "pass the list of blocks instead (blocks=model.path.to.layers)"
             )
     return blocks
+
+
+def batch_axis(block: nn.Module) -> int:
+    """The batch axis of a block's tokens: 1 for torch layers built with ``batch_first=False``
+    (``[N, B, p]``), else 0."""
+    attention = getattr(block, "self_attn", None)
+    if isinstance(block, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) and isinstance(
+        attention, nn.MultiheadAttention
+    ):
+        return 0 if attention.batch_first else 1
+    return 0
+
+
+def _search(model: nn.Module) -> list[nn.Module]:
+    """The blocks at the shallowest sub-module (breadth first) that has one of the attributes."""
+    level: list[nn.Module] = [model]
+    seen: set[int] = set()
+    while level:
+        for module in level:
+            for path in BLOCK_ATTRIBUTES:
+                found: Any = module
+                for part in path.split("."):
+                    found = getattr(found, part, None)
+                if isinstance(found, (nn.ModuleList, nn.Sequential)) and len(found) > 0:
+                    return list(found)
+        seen.update(id(m) for m in level)
+        level = [c for m in level for c in m.children() if id(c) not in seen]
+    return []
 
 
 class TokenTaps:
@@ -100,6 +116,7 @@ class TokenTaps:
         self.inputs: list[Tensor | None] = [None] * len(self.blocks)
         self.real: list[Tensor | None] = [None] * len(self.blocks)
         self.calls: list[tuple[tuple, dict] | None] = [None] * len(self.blocks)
+        self.axes = [batch_axis(b) for b in self.blocks]
         self._handles = [
             block.register_forward_pre_hook(self._hook(d), with_kwargs=True)
             for d, block in enumerate(self.blocks)
@@ -107,19 +124,25 @@ class TokenTaps:
 
     def _hook(self, index: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            if index == 0 and not _expanded(self.blocks):
+                STREAMS.reset()  # a new forward pass: forget any earlier model's streams
             key = next((n for n in TOKEN_NAMES if n in kwargs), "x") if not args else None
             tokens = args[0] if args else kwargs.get(key)
             if not isinstance(tokens, Tensor) or tokens.is_nested or tokens.dim() != 3:
                 if isinstance(tokens, Tensor) and tokens.is_nested:
                     shape = "a nested tensor (nn.TransformerEncoder(enable_nested_tensor=True))"
                 else:
-                    shape = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
+                    shape = (
+                        tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
+                    )
                 raise ValueError(
                     f"block {index} ({type(module).__name__}) received {shape} as its first input; "
                     "token taps need padded [B, N, p] tensors (batch first)"
                 )
             extras = named_extras(module, args, kwargs)
-            self.real[index] = real_tokens(extras, tokens.shape[0], tokens.shape[1], self.conventions)
+            axis = self.axes[index]
+            batch, length = tokens.shape[axis], tokens.shape[1 - axis]
+            self.real[index] = real_tokens(extras, batch, length, self.conventions)
             if self.keep_calls:
                 self.calls[index] = (args, dict(kwargs))
             if torch.is_grad_enabled() and not tokens.requires_grad:
@@ -132,6 +155,10 @@ class TokenTaps:
             return None
 
         return hook
+
+    def batch_first(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """``tensors[d]`` (block d's tokens or their gradients) as ``[B, N, p]``."""
+        return [x.transpose(0, 1) if a else x for x, a in zip(tensors, self.axes, strict=True)]
 
     def captured(self) -> list[Tensor]:
         missing = [d for d, x in enumerate(self.inputs) if x is None]
@@ -155,6 +182,10 @@ class TokenTaps:
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
+
+
+def _expanded(blocks: Sequence[nn.Module]) -> bool:
+    return any(hasattr(b, "dtme_modulation") or hasattr(b, "dtme_tokens") for b in blocks)
 
 
 def token_gradients(

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from .expansion import TOKEN_NAMES, StreamHooks, TaskTokens, block_layout
 from .extras import UnsupportedExtra
 from .streams import STREAMS
+from .taps import batch_axis
 
 
 def validate_blocks(
@@ -42,14 +43,18 @@ def _validate_block(
 ) -> None:
     args, kwargs = _detached(call)
     name = f"block {d} ({type(block).__name__})"
-    baseline = _tokens_of(block.forward(*args, **kwargs), name)
+    axis = batch_axis(block)
+    baseline = _batch_first(_tokens_of(block.forward(*args, **kwargs), name), axis)
     tokens = None
     for with_tokens in (False, True) if task_tokens else (False,):
         if with_tokens:
-            dtype, device = block_layout(block, baseline.shape[-1])
+            width = (
+                args[0] if args else kwargs[next(n for n in TOKEN_NAMES if n in kwargs)]
+            ).shape[-1]
+            dtype, device = block_layout(block, width)
             g = torch.Generator().manual_seed(0)
-            tokens = TaskTokens(2, 2, baseline.shape[-1], std=1.0, generator=g, dtype=dtype, device=device)
-        hooks = StreamHooks(2, True, None, tokens, conventions)
+            tokens = TaskTokens(2, 2, width, std=1.0, generator=g, dtype=dtype, device=device)
+        hooks = StreamHooks(2, True, None, tokens, conventions, axis)
         what = "with task tokens" if with_tokens else "as K task streams"
         try:
             a2, k2 = hooks.before(block, args, kwargs)
@@ -65,7 +70,7 @@ def _validate_block(
             raise ValueError(
                 f"{name} cannot run {what}: {type(error).__name__}: {error}; {advice}"
             ) from error
-        out = _tokens_of(output, name)
+        out = _batch_first(_tokens_of(output, name), axis)
         batch = baseline.shape[0]
         if tuple(out.shape) != (2 * batch, *baseline.shape[1:]):
             raise ValueError(
@@ -90,6 +95,10 @@ def _validate_block(
             )
 
 
+def _batch_first(x: Tensor, axis: int) -> Tensor:
+    return x.transpose(0, 1) if axis else x
+
+
 def _detached(call: tuple[tuple, dict]) -> tuple[tuple, dict]:
     args, kwargs = call
     if args:
@@ -103,7 +112,9 @@ def _tokens_of(output: Any, name: str) -> Tensor:
         return output
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
         return output[0]
-    raise ValueError(f"{name} returned {type(output).__name__}; DTME needs tokens (or a tuple of them)")
+    raise ValueError(
+        f"{name} returned {type(output).__name__}; DTME needs tokens (or a tuple of them)"
+    )
 
 
 @contextmanager
