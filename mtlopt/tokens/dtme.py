@@ -168,6 +168,7 @@ class DTME(TokenStrategy):
         )
         self._analysis.taps.keep_calls = True
         self._pending: list[tuple[str, Any]] = []
+        self._first: tuple[int, int] | None = None
         self._expansion: Expansion | None = None
         self._optimizer: torch.optim.Optimizer | None = None
 
@@ -221,13 +222,13 @@ class DTME(TokenStrategy):
             return
         analysis = self._analysis
         assert analysis is not None
-        if not self.validated:
-            self._validate(analysis)
-        if self.num_tasks is None:
-            self.num_tasks = len(losses)  # the task count, from the first losses
-        analysis.set_num_tasks(self.num_tasks)
         if self._new_window():
             self._pending = []
+            self._first = None
+        if not self.validated and self._first is None:
+            self._first = (self._validate(analysis), len(losses))
+        if phase == "conflicts":
+            analysis.set_num_tasks(self.num_tasks or len(losses))
         if phase == "covariance":
             self._pending.append(analysis.stage_tokens())
         elif phase == "conflicts":
@@ -235,7 +236,9 @@ class DTME(TokenStrategy):
         else:
             analysis.taps.clear()
 
-    def _validate(self, analysis: TokenSpaceAnalysis) -> None:
+    def _validate(self, analysis: TokenSpaceAnalysis) -> int:
+        """Replay the blocks as streams (:mod:`.validate`); the sequence length. Nothing is
+        recorded until the step succeeds (:meth:`after_step`)."""
         taps = analysis.taps
         inputs = taps.captured()
         validate_blocks(
@@ -244,10 +247,7 @@ class DTME(TokenStrategy):
             task_tokens=self.expansion and self.tokens_per_task > 0,
             conventions=self.conventions,
         )
-        self.sequence_length = int(inputs[0].shape[1])
-        self.validated = True
-        taps.keep_calls = False
-        taps.calls = [None] * len(taps.calls)
+        return int(inputs[0].shape[taps.axes[0] ^ 1])
 
     def _new_window(self) -> bool:
         """Whether this is the first backward of a step (not a further micro-batch of one)."""
@@ -258,6 +258,13 @@ class DTME(TokenStrategy):
         if self._expansion is not None:
             return
         assert self._analysis is not None
+        if self._first is not None:  # the first successful step fixes K and the layout
+            self.sequence_length, tasks = self._first
+            self.num_tasks = self.num_tasks or tasks
+            self.validated = True
+            self._analysis.taps.keep_calls = False
+            self._analysis.taps.calls = [None] * len(self.blocks)
+            self._first = None
         for staged in self._pending:
             self._analysis.commit(staged)
         self._pending = []
