@@ -3,6 +3,7 @@
 from . import dtme  # noqa: F401  (registers "dtme")
 from .analysis import TokenSpaceAnalysis, analyze_token_conflicts
 from .budget import choose_layers, predicted_multiplier
+from .deploy import load_expanded, plan_from_state_dict
 from .dtme import DTME
 from .expansion import ExpansionPlan, TaskTokens, TokenModulation, expand
 from .report import ConflictReport
@@ -26,6 +27,8 @@ __all__ = [
     "expand",
     "find_blocks",
     "is_streamed",
+    "load_expanded",
+    "plan_from_state_dict",
     "predicted_multiplier",
     "single_task",
     "split_rank",
