@@ -418,7 +418,7 @@ def run_case(case: Case) -> dict[str, str]:
             torch.testing.assert_close(alone, every[i], rtol=2e-2, atol=2e-2)
     row.update(
         status="works: modulation + task tokens",
-        detail=f"branch at block {plan.branch_layer}; eval and single-task inference checked",
+        detail="Proposition 2, eval mode and single-task inference checked",
     )
     return row
 
