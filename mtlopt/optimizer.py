@@ -162,11 +162,6 @@ class MTLOptimizer(torch.optim.Optimizer):
         self._warned: set[str] = set()
         self._updates = 0
         self._own_ids = {id(p) for p in self._combiner.parameters()}
-        if self._replicas is not None and isinstance(strategy, TokenStrategy):
-            raise NotImplementedError(
-                "DTME under torch.distributed is not supported yet: each rank would analyse its "
-                "own batches and could choose a different expansion"
-            )
 
         # The torch.optim.Optimizer contract, sharing the wrapped optimizer's groups and state.
         self.defaults = optimizer.defaults

@@ -265,7 +265,11 @@ class DTME(TokenStrategy):
             self._analysis.taps.keep_calls = False
             self._analysis.taps.calls = [None] * len(self.blocks)
             self._first = None
-        for staged in self._pending:
+        replicas = getattr(self._optimizer, "_replicas", None)
+        staged = _merge(self._pending)
+        if replicas is not None and staged is not None:
+            staged = _sum_over_ranks(staged, replicas.group)
+        if staged is not None:
             self._analysis.commit(staged)
         self._pending = []
         self.steps += 1
@@ -422,6 +426,40 @@ class DTME(TokenStrategy):
             self.plan, self.report = plan, report
             assert report is not None
             self._apply(dims=report.dims)
+
+
+def _merge(pending: list[tuple[str, Any]]) -> tuple[str, Any] | None:
+    """One staged observation from a step's micro-batches (all of one kind: a step is in one
+    phase)."""
+    if not pending:
+        return None
+    kind = pending[0][0]
+    if kind == "tokens":
+        sums = [sum(parts) for parts in zip(*(v[0] for _, v in pending), strict=True)]
+        return kind, (sums, sum(v[1] for _, v in pending), pending[-1][1][2])
+    return kind, {name: sum(v[name] for _, v in pending) for name in pending[0][1]}
+
+
+def _sum_over_ranks(staged: tuple[str, Any], group: Any) -> tuple[str, Any]:
+    """The step's statistics summed over data-parallel ranks (one ``all_reduce``), so that every
+    rank fits the same spaces and chooses the same plan as one process on the union batch."""
+    import torch.distributed as dist
+
+    kind, value = staged
+    if kind == "tokens":
+        parts = [*value[0], torch.tensor([float(value[1])], dtype=torch.float64)]
+    else:
+        parts = [torch.from_numpy(np.asarray(value[name], dtype=np.float64)) for name in value]
+    flat = torch.cat([p.reshape(-1).double() for p in parts])
+    dist.all_reduce(flat, group=group)
+    pieces = flat.split([p.numel() for p in parts])
+    if kind == "tokens":
+        sums = [piece.view_as(p) for piece, p in zip(pieces[:-1], parts[:-1], strict=True)]
+        return kind, (sums, int(round(float(pieces[-1]))), value[2])
+    return kind, {
+        name: piece.view_as(p).numpy().copy()
+        for name, piece, p in zip(value, pieces, parts, strict=True)
+    }
 
 
 def _conventions(given: Mapping[str, str] | None) -> dict[str, bool]:
