@@ -455,7 +455,7 @@ def _sum_over_ranks(staged: tuple[str, Any], group: Any) -> tuple[str, Any]:
     pieces = flat.split([p.numel() for p in parts])
     if kind == "tokens":
         sums = [piece.view_as(p) for piece, p in zip(pieces[:-1], parts[:-1], strict=True)]
-        return kind, (sums, int(round(float(pieces[-1]))), value[2])
+        return kind, (sums, round(float(pieces[-1])), value[2])
     return kind, {
         name: piece.view_as(p).numpy().copy()
         for name, piece, p in zip(value, pieces, parts, strict=True)
