@@ -287,3 +287,37 @@ def test_an_unsupported_layout_fails_on_the_first_step_before_the_analysis():
         opt.zero_grad()
         opt.step(losses(model, *batch(seed=s)))
     assert dtme.phase == "expanded"
+
+
+def test_hidden_states_before_and_after_the_branch():
+    """output_hidden_states=True returns B-row states before the branch and K·B-row states after
+    it; is_streamed says which, and task_view gives every one of them B rows."""
+    t = transformers_or_skip()
+    config = t.BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+    )
+    seen: list[tuple[list[bool], list[int]]] = []
+
+    class Hidden(_HF):
+        def forward(self, **batch):
+            states = self.encoder(**batch, output_hidden_states=True).hidden_states
+            seen.append(
+                (
+                    [is_streamed(h) for h in states],
+                    [mtlopt.task_view(h, 1).shape[0] for h in states],
+                )
+            )
+            h = states[-1]
+            return [head(mtlopt.task_view(h, i).mean(1)) for i, head in enumerate(self.heads)]
+
+    torch.manual_seed(0)
+    model = Hidden(t.BertModel(config))
+    dtme = _train_through(model, find_blocks(model), _padded_text, model=model, layers=[2, 3])
+    assert dtme.plan.branch_layer == 2
+    streamed, rows = seen[-1]
+    assert streamed == [False, False, False, True, True]  # inputs of blocks 0-2, then after
+    assert rows == [3] * 5
