@@ -14,7 +14,8 @@ models alive at a time.
    the shared parameters and that task's head, the gradients summed into ``.grad``, one Adam step.
 2. **Peer ratio**: ours over LibMTL 1.1.5's implementation of the same method, same model and batch.
 3. **Modes**: representation mode (``features=``) and DTME (analysis phase; after its expansion)
-   over EW.
+   over EW; DTME after its expansion at K = 2, 5, 11, with and without a budget, with a gradient
+   base, and single-task inference (``python3 -m benchmarks.perf --dtme`` runs that part alone).
 4. **Solver share**: the time of the strategy's ``combine`` (Gramian, solver, ``wᵀJ``) and of its
    solver alone on the T×T Gramian, as shares of the strategy's median step, at T = 11.
 
@@ -23,9 +24,11 @@ The many-task cost curve (time and memory against K up to 100) is the ``scaling`
 
 from __future__ import annotations
 
+import argparse
 import copy
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,6 +38,7 @@ import torch
 from torch import nn
 
 import mtlopt
+import mtlopt.tokens
 from mtlopt.strategies.base import GramianStrategy, gramian_of
 
 from . import allocator, libmtl_peer
@@ -218,6 +222,92 @@ def dtme_step(b: Bench, expanded: bool) -> Callable[[], None]:
         for _ in range(analysis + 1):
             step()
     return step
+
+
+def expanded_dtme(
+    b: Bench, base: str = "ew", budget: float | None = None
+) -> tuple[Callable[[], None], mtlopt.tokens.DTME]:
+    """A DTME optimizer taken through a 2-step analysis to its expansion, and its training step."""
+    dtme = mtlopt.create(
+        "dtme",
+        model=b.model,
+        num_tasks=len(b.heads),
+        base=base,
+        analysis_steps=2,
+        covariance_steps=1,
+        budget=budget,
+    )
+    opt = mtlopt.MTLOptimizer(torch.optim.Adam(b.model.parameters(), lr=1e-4), dtme)
+
+    def step() -> None:
+        opt.zero_grad()
+        opt.step(b.losses(b.model))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the expensive-plan warning: measured here on purpose
+        for _ in range(3):
+            step()
+    assert dtme.phase == "expanded"
+    return step, dtme
+
+
+def inference(b: Bench, task: int | None = None) -> Callable[[], None]:
+    """One forward pass and the task losses without gradients; ``task``: only that task's stream
+    (:func:`mtlopt.tokens.single_task`)."""
+
+    def run() -> None:
+        with torch.no_grad():
+            if task is None:
+                b.losses(b.model)
+            else:
+                with mtlopt.tokens.single_task(task):
+                    b.losses(b.model)
+
+    return run
+
+
+def dtme_table(kind: str, ks: list[int], rounds: int, warmup: int, progress) -> list[str]:
+    """DTME's cost after the expansion at each K: over EW's step, with the default plan and with
+    ``budget=2``, with a gradient base (PCGrad, and PCGrad alone for reference), and inference
+    (all tasks, one task) over the model before the expansion; predicted multipliers beside."""
+    lines = [
+        "| K | plan (branch, predicted) | dtme+ew / ew | budget=2: plan | budget=2: dtme+ew / ew | "
+        "dtme+pcgrad / ew | pcgrad / ew | dtme+pcgrad / dtme+ew | inference, all tasks / "
+        "plain | inference, one task / plain |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for k in ks:
+        base = bench(kind, k)
+        ew = wrapper_step(base.clone(), "ew")
+        default_b, budget_b, pcgrad_b = base.clone(), base.clone(), base.clone()
+        default, default_dtme = expanded_dtme(default_b)
+        budgeted, budget_dtme = expanded_dtme(budget_b, budget=2.0)
+        with_pcgrad, _ = expanded_dtme(pcgrad_b, base="pcgrad")
+        plain = base.clone()
+        pairs = {
+            "default": (ew, default),
+            "budget": (ew, budgeted),
+            "dtme+pcgrad": (ew, with_pcgrad),
+            "pcgrad": (ew, wrapper_step(base.clone(), "pcgrad")),
+            "gradient base": (default, with_pcgrad),
+            "all tasks": (inference(plain), inference(default_b)),
+            "one task": (inference(plain), inference(default_b, task=0)),
+        }
+        r = paired(pairs, rounds, warmup)
+        lines.append(
+            f"| {k} | {_plan(default_dtme)} | {r['default'].ratio:.2f} | {_plan(budget_dtme)} | "
+            f"{r['budget'].ratio:.2f} | {r['dtme+pcgrad'].ratio:.2f} | {r['pcgrad'].ratio:.2f} | "
+            f"{_mark(r['gradient base'].ratio, 1.3)} | {r['all tasks'].ratio:.2f} | "
+            f"{r['one task'].ratio:.2f} |"
+        )
+        progress(f"dtme {kind} K={k}")
+    return lines
+
+
+def _plan(dtme: mtlopt.tokens.DTME) -> str:
+    plan = dtme.plan
+    assert plan is not None
+    return f"block {plan.branch_layer}, {plan.predicted_multiplier:.2f}×"
 
 
 @dataclass
@@ -458,6 +548,41 @@ def _mark(value: float, target: float, pct: bool = False) -> str:
     return text if value <= target else f"**{text}**"
 
 
+DTME_SECTION = [
+    "## DTME after its expansion: cost against K, budget, gradient base, inference",
+    "",
+    "QM9 model (4 blocks). Training steps over EW's step; the plan is the one DTME chose after a "
+    "2-step analysis on the benchmark's random batch: the branch block b and the predicted block "
+    "compute c(b) = (b + K(D − b))/D plus the task tokens' share (`mtlopt.tokens.budget`), which "
+    "counts the blocks only (embedding, heads and the optimizer step are not multiplied), so the "
+    "measured step ratio sits below it when the blocks are a part of the step. `budget=2` bounds "
+    "the prediction at 2×. dtme+pcgrad / dtme+ew: the gradient base's extra cost on the expanded "
+    "model (target ≤ 1.3). Inference: one no-grad forward pass over the model before the expansion; "
+    "one task runs only task 0's stream (`mtlopt.tokens.single_task`).",
+    "",
+]
+
+
+def run_dtme(quick: bool, progress=print) -> str:
+    """The DTME section alone: ``python3 -m benchmarks.perf --dtme [--quick]``."""
+    torch.manual_seed(0)
+    pinned = allocator.pin()
+    rounds, warmup = (3, 1) if quick else (9, 1)
+    ks = [2, 5] if quick else [2, 5, 11]
+    start = time.perf_counter()
+    lines = dtme_table("qm9", ks, rounds, warmup, progress)
+    return "\n".join(
+        [
+            *DTME_SECTION,
+            f"{rounds} rounds after {warmup} warm-up, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} thread(s), malloc {'pinned' if pinned else 'not pinned'}, "
+            f"wall {time.perf_counter() - start:.0f} s.",
+            "",
+            *lines,
+        ]
+    )
+
+
 def run(out: Path, quick: bool, command: str, write_docs: bool, progress=print) -> str:
     torch.manual_seed(0)
     if quick:
@@ -475,6 +600,7 @@ def run(out: Path, quick: bool, command: str, write_docs: bool, progress=print) 
     floor_lines, medians, own_lines = floor_table(floor_cells, rounds, warmup, progress)
     peer_lines = peer_table(peer_cells, rounds, warmup, progress)
     mode_lines = modes_table(mode_cells, rounds, warmup, progress)
+    dtme_lines = dtme_table("qm9", [2, 5] if quick else [2, 5, 11], rounds, warmup, progress)
     vjp_lines = vjp_table(floor_cells, max(3, rounds // 3), 1, progress)
     solver_lines = solver_table("qm9", 11, medians["qm9", 11], repeats=rounds * 3)
     allocator_lines = (
@@ -545,6 +671,9 @@ def run(out: Path, quick: bool, command: str, write_docs: bool, progress=print) 
             "",
             *mode_lines,
             "",
+            *DTME_SECTION,
+            *dtme_lines,
+            "",
             "## Batched VJP against sequential per-task gradients",
             "",
             "The T×P matrix of shared gradients (forward included), with one `autograd.grad` per "
@@ -586,3 +715,13 @@ def run(out: Path, quick: bool, command: str, write_docs: bool, progress=print) 
     if write_docs:
         Path("docs/perf.md").write_text(text)
     return text
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtme", action="store_true", help="only DTME's section")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    if not args.dtme:
+        parser.error("use `mtlopt-bench run perf` for the whole page; --dtme for DTME's section")
+    print(run_dtme(args.quick))

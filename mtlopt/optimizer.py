@@ -131,11 +131,6 @@ class MTLOptimizer(JacobianPath, RepresentationPath, ScalarizedPath, torch.optim
         self._updates = 0
         self._joined: set[int] = set()
         self._sparse_ids: set[int] = set()
-        if self._replicas is not None and isinstance(strategy, TokenStrategy):
-            raise NotImplementedError(
-                "DTME under torch.distributed is not supported yet: each rank would analyse its "
-                "own batches and could choose a different expansion"
-            )
 
         # The torch.optim.Optimizer contract, sharing the wrapped optimizer's groups and state.
         delegating_optimizer_init(self, optimizer.defaults)
@@ -219,6 +214,11 @@ class MTLOptimizer(JacobianPath, RepresentationPath, ScalarizedPath, torch.optim
         ``backward`` call combines its own micro-batch (the trunk graph of each is needed).
         """
         self._agreed = self._replicas is None
+        if self._replicas is not None:
+            # Rank 0's strategy state, once, before anything of this step: the same point on every
+            # rank whatever its input (strategies built later, at the first step, are built
+            # deterministically from the task count).
+            self._sync_replicas_once()
         try:
             return self._backward(losses, features)
         except ReplicaError:

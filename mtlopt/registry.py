@@ -29,6 +29,9 @@ class Cost(str, enum.Enum):
     ONE_BACKWARD = "1 backward"
     T_BACKWARD = "T backward"
     REPRESENTATION = "representation"
+    TOKEN_STREAMS = "1 + T backward (analysis), then T streams after the branch"
+    """DTME-MTL: T extra backward passes to the block inputs per analysis step; after the expansion
+    one backward, with every block from the branch on running T streams."""
 
 
 @dataclass(frozen=True)

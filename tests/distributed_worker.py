@@ -62,14 +62,6 @@ def refusals() -> list[str]:
         opt.backward(losses, features=features)
     except NotImplementedError as error:
         messages.append(str(error))
-    try:
-        mtlopt.create("dtme", blocks=[nn.Identity()], num_tasks=2)
-        mtlopt.MTLOptimizer(
-            torch.optim.SGD(model.parameters(), lr=0.1),
-            mtlopt.create("dtme", blocks=[nn.Identity()], num_tasks=2),
-        )
-    except NotImplementedError as error:
-        messages.append(str(error))
     return messages
 
 

@@ -132,9 +132,9 @@ def test_schedule_analysis_then_one_expansion(name):
     )
     assert report.parameters_added == expected
     assert report.parameters_before == sum(p.numel() for p in model.parameters()) - expected
-    assert len(opt.param_groups) == groups + 1
-    assert opt.param_groups[-1]["lr"] == opt.param_groups[0]["lr"]
-    new = opt.param_groups[-1]["params"]
+    assert len(opt.param_groups) == groups + 2  # modulation (no weight decay), then tokens
+    assert all(g["lr"] == opt.param_groups[0]["lr"] for g in opt.param_groups[-2:])
+    new = opt.param_groups[-2]["params"] + opt.param_groups[-1]["params"]
     before = [p.detach().clone() for p in new]
     _train(model, opt, 2, seed=20)
     assert any(not torch.equal(p.detach(), b) for p, b in zip(new, before, strict=True))
@@ -254,8 +254,10 @@ def test_bad_configuration():
     model = TinyViT()
     with pytest.raises(ValueError, match="covariance_steps"):
         mtlopt.create("dtme", blocks=model, num_tasks=2, analysis_steps=5, covariance_steps=5)
-    with pytest.raises(ValueError, match="num_tasks"):
-        mtlopt.create("dtme", blocks=model)
+    with pytest.raises(ValueError, match="blocks= or model="):
+        mtlopt.create("dtme")
+    lazy = mtlopt.create("dtme", blocks=model, base="uw")  # UW's parameters: at the first step
+    assert lazy.base.parameters() == []
     with pytest.raises(ValueError, match="rho"):
         mtlopt.create("dtme", blocks=model, num_tasks=2, rho=0.0)
 
@@ -292,5 +294,6 @@ def test_a_chainable_scheduler_built_before_the_expansion_schedules_the_new_grou
         opt.zero_grad()
         opt.step(losses(model, x, y))
         scheduler.step()
-    assert len(opt.param_groups) == 2
-    assert opt.param_groups[1]["lr"] == pytest.approx(opt.param_groups[0]["lr"]) == 0.01 * 0.5**7
+    assert len(opt.param_groups) == 3
+    for group in opt.param_groups[1:]:
+        assert group["lr"] == pytest.approx(opt.param_groups[0]["lr"]) == 0.01 * 0.5**7

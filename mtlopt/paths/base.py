@@ -80,15 +80,13 @@ class PathBase:
         return self._backward_jacobian(step, tensors, detached, scale)
 
     def _agreement(self, step: StepTasks, detached: Tensor, reach: Tensor | None) -> Agreement:
-        """The ranks agree on their tasks, losses and reach; then rank 0's strategy state is
-        given to every rank (once)."""
+        """The ranks agree on their tasks, losses and reach."""
         assert self._replicas is not None
         agreement = self._replicas.agree(
             failed=False, num_tasks=len(step.names), present=step.present, losses=detached,
             reach=reach,
         )
         self._agreed = True
-        self._sync_replicas_once()
         return agreement
 
     def _warn_zero_tasks(self, step: StepTasks, checks: list[TaskCheck]) -> None:

@@ -2,11 +2,13 @@
 
 from . import dtme  # noqa: F401  (registers "dtme")
 from .analysis import TokenSpaceAnalysis, analyze_token_conflicts
+from .budget import choose_layers, predicted_multiplier
+from .deploy import load_expanded, plan_from_state_dict
 from .dtme import DTME
 from .expansion import ExpansionPlan, TaskTokens, TokenModulation, expand
 from .report import ConflictReport
 from .space import ConflictCounts, CovarianceAccumulator, TokenSpace, split_rank
-from .streams import stream_count, task_view
+from .streams import is_streamed, single_task, stream_count, task_view
 from .taps import TokenTaps, find_blocks, token_gradients
 
 __all__ = [
@@ -21,8 +23,14 @@ __all__ = [
     "TokenSpaceAnalysis",
     "TokenTaps",
     "analyze_token_conflicts",
+    "choose_layers",
     "expand",
     "find_blocks",
+    "is_streamed",
+    "load_expanded",
+    "plan_from_state_dict",
+    "predicted_multiplier",
+    "single_task",
     "split_rank",
     "stream_count",
     "task_view",

@@ -4,30 +4,41 @@ The blocks keep their type and their parameter names: the new parameters are reg
 sub-modules of the blocks they modify (``dtme_modulation``, ``dtme_tokens``), and forward hooks
 reshape the block's input and output. A model expanded this way saves and loads with its own
 ``state_dict``; a fresh model must first be expanded by the same plan (DTME's ``load_state_dict``
-does that) before it can load that state.
+or :func:`mtlopt.tokens.load_expanded` does that) before it can load that state.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .extras import adapt, argument_names
 from .streams import STREAMS
+from .taps import batch_axis
 
 
 class TokenModulation(nn.Module):
-    """Per-task channel-wise affine ``W_i ⊙ t + b_i`` on every token (DTME, Sec. 3.3), initialised to
-    the identity (W = 1, b = 0). One parameter per task, so each is reached by its task only."""
+    """Per-task channel-wise affine ``W_i ⊙ t + b_i`` on every token (DTME, Sec. 3.3, Eq. 6),
+    initialised to the identity (W = 1, b = 0). One parameter per task, so each is reached by its
+    task only."""
 
-    def __init__(self, num_tasks: int, dim: int) -> None:
+    def __init__(
+        self, num_tasks: int, dim: int, dtype: torch.dtype | None = None, device: Any = None
+    ) -> None:
         super().__init__()
-        self.weight = nn.ParameterList(nn.Parameter(torch.ones(dim)) for _ in range(num_tasks))
-        self.bias = nn.ParameterList(nn.Parameter(torch.zeros(dim)) for _ in range(num_tasks))
+        kw = {"dtype": dtype, "device": device}
+        self.weight = nn.ParameterList(
+            nn.Parameter(torch.ones(dim, **kw)) for _ in range(num_tasks)
+        )
+        self.bias = nn.ParameterList(nn.Parameter(torch.zeros(dim, **kw)) for _ in range(num_tasks))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, task: int | None = None) -> Tensor:
+        if task is not None:
+            return x * self.weight[task] + self.bias[task]
         k = len(self.weight)
         streams = x.view(k, -1, *x.shape[1:])
         weight = torch.stack(list(self.weight))[:, None, None, :]
@@ -36,19 +47,35 @@ class TokenModulation(nn.Module):
 
 
 class TaskTokens(nn.Module):
-    """``n`` learnable tokens per task appended to that task's stream (DTME, Sec. 3.4), initialised
-    from a normal truncated at ±2σ with σ = 0.02 (the ViT convention for learned tokens)."""
+    """``n`` learnable tokens per task appended to that task's stream (DTME, Sec. 3.4, Eq. 7),
+    initialised from a normal truncated at ±2σ with σ = 0.02 (the ViT convention for learned
+    tokens), drawn from ``generator`` (so that a restored run draws the same tokens)."""
 
-    def __init__(self, num_tasks: int, count: int, dim: int, std: float = 0.02) -> None:
+    def __init__(
+        self,
+        num_tasks: int,
+        count: int,
+        dim: int,
+        std: float = 0.02,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype | None = None,
+        device: Any = None,
+    ) -> None:
         super().__init__()
-        self.tokens = nn.ParameterList(
-            nn.Parameter(
-                nn.init.trunc_normal_(torch.empty(count, dim), std=std, a=-2 * std, b=2 * std)
+        values = [
+            nn.init.trunc_normal_(
+                torch.empty(count, dim), std=std, a=-2 * std, b=2 * std, generator=generator
             )
             for _ in range(num_tasks)
+        ]
+        self.tokens = nn.ParameterList(
+            nn.Parameter(v.to(dtype=dtype, device=device)) for v in values
         )
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, task: int | None = None) -> Tensor:
+        if task is not None:
+            tokens = self.tokens[task][None].expand(x.shape[0], -1, -1).to(x.dtype)
+            return torch.cat([x, tokens], dim=1)
         k = len(self.tokens)
         streams = x.view(k, -1, *x.shape[1:])
         batch = streams.shape[1]
@@ -58,17 +85,22 @@ class TaskTokens(nn.Module):
 
 @dataclass
 class ExpansionPlan:
-    """Which layers get token modulation (TM) and which get task tokens (TE)."""
+    """Which layers get token modulation (TM) and which get task tokens (TE), and what the plan is
+    predicted to cost (:mod:`mtlopt.tokens.budget`)."""
 
     num_tasks: int
     modulation_layers: list[int]
     expansion_layers: list[int]
     tokens_per_task: int = 6
+    predicted_multiplier: float = 1.0
 
     @property
     def branch_layer(self) -> int | None:
         chosen = set(self.modulation_layers) | set(self.expansion_layers)
         return min(chosen) if chosen else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass
@@ -81,6 +113,19 @@ class Expansion:
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for module in self.modules.values() for p in module.parameters()]
+
+    def modulation_parameters(self) -> list[nn.Parameter]:
+        return [
+            p
+            for m in self.modules.values()
+            if isinstance(m, TokenModulation)
+            for p in m.parameters()
+        ]
+
+    def token_parameters(self) -> list[nn.Parameter]:
+        return [
+            p for m in self.modules.values() if isinstance(m, TaskTokens) for p in m.parameters()
+        ]
 
     def task_parameters(self) -> list[list[nn.Parameter]]:
         """``[task][...]``: the parameters each task owns (its modulation and its tokens)."""
@@ -102,28 +147,55 @@ class Expansion:
         self.handles = []
 
 
-def expand(blocks: Sequence[nn.Module], plan: ExpansionPlan, dim: int) -> Expansion:
+def block_layout(block: nn.Module, dim: int) -> tuple[torch.dtype, torch.device]:
+    """The dtype and device of a block's floating-point parameters (float32 / CPU if it has none)."""
+    for p in block.parameters():
+        if p.is_floating_point():
+            return p.dtype, p.device
+    return torch.get_default_dtype(), torch.device("cpu")
+
+
+def expand(
+    blocks: Sequence[nn.Module],
+    plan: ExpansionPlan,
+    dim: int | Sequence[int],
+    generator: torch.Generator | None = None,
+    mask_conventions: Mapping[str, bool] | None = None,
+) -> Expansion:
     """Insert the plan's modules into ``blocks`` and make every block from the branch on run the
-    K task streams."""
+    K task streams. ``dim`` is the token width, one for all blocks or one per block; the new
+    parameters take each block's dtype and device; task tokens are drawn from ``generator``."""
     expansion = Expansion(plan)
     branch = plan.branch_layer
     if branch is None:
         return expansion
+    dims = [dim] * len(blocks) if isinstance(dim, int) else list(dim)
+    if len(dims) != len(blocks):
+        raise ValueError(f"{len(dims)} widths for {len(blocks)} blocks")
     k = plan.num_tasks
-    device = next((p.device for b in blocks for p in b.parameters()), torch.device("cpu"))
+    conventions = dict(mask_conventions or {})
     for d, block in enumerate(blocks):
         if d < branch:
             continue
+        if isinstance(block, nn.Sequential):
+            raise TypeError(
+                f"block {d} is an nn.Sequential: DTME registers its modules on the block, where a "
+                "Sequential would run them as layers; wrap the Sequential in a Module whose "
+                "forward calls it"
+            )
+        dtype, device = block_layout(block, dims[d])
         modulation = tokens = None
         if d in plan.modulation_layers:
-            modulation = TokenModulation(k, dim).to(device)
+            modulation = TokenModulation(k, dims[d], dtype, device)
             block.add_module("dtme_modulation", modulation)
             expansion.modules[f"{d}.modulation"] = modulation
         if d in plan.expansion_layers and plan.tokens_per_task > 0:
-            tokens = TaskTokens(k, plan.tokens_per_task, dim).to(device)
+            tokens = TaskTokens(
+                k, plan.tokens_per_task, dims[d], generator=generator, dtype=dtype, device=device
+            )
             block.add_module("dtme_tokens", tokens)
             expansion.modules[f"{d}.tokens"] = tokens
-        hooks = _StreamHooks(k, d == branch, modulation, tokens)
+        hooks = StreamHooks(k, d == branch, modulation, tokens, conventions, batch_axis(block))
         expansion.handles.append(block.register_forward_pre_hook(hooks.before, with_kwargs=True))
         expansion.handles.append(block.register_forward_hook(hooks.after, with_kwargs=True))
     if branch > 0:  # a new forward pass of these blocks: forget the previous pass's streams
@@ -135,67 +207,123 @@ def _reset_streams(module: nn.Module, args: tuple) -> None:
     STREAMS.reset()
 
 
-class _StreamHooks:
+TOKEN_NAMES = ("src", "x", "hidden_states")
+
+
+class StreamHooks:
+    """The pre- and post-forward hooks of one block at or after the branch."""
+
     def __init__(
         self,
         num_tasks: int,
         branches: bool,
         modulation: TokenModulation | None,
         tokens: TaskTokens | None,
+        conventions: Mapping[str, bool] | None = None,
+        axis: int = 0,
     ) -> None:
+        self.axis = axis
         self.k, self.branches, self.modulation, self.tokens = (
             num_tasks,
             branches,
             modulation,
             tokens,
         )
+        self.conventions = dict(conventions or {})
         self.length = 0
+        self.causal: bool | None = None
 
     def before(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        from_kwargs = not args
-        x = kwargs.get("src", kwargs.get("x")) if from_kwargs else args[0]
+        key = next((n for n in TOKEN_NAMES if n in kwargs), None) if not args else None
+        if not args and key is None:
+            raise ValueError(
+                f"{type(module).__name__} was called without its tokens as the first positional "
+                f"argument or as one of {', '.join(TOKEN_NAMES)}="
+            )
+        x = args[0] if args else kwargs[key]
+        if not isinstance(x, Tensor) or x.is_nested or x.dim() != 3:
+            raise _not_tokens(module, x)
+        if self.axis:
+            x = x.transpose(0, 1)  # [N, B, p] → [B, N, p]
+        only = STREAMS.only
+        if only is not None and not 0 <= only < self.k:
+            raise IndexError(f"single_task({only}): the model has {self.k} task streams")
+        streams = 1 if only is not None else self.k
         if self.branches:
-            STREAMS.start(self.k, x.shape[0])
-            x = x.repeat(self.k, 1, 1)
-        elif not STREAMS.branched or x.shape[0] != self.k * STREAMS.batch:
+            STREAMS.start(streams, x.shape[0])
+            if streams > 1:
+                x = x.repeat(streams, 1, 1)
+        elif not STREAMS.branched or x.shape[0] != streams * STREAMS.batch:
             raise RuntimeError(
                 "a block after the DTME branch point received an input that is not the K task "
                 "streams: run the blocks in order in one forward pass"
             )
         self.length = x.shape[1]
         if self.modulation is not None:
-            x = self.modulation(x)
+            x = self.modulation(x, only)
         if self.tokens is not None:
-            x = self.tokens(x)
+            x = self.tokens(x, only)
         extra = self.tokens.tokens[0].shape[0] if self.tokens is not None else 0
-        rest = tuple(self._adapt(a, extra) for a in (args[1:] if args else ()))
-        kwargs = {key: self._adapt(v, extra) for key, v in kwargs.items()}
-        if from_kwargs:
-            kwargs["src" if "src" in kwargs else "x"] = x
+        batch = STREAMS.batch
+        names = argument_names(module, args)
+
+        def fit(name: str, value: object) -> object:
+            return adapt(name, value, streams, batch, self.length, extra, self.conventions)
+
+        if extra:
+            self._check_causal(module, names, args, kwargs)
+        rest = tuple(fit(n, a) for n, a in zip(names[1:], args[1:], strict=True))
+        if self.axis:
+            x = x.transpose(0, 1)
+        kwargs = {name: (v if name == key else fit(name, v)) for name, v in kwargs.items()}
+        if key is not None:
+            kwargs[key] = x
             return (), kwargs
         return (x, *rest), kwargs
 
-    def _adapt(self, value: object, extra: int) -> object:
-        """Repeat per-sample extras (e.g. key padding masks [B, N]) for the K streams and pad masks
-        over the appended task tokens (task tokens are never masked)."""
-        if not isinstance(value, Tensor):
-            return value
-        if value.dim() >= 1 and value.shape[0] == STREAMS.batch and self.k > 1:
-            value = value.repeat(self.k, *([1] * (value.dim() - 1)))
-        if extra and value.dim() == 2 and value.shape[-1] == self.length:
-            pad = value.new_zeros(value.shape[0], extra)
-            value = torch.cat([value, pad], dim=-1)
-            if value.shape[0] == self.length:  # a square [N, N] attention mask
-                value = torch.cat([value, value.new_zeros(extra, value.shape[1])], dim=0)
-        return value
+    def _check_causal(self, module: nn.Module, names: list[str], args: tuple, kwargs: dict) -> None:
+        """Causal attention without a mask tensor (SDPA's ``is_causal``) hides tokens appended at
+        the end from every real token: refuse rather than train task tokens that do nothing."""
+        if self.causal is None:
+            self.causal = any(getattr(m, "is_causal", False) is True for m in module.modules())
+        if not self.causal:
+            return
+        given = dict(zip(names, args, strict=True)) | kwargs
+        if not any(
+            isinstance(v, Tensor) and ("mask" in n or "bias" in n) for n, v in given.items()
+        ):
+            raise ValueError(
+                f"{type(module).__name__} attends causally without a mask tensor (is_causal), so "
+                "task tokens appended after the sequence are invisible to every real token; "
+                "build the model with attn_implementation='eager' (it always passes its causal "
+                "mask, which DTME extends), or use expansion=False"
+            )
 
     def after(self, module: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
         if self.tokens is None:
             return output
         if isinstance(output, Tensor):
-            return output[:, : self.length]
+            return self._drop_tokens(output)
         if isinstance(output, tuple) and output and isinstance(output[0], Tensor):
-            return (output[0][:, : self.length], *output[1:])
+            return (self._drop_tokens(output[0]), *output[1:])
         raise TypeError(
             f"{type(module).__name__} returned {type(output).__name__}; expected tokens"
         )
+
+    def _drop_tokens(self, output: Tensor) -> Tensor:
+        return output[: self.length] if self.axis else output[:, : self.length]
+
+
+def _not_tokens(module: nn.Module, x: object) -> ValueError:
+    if isinstance(x, Tensor) and x.is_nested:
+        return ValueError(
+            f"{type(module).__name__} received a nested tensor (nn.TransformerEncoder's fast path "
+            "with enable_nested_tensor=True in eval mode with a padding mask): DTME needs padded "
+            "tokens; build the encoder with enable_nested_tensor=False, or pass the model to DTME "
+            "(model=) so that it switches the fast path off"
+        )
+    shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+    return ValueError(
+        f"{type(module).__name__} received {shape} as its tokens; DTME needs [B, N, p] tensors "
+        "(batch first)"
+    )

@@ -24,6 +24,8 @@ class ConflictReport:
     expansion_layers: list[int] = field(default_factory=list)
     parameters_added: int = 0
     parameters_before: int = 0
+    predicted_multiplier: float = 1.0
+    """Predicted block compute of the expanded model over the original (mtlopt.tokens.budget)."""
 
     @property
     def parameters_added_percent(self) -> float:
@@ -55,6 +57,8 @@ class ConflictReport:
                 f"parameters added: {self.parameters_added} "
                 f"({self.parameters_added_percent:.3f} % of {self.parameters_before})"
             )
+        if self.modulation_layers or self.expansion_layers:
+            lines.append(f"predicted block compute: {self.predicted_multiplier:.2f}× the model's")
         return "\n".join(lines)
 
     def plot(self, path: str | Path | None = None):
