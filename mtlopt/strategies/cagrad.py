@@ -8,6 +8,7 @@ import numpy as np
 from scipy.optimize import minimize
 
 from ..registry import register
+from ..solvers import project_dual_cone
 from .base import Commit, GramianStrategy, _noop
 
 
@@ -26,6 +27,14 @@ class CAGrad(GramianStrategy):
     With ``g_0`` the average gradient and ``φ = c² ‖g_0‖²``, solve the dual
     ``min_{w ∈ Δ} g_wᵀ g_0 + √φ ‖g_w‖`` (``g_w = Σ_i w_i g_i``) and update along
     ``d = g_0 + (√φ / ‖g_w‖) g_w``. ``c = 0`` gives plain averaging.
+
+    For ``c ≥ 1`` the ball contains ``d = 0``, so the primal ``max_d min_i g_i·d`` (Eq. 4) is never
+    negative and its maximisers conflict with no task. At a Pareto-stationary point (0 in the
+    convex hull of the gradients) the dual's minimiser is ``g_w = 0``, where the formula for ``d``
+    is undefined and a numerical ``g_w`` near zero points anywhere: there the maximisers are the
+    points of the ball with ``J d ≥ 0``, and the one returned is the nearest to ``g_0``, the
+    projection of ``g_0`` onto the dual cone ``{d : J d ≥ 0}`` (solved only when the dual's ``d``
+    conflicts with a task).
 
     Args:
         c: radius of the ball around ``g_0`` (default 0.4, the paper's NYUv2 setting).
@@ -55,8 +64,18 @@ class CAGrad(GramianStrategy):
             gw_norm2 = float(w @ gramian @ w)
             if gw_norm2 > 0:
                 weights += (self.c * g0_norm / np.sqrt(gw_norm2)) * w
+            if self.c >= 1 and _conflicts(gramian, weights):
+                weights = project_dual_cone(gramian, mean_weights)
         divisor = {0: 1.0, 1: 1.0 + self.c**2, 2: 1.0 + self.c}[self.rescale]
         return weights / divisor, _noop
+
+
+def _conflicts(gramian: np.ndarray, weights: np.ndarray) -> bool:
+    """Whether ``d = Σ_i w_i g_i`` has ``g_i·d < 0`` for some task, beyond rounding."""
+    products = gramian @ weights
+    norms = np.sqrt(np.clip(np.diag(gramian), 0.0, None))
+    length = np.sqrt(max(float(weights @ products), 0.0))
+    return bool(np.any(products < -1e-9 * norms * length))
 
 
 def _solve_dual(gramian: np.ndarray, c: float) -> np.ndarray:

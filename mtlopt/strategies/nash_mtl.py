@@ -23,13 +23,16 @@ from .base import Commit, GramianStrategy
 class NashMTL(GramianStrategy):
     """Nash-MTL (Navon et al., 2022, Eq. 2 and Sec. 3.2).
 
-    The Nash bargaining solution: ``α > 0`` with ``(G α)_i = 1/α_i`` on the Frobenius-normalised
-    Gramian ``G / ‖G‖_F``, update ``Σ_i α_i g_i`` on the raw gradients (as the authors' code).
-    The paper reaches that point through a sequence
-    of convex approximations solved by cvxpy; the same condition is the stationarity condition of
-    the strictly convex ``½ αᵀGα − Σ log α_i``, which :func:`mtlopt.solvers.fair_weights` solves
-    by damped Newton steps to machine precision, so no convex-programming dependency is needed.
-    For two tasks the result is ``(u_1 + u_2) / √(1 + cos)`` in the normalised geometry.
+    The Nash bargaining solution: ``α > 0`` with ``α_i (G α)_i = 1`` on the raw Gramian
+    ``G = J Jᵀ``, update ``Σ_i α_i g_i``. The authors' code divides ``G`` by ``‖G‖_F`` and
+    multiplies ``α`` by the same factor in its constraint ``log(α_i ‖G‖_F) + log((G α / ‖G‖_F)_i)
+    ≥ 0``, so the normalisation cancels: their ``α`` solves the condition on the raw ``G``, as here.
+    The update then has ``‖Σ_i α_i g_i‖² = αᵀ G α = T`` whatever the gradients' scale, and
+    ``max_norm`` clips it. The paper reaches that point through a sequence of convex
+    approximations solved by cvxpy; the same condition is the stationarity condition of the
+    strictly convex ``½ αᵀGα − Σ log α_i``, which :func:`mtlopt.solvers.fair_weights` solves by
+    damped Newton steps to machine precision, so no convex-programming dependency is needed.
+    For two tasks the result is ``(u_1 + u_2) / √(1 + cos)`` for the unit gradients ``u_i``.
 
     Args:
         max_norm: clip the combined gradient to this norm (default 1.0, the authors' code).
@@ -62,8 +65,7 @@ class NashMTL(GramianStrategy):
         if reuse and self._alpha.shape[0] == gramian.shape[0]:
             alpha = self._alpha
         else:
-            frobenius = float(np.linalg.norm(gramian))
-            alpha = fair_weights(gramian / frobenius) if frobenius > 0 else np.zeros(len(gramian))
+            alpha = fair_weights(gramian)
         weights = alpha
         if self.max_norm is not None:
             norm = float(np.sqrt(max(alpha @ gramian @ alpha, 0.0)))
