@@ -28,6 +28,11 @@ class GradNorm(GramianStrategy):
     training rate and ``L̃_i = L_i(t) / L_i(0)``; the target ``Ḡ · r_i^α`` is held constant (paper,
     Sec. 3.2). The weights are then renormalized so that ``Σ_i w_i = T``.
 
+    The loss ratio ``L̃_i`` measures training progress only for positive losses, and ``r_i^α`` is
+    real only for ``r_i ≥ 0``: a loss that is zero or negative, or changes sign, has no inverse
+    training rate, and GradNorm raises a ``ValueError`` instead of producing NaN weights. Shift
+    such losses by a known lower bound (``L − L_min``) before handing them over.
+
     Args:
         alpha: asymmetry / restoring-force strength (default 1.5).
         lr: learning rate of the internal Adam on the weights (default 0.025).
@@ -56,6 +61,7 @@ class GradNorm(GramianStrategy):
         if weights.shape[0] != t:
             raise ValueError(f"GradNorm holds {weights.shape[0]} task weights but got {t} tasks")
         initial = losses.copy() if self.initial_losses is None else self.initial_losses
+        _check_positive(losses, initial)
         norms = np.sqrt(np.clip(np.diag(gramian), 0.0, None))
         grad = gradnorm_weight_gradient(weights, norms, losses, initial, self.alpha)
         adam = AdamState.zeros(t) if self._adam is None else self._adam
@@ -69,6 +75,16 @@ class GradNorm(GramianStrategy):
         return weights.copy(), commit
 
 
+def _check_positive(losses: np.ndarray, initial: np.ndarray) -> None:
+    if np.all(losses > 0) and np.all(initial > 0):
+        return
+    raise ValueError(
+        "GradNorm needs positive task losses: its inverse training rate L_i(t)/L_i(0) (Chen et "
+        f"al., 2018, Sec. 3.2) is undefined otherwise; got losses {losses} with initial losses "
+        f"{initial}. Subtract a known lower bound from each loss, or use another strategy."
+    )
+
+
 def gradnorm_weight_gradient(
     weights: np.ndarray,
     norms: np.ndarray,
@@ -77,9 +93,8 @@ def gradnorm_weight_gradient(
     alpha: float,
 ) -> np.ndarray:
     """``∂L_grad/∂w`` of GradNorm's Eq. 2 with the target ``Ḡ · r_i^α`` held constant."""
-    t = weights.shape[0]
     weighted_norms = weights * norms
-    ratios = np.divide(losses, initial_losses, out=np.ones(t), where=initial_losses > 0)
-    inverse_rate = ratios / ratios.mean() if ratios.mean() > 0 else np.ones(t)
+    ratios = losses / initial_losses  # positive: checked by the caller
+    inverse_rate = ratios / ratios.mean()
     target = weighted_norms.mean() * inverse_rate**alpha
     return np.sign(weighted_norms - target) * norms
