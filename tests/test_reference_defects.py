@@ -114,3 +114,21 @@ def test_aggregate_treats_a_jacobian_that_requires_grad_as_data(name):
     out = aggregate(name, jacobian)
     assert not out.requires_grad and out.grad_fn is None
     torch.testing.assert_close(out, aggregate(name, jacobian.detach()))
+
+
+@pytest.mark.parametrize("beta_sigma, second_scale", [(None, 1 - 0.81 / 2**0.5), (0.0, 1 - 0.81)])
+def test_db_mtl_ema_rate_decays_by_default(beta_sigma, second_scale):
+    """Lin et al. (2023), Eqs. 3–5 with β_k = β/k^σ: J = diag(3, 1), L = (1, 2) gives log-loss
+    gradients (3, 0) and (0, ½). Step 1 (β_1 = 0.9, EMA from zero): ĝ = 0.1·those, norms 0.3 and
+    0.05, update ĝ_1 + 6 ĝ_2 = (0.3, 0.3). Step 2 on the same input: ĝ = (1 − 0.9 β_2)·the log
+    gradients, update (1 − 0.9 β_2)·(3, 3), with β_2 = 0.9/√2 for the default σ = 0.5 and 0.9
+    for LibMTL's constant rate (σ = 0)."""
+    kwargs = {} if beta_sigma is None else {"beta_sigma": beta_sigma}
+    strategy = mtlopt.create("db_mtl", **kwargs)
+    jacobian = torch.diag(torch.tensor([3.0, 1.0], dtype=torch.float64))
+    losses = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    first = strategy.aggregate(jacobian, losses)
+    torch.testing.assert_close(first, torch.tensor([0.3, 0.3], dtype=torch.float64))
+    second = strategy.aggregate(jacobian, losses)
+    expected = second_scale * torch.tensor([3.0, 3.0], dtype=torch.float64)
+    torch.testing.assert_close(second, expected)
