@@ -105,12 +105,20 @@ def fair_weights(gramian: np.ndarray, alpha: float = 1.0, max_iter: int = 100) -
     p = 1.0 / alpha
     c = d ** (1.0 - p)
     v = _fair_newton(scaled, c, p, max_iter, strict=True)
+    if v is not None and not _solves(scaled, c, p, v):
+        v = None  # the iterates ran off to infinity (f unbounded) and stalled in rounding
     if v is None:
         v = _fair_newton(scaled + 1e-12 * np.eye(t), c, p, max_iter, strict=False)
         if v is None:
             raise FloatingPointError("the fairness equations did not converge even with a ridge")
     # Undo the trace normalisation: G w = w^(-p) is homogeneous, w scales by trace^(-1/(1+p)).
     return d * v * trace ** (-1.0 / (1.0 + p))
+
+
+def _solves(g: np.ndarray, c: np.ndarray, p: float, v: np.ndarray) -> bool:
+    """Whether ``(g v)_i = c_i v_i^(-p)`` holds to 1e-6 relative."""
+    residual = (g @ v) * v**p / c - 1.0
+    return bool(np.all(np.abs(residual) < 1e-6))
 
 
 def _fair_newton(
