@@ -190,6 +190,19 @@ def gramian_of(jacobian: Tensor) -> np.ndarray:
     return (gramian + gramian.T) / 2
 
 
+def clip_weights(weights: np.ndarray, gramian: np.ndarray, max_norm: float | None) -> np.ndarray:
+    """Weights scaled so that ``‖Σ_i w_i g_i‖ = √(wᵀ G w)`` is at most ``max_norm`` (None: as is)."""
+    if max_norm is None:
+        return weights
+    norm = float(np.sqrt(max(weights @ gramian @ weights, 0.0)))
+    return weights * (max_norm / norm) if norm > max_norm else weights
+
+
+def check_max_norm(max_norm: float | None) -> None:
+    if max_norm is not None and not max_norm > 0:
+        raise ValueError(f"max_norm must be positive or None, got {max_norm}")
+
+
 def gramian_rounding(dtype: torch.dtype, tasks: int, dim: int) -> float:
     """Relative rounding level of a Gramian computed in ``dtype``: ``T √P ε``.
 

@@ -9,7 +9,7 @@ from scipy.optimize import minimize
 
 from ..registry import register
 from ..solvers import project_dual_cone
-from .base import Commit, GramianStrategy, _noop
+from .base import Commit, GramianStrategy, _noop, check_max_norm, clip_weights
 
 
 @register(
@@ -19,7 +19,10 @@ from .base import Commit, GramianStrategy, _noop
     stateful=False,
     paper="Liu et al., Conflict-Averse Gradient Descent for Multi-task Learning, NeurIPS 2021",
     conventions="c=0.4 (paper's NYUv2 value; 0.5 in the toy); rescale=1 divides by 1+c² as the "
-    "official code; rescale=0 is the paper's Algorithm 1 (and torchjd)",
+    "official code; rescale=0 is the paper's Algorithm 1 (and torchjd); the authors' training "
+    "code multiplies the update by T (times_tasks=True), the FAMO repository's CAGrad also clips "
+    "it to norm 1 (max_norm=1.0); at Pareto-stationary inputs with c ≥ 1 the maximiser nearest "
+    "g_0 (the dual's formula is undefined there)",
 )
 class CAGrad(GramianStrategy):
     """CAGrad (Liu et al., 2021, Eq. 5 and Algorithm 1).
@@ -40,10 +43,22 @@ class CAGrad(GramianStrategy):
         c: radius of the ball around ``g_0`` (default 0.4, the paper's NYUv2 setting).
         rescale: 0: no rescaling (paper); 1: divide by ``1 + c²`` (official code's default);
             2: divide by ``1 + c``.
+        times_tasks: multiply the update by T, as the authors' training code (default False).
+        max_norm: then clip the update to this norm (default None; the FAMO repository's CAGrad
+            clips to 1).
     """
 
-    def __init__(self, c: float = 0.4, rescale: Literal[0, 1, 2] = 1, num_tasks: int | None = None):
+    def __init__(
+        self,
+        c: float = 0.4,
+        rescale: Literal[0, 1, 2] = 1,
+        times_tasks: bool = False,
+        max_norm: float | None = None,
+        num_tasks: int | None = None,
+    ):
         super().__init__(num_tasks)
+        check_max_norm(max_norm)
+        self.times_tasks, self.max_norm = times_tasks, max_norm
         if c < 0:
             raise ValueError(f"c must be non-negative, got {c}")
         if rescale not in (0, 1, 2):
@@ -52,7 +67,12 @@ class CAGrad(GramianStrategy):
         self.rescale = rescale
 
     def hyperparameters(self) -> dict[str, object]:
-        return {"c": self.c, "rescale": self.rescale}
+        return {
+            "c": self.c,
+            "rescale": self.rescale,
+            "times_tasks": self.times_tasks,
+            "max_norm": self.max_norm,
+        }
 
     def weigh(self, gramian: np.ndarray, losses: np.ndarray | None) -> tuple[np.ndarray, Commit]:
         t = gramian.shape[0]
@@ -67,7 +87,8 @@ class CAGrad(GramianStrategy):
             if self.c >= 1 and _conflicts(gramian, weights):
                 weights = project_dual_cone(gramian, mean_weights)
         divisor = {0: 1.0, 1: 1.0 + self.c**2, 2: 1.0 + self.c}[self.rescale]
-        return weights / divisor, _noop
+        weights = weights / divisor * (t if self.times_tasks else 1)
+        return clip_weights(weights, gramian, self.max_norm), _noop
 
 
 def _conflicts(gramian: np.ndarray, weights: np.ndarray) -> bool:

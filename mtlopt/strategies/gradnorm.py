@@ -17,7 +17,8 @@ from .base import Commit, GramianStrategy
     paper="Chen et al., GradNorm: Gradient Normalization for Adaptive Loss Balancing, ICML 2018",
     conventions="alpha=1.5 (paper's NYUv2 value); gradient norms over all shared parameters "
     "(the paper uses the last shared layer as a cheaper proxy); weights trained by an internal "
-    "Adam (lr=0.025) and renormalized to sum to T; L_i(0) = losses of the first step",
+    "Adam (lr=0.025) and renormalized to sum to T; L_i(0) = losses of the first step; losses "
+    "must stay positive (ValueError otherwise: the loss ratio L_i(t)/L_i(0) is undefined)",
 )
 class GradNorm(GramianStrategy):
     """GradNorm (Chen et al., 2018, Eqs. 1–2 and Algorithm 1).

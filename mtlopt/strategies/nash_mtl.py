@@ -6,7 +6,7 @@ import numpy as np
 
 from ..registry import register
 from ..solvers import fair_weights
-from .base import Commit, GramianStrategy
+from .base import Commit, GramianStrategy, check_max_norm, clip_weights
 
 
 @register(
@@ -16,9 +16,11 @@ from .base import Commit, GramianStrategy
     stateful=True,
     paper="Navon et al., Multi-Task Learning as a Bargaining Game, ICML 2022",
     conventions="max_norm=1.0 (the authors' code clips the shared gradient to norm 1; None "
-    "disables); update_weights_every=1; bargaining condition solved exactly by Newton's method on "
-    "its convex potential instead of the paper's sequence of convex approximations (same fixed "
-    "point, no cvxpy)",
+    "disables); update_weights_every=1; α_i (Gα)_i = 1 on the raw Gramian, as the authors' code "
+    "(their ‖G‖_F normalisation cancels), so ‖update‖ = √T before clipping; bargaining condition "
+    "solved exactly by Newton's method on its convex potential instead of the paper's sequence "
+    "of convex approximations (same fixed point, no cvxpy); heads get their raw gradient, the "
+    "authors' code back-propagates Σ α_i L_i and scales head i's by α_i (no option)",
 )
 class NashMTL(GramianStrategy):
     """Nash-MTL (Navon et al., 2022, Eq. 2 and Sec. 3.2).
@@ -50,8 +52,7 @@ class NashMTL(GramianStrategy):
         super().__init__(num_tasks)
         if update_weights_every < 1:
             raise ValueError("update_weights_every must be at least 1")
-        if max_norm is not None and max_norm <= 0:
-            raise ValueError("max_norm must be positive or None")
+        check_max_norm(max_norm)
         self.max_norm = max_norm
         self.update_weights_every = update_weights_every
         self._alpha: np.ndarray | None = None
@@ -66,11 +67,7 @@ class NashMTL(GramianStrategy):
             alpha = self._alpha
         else:
             alpha = fair_weights(gramian)
-        weights = alpha
-        if self.max_norm is not None:
-            norm = float(np.sqrt(max(alpha @ gramian @ alpha, 0.0)))
-            if norm > self.max_norm:
-                weights = alpha * (self.max_norm / norm)
+        weights = clip_weights(alpha, gramian, self.max_norm)
         step = self._step + 1
 
         def commit() -> None:
