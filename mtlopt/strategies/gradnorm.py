@@ -17,8 +17,9 @@ from .base import Commit, GramianStrategy
     paper="Chen et al., GradNorm: Gradient Normalization for Adaptive Loss Balancing, ICML 2018",
     conventions="alpha=1.5 (paper's NYUv2 value); gradient norms over all shared parameters "
     "(the paper uses the last shared layer as a cheaper proxy); weights trained by an internal "
-    "Adam (lr=0.025) and renormalized to sum to T; L_i(0) = losses of the first step; losses "
-    "must stay positive (ValueError otherwise: the loss ratio L_i(t)/L_i(0) is undefined)",
+    "Adam (lr=0.025) and renormalized to sum to T; L_i(0) = losses of the first step (ratio 1 "
+    "where it is 0); losses must not be negative (ValueError: the loss ratio L_i(t)/L_i(0) is "
+    "undefined)",
 )
 class GradNorm(GramianStrategy):
     """GradNorm (Chen et al., 2018, Eqs. 1–2 and Algorithm 1).
@@ -29,10 +30,11 @@ class GradNorm(GramianStrategy):
     training rate and ``L̃_i = L_i(t) / L_i(0)``; the target ``Ḡ · r_i^α`` is held constant (paper,
     Sec. 3.2). The weights are then renormalized so that ``Σ_i w_i = T``.
 
-    The loss ratio ``L̃_i`` measures training progress only for positive losses, and ``r_i^α`` is
-    real only for ``r_i ≥ 0``: a loss that is zero or negative, or changes sign, has no inverse
-    training rate, and GradNorm raises a ``ValueError`` instead of producing NaN weights. Shift
-    such losses by a known lower bound (``L − L_min``) before handing them over.
+    The loss ratio ``L̃_i`` measures training progress only for non-negative losses, and
+    ``r_i^α`` is real only for ``r_i ≥ 0``: a negative loss has no inverse training rate, and
+    GradNorm raises a ``ValueError`` instead of producing NaN weights (shift such losses by a
+    known lower bound, ``L − L_min``). A zero loss is a finished task (``L̃_i = 0``); a task whose
+    first loss was zero (absent from the first batch) gets the neutral ratio ``L̃_i = 1``.
 
     Args:
         alpha: asymmetry / restoring-force strength (default 1.5).
@@ -77,12 +79,13 @@ class GradNorm(GramianStrategy):
 
 
 def _check_positive(losses: np.ndarray, initial: np.ndarray) -> None:
-    if np.all(losses > 0) and np.all(initial > 0):
+    if np.all(losses >= 0) and np.all(initial >= 0):
         return
     raise ValueError(
-        "GradNorm needs positive task losses: its inverse training rate L_i(t)/L_i(0) (Chen et "
-        f"al., 2018, Sec. 3.2) is undefined otherwise; got losses {losses} with initial losses "
-        f"{initial}. Subtract a known lower bound from each loss, or use another strategy."
+        "GradNorm needs non-negative task losses: its inverse training rate L_i(t)/L_i(0) (Chen "
+        f"et al., 2018, Sec. 3.2) is undefined for negative ones; got losses {losses} with "
+        f"initial losses {initial}. Subtract a known lower bound from each loss, or use another "
+        "strategy."
     )
 
 
@@ -95,7 +98,8 @@ def gradnorm_weight_gradient(
 ) -> np.ndarray:
     """``∂L_grad/∂w`` of GradNorm's Eq. 2 with the target ``Ḡ · r_i^α`` held constant."""
     weighted_norms = weights * norms
-    ratios = losses / initial_losses  # positive: checked by the caller
-    inverse_rate = ratios / ratios.mean()
+    # Non-negative (checked by the caller); a task whose first loss was 0 gets the neutral 1.
+    ratios = np.divide(losses, initial_losses, out=np.ones_like(losses), where=initial_losses > 0)
+    inverse_rate = ratios / ratios.mean() if ratios.mean() > 0 else np.ones_like(ratios)
     target = weighted_norms.mean() * inverse_rate**alpha
     return np.sign(weighted_norms - target) * norms
