@@ -213,3 +213,25 @@ def test_every_gradient_strategy_is_covered_for_float_consistency():
     assert {n for n in mtlopt.available() if mtlopt.info(n).kind.value == "gradient"} <= set(
         gradient_strategies()
     )
+
+
+def loss_strategies() -> list[str]:
+    return [n for n in mtlopt.available() if mtlopt.info(n).kind.value == "loss"]
+
+
+@pytest.mark.parametrize("name", loss_strategies())
+@SETTINGS
+@given(
+    tasks=st.integers(1, 8),
+    seed=st.integers(0, 2**31 - 1),
+    scale=st.sampled_from([1e-6, 1e-3, 1.0, 1e3, 1e6]),
+)
+def test_loss_weights_agree_in_float32_and_float64(name, tasks, seed, scale):
+    """Loss strategies' effective weights from the same (positive) losses in both dtypes."""
+    rng = np.random.default_rng(seed)
+    wide = torch.from_numpy(scale * rng.uniform(0.1, 10.0, tasks))
+    narrow = wide.float()
+    kwargs = {"seed": 0} if name == "rlw" else {}
+    got = mtlopt.create(name, num_tasks=tasks, **kwargs).scalarize(narrow).weights.double()
+    expected = mtlopt.create(name, num_tasks=tasks, **kwargs).scalarize(narrow.double()).weights
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
