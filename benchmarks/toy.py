@@ -80,6 +80,8 @@ PROBLEM = Problem(
     excluded={
         "gls": "needs positive losses (the toy's are negative)",
         "db_mtl": "takes log-losses (the toy's are negative)",
+        "gradnorm": "its inverse training rate L_i(t)/L_i(0) needs non-negative losses (the toy's "
+        "are negative)",
         "dtme": "no transformer",
         "imtl_l": "e^s L − s is unbounded below for L < 0",
         "imtl": "e^s L − s is unbounded below for L < 0",

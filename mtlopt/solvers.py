@@ -82,52 +82,96 @@ def fair_weights(gramian: np.ndarray, alpha: float = 1.0, max_iter: int = 100) -
     """Positive weights ``w`` with ``(G w)_i = w_i^(-1/α)``: the α-fair allocation.
 
     For α = 1 this is the Nash bargaining condition ``G w = 1/w`` of Nash-MTL (Navon et al., 2022,
-    Eq. 2); for general α it is FairGrad's (Ban & Ji, 2024, Eq. 6). The condition is the
-    stationarity of the strictly convex ``f(w) = ½ wᵀ G w − Σ_i h(w_i)`` with ``h' (w) = w^(-1/α)``
-    (``h = log`` for α = 1), so damped Newton steps inside ``w > 0`` find the unique solution. A
-    ridge of 1e-10·tr(G) keeps ``f`` bounded when the gradients are linearly dependent.
+    Eq. 2); for general α it is FairGrad's (Ban & Ji, 2024, Eq. 6).
+
+    The solve runs in the scaled variable ``v = w / d`` with ``d_i = 1/√G_ii``: multiplying the
+    condition by ``D = diag(d)`` gives ``(D G D) v = c ⊙ v^(-1/α)`` with ``c = d^(1 − 1/α)``, whose
+    matrix has a unit diagonal whatever the spread of the gradient norms. It is the stationarity
+    condition of the strictly convex ``f(v) = ½ vᵀ DGD v − Σ_i c_i h(v_i)`` (``h' = v^(-1/α)``,
+    ``h = log`` for α = 1), so damped Newton steps inside ``v > 0`` find the unique solution to
+    rounding. When none exists (a zero gradient, or 0 in the convex hull of the gradients, where
+    ``f`` is unbounded below) the solve is repeated with a ridge of 1e-12 on the unit diagonal,
+    which gives every task a finite weight.
     """
     gramian = np.asarray(gramian, dtype=np.float64)
     t = gramian.shape[0]
     trace = float(np.trace(gramian))
     if not trace > 0:
         return np.zeros(t)
-    g = gramian / trace + 1e-12 * np.eye(t)
+    g = gramian / trace
+    diagonal = np.diag(g)
+    d = 1.0 / np.sqrt(np.where(diagonal > 0, diagonal, 1.0))
+    scaled = d[:, None] * g * d[None, :]
     p = 1.0 / alpha
+    c = d ** (1.0 - p)
+    v = _fair_newton(scaled, c, p, max_iter, strict=True)
+    if v is not None and not _solves(scaled, c, p, v):
+        v = None  # the iterates ran off to infinity (f unbounded) and stalled in rounding
+    if v is None:
+        v = _fair_newton(scaled + 1e-12 * np.eye(t), c, p, max_iter, strict=False)
+        if v is None:
+            raise FloatingPointError("the fairness equations did not converge even with a ridge")
+    # Undo the trace normalisation: G w = w^(-p) is homogeneous, w scales by trace^(-1/(1+p)).
+    return d * v * trace ** (-1.0 / (1.0 + p))
 
-    def h(w: np.ndarray) -> np.ndarray:
-        return np.log(w) if alpha == 1.0 else w ** (1.0 - p) / (1.0 - p)
 
-    def objective(w: np.ndarray) -> float:
-        return float(0.5 * w @ g @ w - np.sum(h(w)))
+def _solves(g: np.ndarray, c: np.ndarray, p: float, v: np.ndarray) -> bool:
+    """Whether ``(g v)_i = c_i v_i^(-p)`` holds to 1e-6 relative."""
+    residual = (g @ v) * v**p / c - 1.0
+    return bool(np.all(np.abs(residual) < 1e-6))
 
-    w = np.full(t, 1.0 / np.sqrt(max(float(np.sum(g)), 1e-300)))
+
+def _fair_newton(
+    g: np.ndarray, c: np.ndarray, p: float, max_iter: int, strict: bool
+) -> np.ndarray | None:
+    """Damped Newton on ``½ vᵀ g v − Σ c_i h(v_i)``, then pure Newton steps until rounding stops
+    them. ``strict``: None unless the Newton decrement fell below 1e-8 (f may be unbounded, with
+    no solution); otherwise the last iterate."""
+    accept = 1e-8 if strict else np.inf
+
+    def h(v: np.ndarray) -> np.ndarray:
+        return np.log(v) if p == 1.0 else v ** (1.0 - p) / (1.0 - p)
+
+    def objective(v: np.ndarray) -> float:
+        return float(0.5 * v @ g @ v - c @ h(v))
+
+    v = c ** (1.0 / (1.0 + p))  # the solution when the gradients are orthogonal
+    previous, pure = np.inf, False
     for _ in range(max_iter):
-        gradient = g @ w - w ** (-p)
-        hessian = g + np.diag(p * w ** (-p - 1.0))
-        step = np.linalg.solve(hessian, gradient)
-        decrement = float(gradient @ step)  # Newton decrement λ², ≈ 2 (f(w) − f*)
-        if decrement < 1e-12:
-            # Quadratic convergence: one full step brings the error to rounding level; a line
-            # search would only fight rounding from here.
-            candidate = w - step
-            if np.all(candidate > 0):
-                w = candidate
-            break
+        gradient = g @ v - c * v ** (-p)
+        hessian = g + np.diag(p * c * v ** (-p - 1.0))
+        try:
+            step = np.linalg.solve(hessian, gradient)
+        except np.linalg.LinAlgError:
+            return None
+        decrement = float(gradient @ step)  # Newton decrement λ², ≈ 2 (f(v) − f*)
+        if not np.isfinite(decrement):
+            return None
+        if decrement < 1e-12 or pure:
+            # Pure Newton steps: near the solution they converge quadratically; they stop when
+            # rounding stops the decrement from falling.
+            candidate = v - step
+            if decrement >= previous or not np.all(candidate > 0):
+                return v if min(decrement, previous) < accept else None
+            v, previous = candidate, decrement
+            continue
         scale = 1.0
         positive = step > 0
-        if np.any(positive):  # stay strictly inside w > 0
-            scale = min(1.0, 0.99 * float(np.min(w[positive] / step[positive])))
-        value = objective(w)
-        while objective(w - scale * step) > value - 1e-4 * scale * decrement:
+        if np.any(positive):  # stay strictly inside v > 0
+            scale = min(1.0, 0.99 * float(np.min(v[positive] / step[positive])))
+        value = objective(v)
+        slack = 1e-13 * (abs(value) + 1.0)  # Armijo up to the rounding of f itself
+        while objective(v - scale * step) > value - 1e-4 * scale * decrement + slack:
             scale *= 0.5
             if scale < 1e-12:
                 break
         if scale < 1e-12:
-            break
-        w = w - scale * step
-    # Undo the trace normalisation: G w = w^(-p) is homogeneous, w scales by trace^(-1/(1+p)).
-    return w * trace ** (-1.0 / (1.0 + p))
+            # f itself is lost in rounding (large, nearly cancelling v): from here on its
+            # gradient, which stays accurate, guides pure Newton steps.
+            pure = True
+            continue
+        v = v - scale * step
+    return v if previous < accept or not strict else None
 
 
 def project_dual_cone(gramian: np.ndarray, lower: np.ndarray) -> np.ndarray:

@@ -55,3 +55,33 @@ def test_combine_does_not_change_state_until_commit():
     result.commit()
     assert not np.array_equal(gn.weights, before_weights)
     assert (gn._adam.t == 2).all()
+
+
+@pytest.mark.parametrize(
+    "first, later",
+    [
+        ([1.0, 2.0], [-0.5, 1.0]),  # a loss changes sign: r_i < 0 and r_i^1.5 is NaN
+        ([-0.9, 2.8], [-1.9, 0.2]),  # the toy's start (9, −1): L_1(0) < 0
+        ([1.0, 2.0], [1.0, -1e-3]),  # a loss dips below zero
+    ],
+)
+def test_non_positive_losses_are_refused_before_any_state_changes(first, later):
+    """Chen et al. (2018), Sec. 3.2: r_i = L̃_i / mean_j L̃_j with L̃_i = L_i(t)/L_i(0) and the
+    target Ḡ r_i^α; neither is defined for losses that are not positive (the toy benchmark's
+    losses are negative and once produced NaN weights)."""
+    gn = mtlopt.create("gradnorm")
+    jacobian = torch.eye(2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="non-negative task losses"):
+        gn.aggregate(jacobian, torch.tensor(first, dtype=torch.float64))
+        gn.aggregate(jacobian, torch.tensor(later, dtype=torch.float64))
+    assert gn.weights is None or np.all(np.isfinite(gn.weights))
+
+
+def test_zero_losses_are_a_finished_task_or_a_neutral_start():
+    """L̃_i = 0 for a zero loss (r_i^α = 0 is defined); a zero first loss gives the ratio 1."""
+    gn = mtlopt.create("gradnorm")
+    jacobian = torch.eye(2, dtype=torch.float64)
+    gn.aggregate(jacobian, torch.tensor([1.0, 0.0], dtype=torch.float64))
+    gn.aggregate(jacobian, torch.tensor([0.0, 0.5], dtype=torch.float64))
+    gn.aggregate(jacobian, torch.tensor([0.0, 0.0], dtype=torch.float64))
+    assert np.all(np.isfinite(gn.weights)) and np.isclose(gn.weights.sum(), 2.0)

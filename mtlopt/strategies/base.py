@@ -241,7 +241,10 @@ class GradientStrategy(Strategy):
         indexed by column (DB-MTL's EMA) follow their parameters here."""
 
     def aggregate(self, jacobian: Tensor, losses: Tensor | None = None) -> Tensor:
-        """Combine the rows of a T×P matrix into one P-vector (advancing any state once)."""
+        """Combine the rows of a T×P matrix into one P-vector (advancing any state once).
+
+        ``J`` is data: one that requires grad is detached, and the result never carries a graph
+        (the solvers run on the host, outside autograd)."""
         jacobian = _as_matrix(jacobian)
         self.check_num_tasks(jacobian.shape[0])
         result = self.combine(jacobian, losses)
@@ -252,16 +255,26 @@ class GradientStrategy(Strategy):
 class GramianStrategy(GradientStrategy):
     """A gradient strategy whose task weights are a function of the Gramian ``G = J Jᵀ``.
 
-    Subclasses implement :meth:`weigh`, which works on float64 NumPy arrays of size T×T.
+    Subclasses implement :meth:`weigh`, which works on float64 NumPy arrays of size T×T. Those
+    whose weights must tell the Gramian's rank from its rounding (eigenvalue cut-offs) implement
+    :meth:`weigh_at_precision` instead, which also receives the rounding level of ``G``.
     """
 
     def weigh(self, gramian: np.ndarray, losses: np.ndarray | None) -> tuple[np.ndarray, Commit]:
         raise NotImplementedError
 
+    def weigh_at_precision(
+        self, gramian: np.ndarray, losses: np.ndarray | None, rounding: float
+    ) -> tuple[np.ndarray, Commit]:
+        """:meth:`weigh`, told that ``G``'s eigenvalues are exact only to ``rounding · λ_max``
+        (:func:`gramian_rounding`); the default ignores it."""
+        return self.weigh(gramian, losses)
+
     def combine(self, jacobian: Tensor, losses: Tensor | None = None) -> Combined:
         gramian = gramian_of(jacobian)
         loss_array = None if losses is None else losses.detach().double().cpu().numpy()
-        weights, commit = self.weigh(gramian, loss_array)
+        rounding = gramian_rounding(jacobian.dtype, *jacobian.shape)
+        weights, commit = self.weigh_at_precision(gramian, loss_array, rounding)
         if not np.all(np.isfinite(weights)):
             raise FloatingPointError(f"{self.info.name} produced non-finite task weights {weights}")
         w = torch.from_numpy(np.ascontiguousarray(weights)).to(jacobian.device, jacobian.dtype)
@@ -272,12 +285,38 @@ def gramian_of(jacobian: Tensor) -> np.ndarray:
     """``J Jᵀ`` as a float64 host array (one matrix product on the device, one transfer).
 
     A finite float32 ``J`` with entries beyond ~1e19 overflows its Gramian: it is then recomputed
-    in float64 (only in that case, to keep the common path at one pass in ``J``'s dtype)."""
+    in float64 (only in that case, to keep the common path at one pass in ``J``'s dtype). A ``J``
+    that requires grad is read as data (detached)."""
+    jacobian = jacobian.detach()
     gramian = (jacobian @ jacobian.T).double().cpu().numpy()
     if not np.all(np.isfinite(gramian)) and jacobian.dtype != torch.float64:
         wide = jacobian.double()
         gramian = (wide @ wide.T).cpu().numpy()
     return (gramian + gramian.T) / 2
+
+
+def clip_weights(weights: np.ndarray, gramian: np.ndarray, max_norm: float | None) -> np.ndarray:
+    """Weights scaled so that ``‖Σ_i w_i g_i‖ = √(wᵀ G w)`` is at most ``max_norm`` (None: as is)."""
+    if max_norm is None:
+        return weights
+    norm = float(np.sqrt(max(weights @ gramian @ weights, 0.0)))
+    return weights * (max_norm / norm) if norm > max_norm else weights
+
+
+def check_max_norm(max_norm: float | None) -> None:
+    if max_norm is not None and not max_norm > 0:
+        raise ValueError(f"max_norm must be positive or None, got {max_norm}")
+
+
+def gramian_rounding(dtype: torch.dtype, tasks: int, dim: int) -> float:
+    """Relative rounding level of a Gramian computed in ``dtype``: ``T √P ε``.
+
+    Each entry of ``J Jᵀ`` sums P products and carries an error of about ``√P ε ‖g_i‖ ‖g_j‖``
+    (random-walk accumulation of rounding), so ``‖ΔG‖₂ ≤ T √P ε max_i ‖g_i‖² ≤ T √P ε λ_max``:
+    eigenvalues below that are indistinguishable from zero.
+    """
+    eps = torch.finfo(dtype if dtype.is_floating_point else torch.float64).eps
+    return float(tasks * np.sqrt(max(dim, 1)) * eps)
 
 
 def _as_matrix(jacobian: Tensor) -> Tensor:
@@ -289,7 +328,7 @@ def _as_matrix(jacobian: Tensor) -> Tensor:
         )
     if jacobian.shape[0] == 0:
         raise ValueError("expected at least one task gradient (J has no rows)")
-    return jacobian
+    return jacobian.detach()
 
 
 class LearnedTaskVector:

@@ -8,7 +8,8 @@ import numpy as np
 from scipy.optimize import minimize
 
 from ..registry import register
-from .base import Commit, GramianStrategy, _noop
+from ..solvers import project_dual_cone
+from .base import Commit, GramianStrategy, _noop, check_max_norm, clip_weights
 
 
 @register(
@@ -18,7 +19,10 @@ from .base import Commit, GramianStrategy, _noop
     stateful=False,
     paper="Liu et al., Conflict-Averse Gradient Descent for Multi-task Learning, NeurIPS 2021",
     conventions="c=0.4 (paper's NYUv2 value; 0.5 in the toy); rescale=1 divides by 1+c² as the "
-    "official code; rescale=0 is the paper's Algorithm 1 (and torchjd)",
+    "official code; rescale=0 is the paper's Algorithm 1 (and torchjd); the authors' training "
+    "code multiplies the update by T (times_tasks=True), the FAMO repository's CAGrad also clips "
+    "it to norm 1 (max_norm=1.0); at Pareto-stationary inputs with c ≥ 1 the maximiser nearest "
+    "g_0 (the dual's formula is undefined there)",
 )
 class CAGrad(GramianStrategy):
     """CAGrad (Liu et al., 2021, Eq. 5 and Algorithm 1).
@@ -27,14 +31,34 @@ class CAGrad(GramianStrategy):
     ``min_{w ∈ Δ} g_wᵀ g_0 + √φ ‖g_w‖`` (``g_w = Σ_i w_i g_i``) and update along
     ``d = g_0 + (√φ / ‖g_w‖) g_w``. ``c = 0`` gives plain averaging.
 
+    For ``c ≥ 1`` the ball contains ``d = 0``, so the primal ``max_d min_i g_i·d`` (Eq. 4) is never
+    negative and its maximisers conflict with no task. At a Pareto-stationary point (0 in the
+    convex hull of the gradients) the dual's minimiser is ``g_w = 0``, where the formula for ``d``
+    is undefined and a numerical ``g_w`` near zero points anywhere: there the maximisers are the
+    points of the ball with ``J d ≥ 0``, and the one returned is the nearest to ``g_0``, the
+    projection of ``g_0`` onto the dual cone ``{d : J d ≥ 0}`` (solved only when the dual's ``d``
+    conflicts with a task).
+
     Args:
         c: radius of the ball around ``g_0`` (default 0.4, the paper's NYUv2 setting).
         rescale: 0: no rescaling (paper); 1: divide by ``1 + c²`` (official code's default);
             2: divide by ``1 + c``.
+        times_tasks: multiply the update by T, as the authors' training code (default False).
+        max_norm: then clip the update to this norm (default None; the FAMO repository's CAGrad
+            clips to 1).
     """
 
-    def __init__(self, c: float = 0.4, rescale: Literal[0, 1, 2] = 1, num_tasks: int | None = None):
+    def __init__(
+        self,
+        c: float = 0.4,
+        rescale: Literal[0, 1, 2] = 1,
+        times_tasks: bool = False,
+        max_norm: float | None = None,
+        num_tasks: int | None = None,
+    ):
         super().__init__(num_tasks)
+        check_max_norm(max_norm)
+        self.times_tasks, self.max_norm = times_tasks, max_norm
         if c < 0:
             raise ValueError(f"c must be non-negative, got {c}")
         if rescale not in (0, 1, 2):
@@ -43,7 +67,12 @@ class CAGrad(GramianStrategy):
         self.rescale = rescale
 
     def hyperparameters(self) -> dict[str, object]:
-        return {"c": self.c, "rescale": self.rescale}
+        return {
+            "c": self.c,
+            "rescale": self.rescale,
+            "times_tasks": self.times_tasks,
+            "max_norm": self.max_norm,
+        }
 
     def weigh(self, gramian: np.ndarray, losses: np.ndarray | None) -> tuple[np.ndarray, Commit]:
         t = gramian.shape[0]
@@ -55,8 +84,19 @@ class CAGrad(GramianStrategy):
             gw_norm2 = float(w @ gramian @ w)
             if gw_norm2 > 0:
                 weights += (self.c * g0_norm / np.sqrt(gw_norm2)) * w
+            if self.c >= 1 and _conflicts(gramian, weights):
+                weights = project_dual_cone(gramian, mean_weights)
         divisor = {0: 1.0, 1: 1.0 + self.c**2, 2: 1.0 + self.c}[self.rescale]
-        return weights / divisor, _noop
+        weights = weights / divisor * (t if self.times_tasks else 1)
+        return clip_weights(weights, gramian, self.max_norm), _noop
+
+
+def _conflicts(gramian: np.ndarray, weights: np.ndarray) -> bool:
+    """Whether ``d = Σ_i w_i g_i`` has ``g_i·d < 0`` for some task, beyond rounding."""
+    products = gramian @ weights
+    norms = np.sqrt(np.clip(np.diag(gramian), 0.0, None))
+    length = np.sqrt(max(float(weights @ products), 0.0))
+    return bool(np.any(products < -1e-9 * norms * length))
 
 
 def _solve_dual(gramian: np.ndarray, c: float) -> np.ndarray:

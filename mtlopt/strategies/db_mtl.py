@@ -18,8 +18,10 @@ from .base import Combined, GradientStrategy
     cost="T backward",
     stateful=True,
     paper="Lin et al., Dual-Balancing for Multi-Task Learning, arXiv 2308.12029 (2023)",
-    conventions="beta=0.9, beta_sigma=0 (constant EMA rate), EMA started at zero; gradients of "
-    "log(L + 1e-8) obtained by row-scaling J (no extra backward); heads get the raw gradient",
+    conventions="beta=0.9, beta_sigma=0.5 (β_k = 0.9/√k; LibMTL's default beta_sigma=0 keeps "
+    "β = 0.9 constant, which stacked on Adam's momentum stalled MultiFashion at 0.28/0.29 "
+    "accuracy against 0.66/0.62); EMA started at zero; gradients of log(L + 1e-8) obtained by "
+    "row-scaling J (no extra backward); heads get the raw gradient (LibMTL: that of log L)",
 )
 class DBMTL(GradientStrategy):
     """DB-MTL (Lin et al., 2023, Eqs. 3–5).
@@ -31,9 +33,16 @@ class DBMTL(GradientStrategy):
     parameters change (a layer frozen, unfrozen or added) each parameter's columns follow it and a
     new one starts at zero. Absent tasks: their EMA rows are not advanced.
 
+    The EMA is a momentum on the gradients, and the wrapped optimizer usually adds its own
+    (Adam's β₁). With a constant ``β_k = 0.9`` (``beta_sigma=0``, LibMTL's default) the two
+    momenta compound into a lag that stalled training on MultiFashion (300 steps, Adam 1e-3, seed
+    0: left/right accuracy 0.28/0.29, EW 0.66/0.65); the decaying ``β_k = 0.9/√k``
+    (``beta_sigma=0.5``) reached 0.66/0.62 and ``beta=0`` (no EMA) 0.66/0.65, so the default
+    decays.
+
     Args:
         beta: EMA rate β (default 0.9).
-        beta_sigma: decay exponent σ of β_k (default 0: constant).
+        beta_sigma: decay exponent σ of β_k (default 0.5; 0 is LibMTL's constant rate).
         eps: ε inside the logarithm (default 1e-8).
     """
 
@@ -48,7 +57,7 @@ class DBMTL(GradientStrategy):
     def __init__(
         self,
         beta: float = 0.9,
-        beta_sigma: float = 0.0,
+        beta_sigma: float = 0.5,
         eps: float = 1e-8,
         num_tasks: int | None = None,
     ):

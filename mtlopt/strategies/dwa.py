@@ -20,7 +20,10 @@ from .base import LossStrategy, Scalarized
     stateful=True,
     paper="Liu et al., End-to-End Multi-Task Learning with Attention (MTAN), CVPR 2019",
     conventions="temperature 2; loss averages over windows of `window` steps (default 25, the "
-    "Nash-MTL code's iteration window) stand in for the paper's epoch averages; weights sum to T",
+    "Nash-MTL code's iteration window) stand in for the paper's epoch averages; the authors' "
+    "code keeps the weights fixed within an epoch, from the two previous epochs' average losses, "
+    "ours slide (new weights every step; window = steps per epoch gives the same averages at "
+    "epoch boundaries); weights sum to T",
 )
 class DWA(LossStrategy):
     """Dynamic weight averaging (Liu et al., 2019, Eq. 1).

@@ -17,7 +17,10 @@ from .base import Combined, GradientStrategy, Randomized
     paper="Chen et al., Just Pick a Sign: Optimizing Deep Multitask Models with Gradient Sign "
     "Dropout, NeurIPS 2020",
     conventions="leak=0; applied element-wise to whatever J holds (shared parameters, or the shared "
-    "features in representation mode as in the paper); sum of the kept gradients",
+    "features in representation mode as in the paper); sum of the kept gradients; purity "
+    "½(1 + Σg/Σ|g|) exactly (½ where Σ|g| = 0), the authors' code divides by 2Σ|g| + 1e-7, which "
+    "pulls coordinates with |g| ≲ 1e-7 towards ½; the authors' code rescales the output to the "
+    "norm of Σ_i g_i by default (keep_gradnorm_constant=True), the paper does not (our default)",
 )
 class GradDrop(Randomized, GradientStrategy):
     """GradDrop (Chen et al., 2020, Algorithm 1).
@@ -30,19 +33,28 @@ class GradDrop(Randomized, GradientStrategy):
     Args:
         leak: leak parameter ℓ (default 0).
         seed: seed of the strategy's generator.
+        keep_gradnorm_constant: rescale the update to the norm of ``Σ_i g_i``, as the authors'
+            code does by default (default False: Algorithm 1 as written).
     """
 
     _state_attrs = ("_rng_state",)
 
-    def __init__(self, leak: float = 0.0, seed: int | None = None, num_tasks: int | None = None):
+    def __init__(
+        self,
+        leak: float = 0.0,
+        seed: int | None = None,
+        keep_gradnorm_constant: bool = False,
+        num_tasks: int | None = None,
+    ):
         super().__init__(num_tasks)
         if not 0.0 <= leak <= 1.0:
             raise ValueError(f"leak must lie in [0, 1], got {leak}")
         self.leak = leak
+        self.keep_gradnorm_constant = keep_gradnorm_constant
         self._init_rng(seed)
 
     def hyperparameters(self) -> dict[str, object]:
-        return {"leak": self.leak}
+        return {"leak": self.leak, "keep_gradnorm_constant": self.keep_gradnorm_constant}
 
     def combine(self, jacobian: Tensor, losses: Tensor | None = None) -> Combined:
         rng, commit = self._step_rng()
@@ -51,9 +63,15 @@ class GradDrop(Randomized, GradientStrategy):
         total = jacobian.sum(dim=0)
         magnitude = jacobian.abs().sum(dim=0)
         purity = 0.5 * (1 + torch.where(magnitude > 0, total / magnitude.clamp_min(1e-300), 0.0))
+        # Drawn in float32 whatever J's dtype: the same seed then drops the same signs in
+        # float32 and float64 (and half-precision draws would be too coarse).
         uniform = torch.rand(
-            purity.shape, generator=generator, device=jacobian.device, dtype=purity.dtype
+            purity.shape, generator=generator, device=jacobian.device, dtype=torch.float32
         )
         keep = ((purity > uniform) & (jacobian > 0)) | ((purity < uniform) & (jacobian < 0))
         mask = self.leak + (1 - self.leak) * keep.to(jacobian.dtype)
-        return Combined(direction=(mask * jacobian).sum(dim=0), weights=None, commit=commit)
+        direction = (mask * jacobian).sum(dim=0)
+        if self.keep_gradnorm_constant:
+            norm = direction.norm()
+            direction = torch.where(norm > 0, direction * (total.norm() / norm), direction)
+        return Combined(direction=direction, weights=None, commit=commit)

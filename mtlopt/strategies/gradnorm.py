@@ -20,7 +20,9 @@ from .base import Commit, GramianStrategy
     paper="Chen et al., GradNorm: Gradient Normalization for Adaptive Loss Balancing, ICML 2018",
     conventions="alpha=1.5 (paper's NYUv2 value); gradient norms over all shared parameters "
     "(the paper uses the last shared layer as a cheaper proxy); weights trained by an internal "
-    "Adam (lr=0.025) and renormalized to sum to T; L_i(0) = losses of the first step",
+    "Adam (lr=0.025) and renormalized to sum to T; L_i(0) = losses of the first step (ratio 1 "
+    "where it is 0); losses must not be negative (ValueError: the loss ratio L_i(t)/L_i(0) is "
+    "undefined)",
 )
 class GradNorm(GramianStrategy):
     """GradNorm (Chen et al., 2018, Eqs. 1–2 and Algorithm 1).
@@ -33,6 +35,12 @@ class GradNorm(GramianStrategy):
 
     Absent tasks: the update, the mean norm and the renormalisation run over the present tasks
     (their weights then sum to their number); an absent task's weight and ``L_i(0)`` stay.
+
+    The loss ratio ``L̃_i`` measures training progress only for non-negative losses, and
+    ``r_i^α`` is real only for ``r_i ≥ 0``: a negative loss has no inverse training rate, and
+    GradNorm raises a ``ValueError`` instead of producing NaN weights (shift such losses by a
+    known lower bound, ``L − L_min``). A zero loss is a finished task (``L̃_i = 0``); a task whose
+    first loss was zero (absent from the first batch) gets the neutral ratio ``L̃_i = 1``.
 
     Args:
         alpha: asymmetry / restoring-force strength (default 1.5).
@@ -73,6 +81,7 @@ class GradNorm(GramianStrategy):
             raise ValueError(f"GradNorm holds {weights.shape[0]} task weights but got {t} tasks")
         initial = losses.copy() if self.initial_losses is None else self.initial_losses
         initial = np.where(np.isnan(initial), losses, initial)  # a task's first step
+        _check_positive(losses, initial)
         norms = np.sqrt(np.clip(np.diag(gramian), 0.0, None))
         grad = gradnorm_weight_gradient(weights, norms, losses, initial, self.alpha)
         adam = AdamState.zeros(t) if self._adam is None else self._adam
@@ -86,6 +95,17 @@ class GradNorm(GramianStrategy):
         return weights.copy(), commit
 
 
+def _check_positive(losses: np.ndarray, initial: np.ndarray) -> None:
+    if np.all(losses >= 0) and np.all(initial >= 0):
+        return
+    raise ValueError(
+        "GradNorm needs non-negative task losses: its inverse training rate L_i(t)/L_i(0) (Chen "
+        f"et al., 2018, Sec. 3.2) is undefined for negative ones; got losses {losses} with "
+        f"initial losses {initial}. Subtract a known lower bound from each loss, or use another "
+        "strategy."
+    )
+
+
 def gradnorm_weight_gradient(
     weights: np.ndarray,
     norms: np.ndarray,
@@ -94,9 +114,9 @@ def gradnorm_weight_gradient(
     alpha: float,
 ) -> np.ndarray:
     """``∂L_grad/∂w`` of GradNorm's Eq. 2 with the target ``Ḡ · r_i^α`` held constant."""
-    t = weights.shape[0]
     weighted_norms = weights * norms
-    ratios = np.divide(losses, initial_losses, out=np.ones(t), where=initial_losses > 0)
-    inverse_rate = ratios / ratios.mean() if ratios.mean() > 0 else np.ones(t)
+    # Non-negative (checked by the caller); a task whose first loss was 0 gets the neutral 1.
+    ratios = np.divide(losses, initial_losses, out=np.ones_like(losses), where=initial_losses > 0)
+    inverse_rate = ratios / ratios.mean() if ratios.mean() > 0 else np.ones_like(ratios)
     target = weighted_norms.mean() * inverse_rate**alpha
     return np.sign(weighted_norms - target) * norms

@@ -10,27 +10,31 @@ from ..registry import register
 from .base import Commit, GramianStrategy, LearnedTaskVector, LossStrategy, Scalarized, _noop
 
 
-def imtl_g_weights(gramian: np.ndarray) -> np.ndarray:
-    """IMTL-G closed form (Liu et al., 2021, Eq. 14) from the Gramian alone.
+def imtl_g_weights(gramian: np.ndarray, rounding: float = 0.0) -> np.ndarray:
+    """IMTL-G (Liu et al., 2021, Eq. 12–14) from the Gramian alone.
 
-    With ``D = [g_1 − g_k]_k`` and ``U = [u_1 − u_k]_k`` (``u = g/‖g‖``), ``α_{2:T} = g_1 Uᵀ
-    (D Uᵀ)^{-1}`` and ``α_1 = 1 − Σ α_{2:T}``; the combined gradient has equal projections on every
-    unit task gradient. Every product is an entry of ``G`` divided by a norm.
+    The update ``d = Σ_i α_i g_i`` with ``Σ_i α_i = 1`` has equal projections ``d·u_i = λ`` on the
+    unit gradients ``u_i = g_i/n_i`` (``n_i = ‖g_i‖``), i.e. ``G α = λ n``, so ``α = G⁻¹ n / (1ᵀ
+    G⁻¹ n)``: for independent gradients the paper's closed form (Eq. 14) rewritten with ``G``.
+    For dependent gradients ``G⁺`` (eigenvalues of ``G`` below ``max(1e-10, rounding) λ_max``
+    dropped) gives the least-squares solution, which unlike Eq. 14's choice of task 1 as pivot
+    does not depend on the order of the tasks. Weights are zero when ``1ᵀ G⁺ n`` vanishes.
     """
     t = gramian.shape[0]
     if t == 1:
         return np.ones(1)
     norms = np.sqrt(np.clip(np.diag(gramian), 0.0, None))
-    safe = np.where(norms > 0, norms, 1.0)
-    dot_u = gramian / safe[None, :]  # dot_u[i, j] = g_i · u_j
-    rhs = dot_u[0, 0] - dot_u[0, 1:]  # (g_1 Uᵀ)_k
-    du = dot_u[0, 0] - dot_u[0, 1:][None, :] - dot_u[1:, 0][:, None] + dot_u[1:, 1:]
-    # Singular values are measured against the gradient scale, not against du's own largest one:
-    # collinear gradients make du vanish up to rounding, and then α_{2:T} = 0 (plain g_1).
-    u, sv, vt = np.linalg.svd(du.T)
-    inverse = np.where(sv > 1e-10 * norms.max(), 1.0 / np.where(sv > 0, sv, 1.0), 0.0)
-    alpha_rest = vt.T @ (inverse * (u.T @ rhs))
-    return np.concatenate([[1.0 - alpha_rest.sum()], alpha_rest])
+    eigenvalues, eigenvectors = np.linalg.eigh(gramian)
+    top = float(eigenvalues.max(initial=0.0))
+    if not top > 0:
+        return np.full(t, 1.0 / t)
+    keep = eigenvalues > max(1e-10, rounding) * top
+    lam, vectors = eigenvalues[keep], eigenvectors[:, keep]
+    unnormalised = vectors @ ((vectors.T @ norms) / lam)
+    total = float(unnormalised.sum())
+    if not abs(total) > 1e-12 * float(np.abs(unnormalised).sum()):
+        return np.zeros(t)
+    return unnormalised / total
 
 
 @register(
@@ -39,7 +43,9 @@ def imtl_g_weights(gramian: np.ndarray) -> np.ndarray:
     cost="T backward",
     stateful=False,
     paper="Liu et al., Towards Impartial Multi-task Learning, ICLR 2021 (IMTL-G)",
-    conventions="weights sum to 1 (closed form); least-squares solve when D Uᵀ is singular",
+    conventions="weights sum to 1; α ∝ G⁺‖g‖ (Eq. 14 for independent gradients; for dependent ones "
+    "the pseudo-inverse's least-squares solution, independent of the task order, where LibMTL's "
+    "Eq. 14 pivots on task 1); eigenvalues below max(1e-10, T√P·ε)·λ_max dropped",
 )
 class IMTLG(GramianStrategy):
     """IMTL-G (Liu et al., 2021, Sec. 3.2): the update whose projections onto every unit task
@@ -47,6 +53,11 @@ class IMTLG(GramianStrategy):
 
     def weigh(self, gramian: np.ndarray, losses: np.ndarray | None) -> tuple[np.ndarray, Commit]:
         return imtl_g_weights(gramian), _noop
+
+    def weigh_at_precision(
+        self, gramian: np.ndarray, losses: np.ndarray | None, rounding: float
+    ) -> tuple[np.ndarray, Commit]:
+        return imtl_g_weights(gramian, rounding), _noop
 
 
 class _LossScales(LearnedTaskVector):
@@ -111,3 +122,8 @@ class IMTL(_LossScales, GramianStrategy):
 
     def weigh(self, gramian: np.ndarray, losses: np.ndarray | None) -> tuple[np.ndarray, Commit]:
         return imtl_g_weights(gramian), _noop
+
+    def weigh_at_precision(
+        self, gramian: np.ndarray, losses: np.ndarray | None, rounding: float
+    ) -> tuple[np.ndarray, Commit]:
+        return imtl_g_weights(gramian, rounding), _noop

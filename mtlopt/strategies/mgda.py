@@ -20,7 +20,9 @@ Normalization = Literal["none", "l2", "loss", "loss+"]
     stateful=False,
     paper="Sener & Koltun, Multi-Task Learning as Multi-Objective Optimization, NeurIPS 2018",
     conventions="exact min-norm solver (Wolfe) instead of Frank-Wolfe; weights on the simplex; "
-    "normalization='none'; with normalization the weights multiply the raw gradients (official code)",
+    "normalization='none'; with normalization the weights multiply the raw gradients (official "
+    "code); heads get their raw gradient, the authors' code back-propagates Σ α_i L_i and scales "
+    "head i's by α_i (no option)",
 )
 class MGDA(GramianStrategy):
     """MGDA (Sener & Koltun, 2018, Eq. 3 and Algorithm 2).

@@ -9,7 +9,7 @@ import numpy as np
 from ..registry import register
 from ..solvers import fair_weights
 from ._state import TaskAxes
-from .base import Commit, GramianStrategy
+from .base import Commit, GramianStrategy, check_max_norm, clip_weights
 
 
 @register(
@@ -19,20 +19,25 @@ from .base import Commit, GramianStrategy
     stateful=True,
     paper="Navon et al., Multi-Task Learning as a Bargaining Game, ICML 2022",
     conventions="max_norm=1.0 (the authors' code clips the shared gradient to norm 1; None "
-    "disables); update_weights_every=1; bargaining condition solved exactly by Newton's method on "
-    "its convex potential instead of the paper's sequence of convex approximations (same fixed "
-    "point, no cvxpy)",
+    "disables); update_weights_every=1; α_i (Gα)_i = 1 on the raw Gramian, as the authors' code "
+    "(their ‖G‖_F normalisation cancels), so ‖update‖ = √T before clipping; bargaining condition "
+    "solved exactly by Newton's method on its convex potential instead of the paper's sequence "
+    "of convex approximations (same fixed point, no cvxpy); heads get their raw gradient, the "
+    "authors' code back-propagates Σ α_i L_i and scales head i's by α_i (no option)",
 )
 class NashMTL(GramianStrategy):
     """Nash-MTL (Navon et al., 2022, Eq. 2 and Sec. 3.2).
 
-    The Nash bargaining solution: ``α > 0`` with ``(G α)_i = 1/α_i`` on the Frobenius-normalised
-    Gramian ``G / ‖G‖_F``, update ``Σ_i α_i g_i`` on the raw gradients (as the authors' code).
-    The paper reaches that point through a sequence
-    of convex approximations solved by cvxpy; the same condition is the stationarity condition of
-    the strictly convex ``½ αᵀGα − Σ log α_i``, which :func:`mtlopt.solvers.fair_weights` solves
-    by damped Newton steps to machine precision, so no convex-programming dependency is needed.
-    For two tasks the result is ``(u_1 + u_2) / √(1 + cos)`` in the normalised geometry.
+    The Nash bargaining solution: ``α > 0`` with ``α_i (G α)_i = 1`` on the raw Gramian
+    ``G = J Jᵀ``, update ``Σ_i α_i g_i``. The authors' code divides ``G`` by ``‖G‖_F`` and
+    multiplies ``α`` by the same factor in its constraint ``log(α_i ‖G‖_F) + log((G α / ‖G‖_F)_i)
+    ≥ 0``, so the normalisation cancels: their ``α`` solves the condition on the raw ``G``, as here.
+    The update then has ``‖Σ_i α_i g_i‖² = αᵀ G α = T`` whatever the gradients' scale, and
+    ``max_norm`` clips it. The paper reaches that point through a sequence of convex
+    approximations solved by cvxpy; the same condition is the stationarity condition of the
+    strictly convex ``½ αᵀGα − Σ log α_i``, which :func:`mtlopt.solvers.fair_weights` solves by
+    damped Newton steps to machine precision, so no convex-programming dependency is needed.
+    For two tasks the result is ``(u_1 + u_2) / √(1 + cos)`` for the unit gradients ``u_i``.
 
     Args:
         max_norm: clip the combined gradient to this norm (default 1.0, the authors' code).
@@ -55,8 +60,7 @@ class NashMTL(GramianStrategy):
         super().__init__(num_tasks)
         if update_weights_every < 1:
             raise ValueError("update_weights_every must be at least 1")
-        if max_norm is not None and max_norm <= 0:
-            raise ValueError("max_norm must be positive or None")
+        check_max_norm(max_norm)
         self.max_norm = max_norm
         self.update_weights_every = update_weights_every
         self._alpha: np.ndarray | None = None
@@ -70,13 +74,8 @@ class NashMTL(GramianStrategy):
         if reuse and not np.isnan(self._alpha).any():
             alpha = self._alpha
         else:
-            frobenius = float(np.linalg.norm(gramian))
-            alpha = fair_weights(gramian / frobenius) if frobenius > 0 else np.zeros(len(gramian))
-        weights = alpha
-        if self.max_norm is not None:
-            norm = float(np.sqrt(max(alpha @ gramian @ alpha, 0.0)))
-            if norm > self.max_norm:
-                weights = alpha * (self.max_norm / norm)
+            alpha = fair_weights(gramian)
+        weights = clip_weights(alpha, gramian, self.max_norm)
         step = self._step + 1
 
         def commit() -> None:

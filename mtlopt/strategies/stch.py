@@ -17,8 +17,11 @@ from .base import LossStrategy, Scalarized
     cost="1 backward",
     stateful=False,
     paper="Lin et al., Smooth Tchebycheff Scalarization for Multi-Objective Optimization, ICML 2024",
-    conventions="mu=1, preference λ = 1 and ideal point z* = 0 by default (Eq. 5 as stated); "
-    "LibMTL's variant on log-normalised losses is not the default",
+    conventions="mu=1, preference λ = 1 and ideal point z* = 0 by default: Eq. 5 as the paper "
+    "defines and analyses it, which needs no epochs; the authors' own MTL code (which LibMTL "
+    "follows) instead averages the losses over warm-up epochs into a nadir point, then applies "
+    "Eq. 5 to log(L/nadir) and multiplies by T: not built in (it needs the epoch structure an "
+    "optimizer does not see)",
 )
 class STCH(LossStrategy):
     """Smooth Tchebycheff scalarization (Lin et al., 2024, Eq. 5).

@@ -17,7 +17,10 @@ from .base import Commit, GramianStrategy, _noop
     paper="Quinton & Rey, Jacobian Descent for Multi-Objective Optimization, arXiv 2406.16232 "
     "(2024)",
     conventions="mean of the projected task gradients; Gramian normalised by its trace plus a "
-    "reg_eps=1e-4 ridge (torchjd's and LibMTL's defaults; reg_eps=0 is the exact projection)",
+    "reg_eps=1e-4 ridge (torchjd's and LibMTL's defaults; reg_eps=0 is the exact projection); no "
+    "norm_eps: torchjd's and LibMTL's norm_eps=1e-4 return the plain mean when tr(G) < 1e-4, "
+    "which can conflict; mtlopt projects at every scale, as the paper (tested from 1e-15 to "
+    "1e15)",
 )
 class UPGrad(GramianStrategy):
     """UPGrad (Quinton & Rey, 2024, Def. 5): project every task gradient onto the dual cone
