@@ -102,3 +102,45 @@ def test_aligned_mtl_scale_modes_on_two_singular_values(scale_mode, sigma):
     jacobian = torch.diag(torch.tensor([1.0, 3.0], dtype=torch.float64))
     expected = torch.full((2,), sigma / 2, dtype=torch.float64)
     torch.testing.assert_close(aggregate("aligned_mtl", jacobian, scale_mode=scale_mode), expected)
+
+
+@pytest.mark.parametrize("name", ["mgda", "nash_mtl"])
+def test_weighted_heads_scale_each_head_by_its_task_weight_as_the_authors_code(name):
+    """The authors back-propagate Σ α_i L_i: head i's gradient is α_i ∇L_i (Nash-MTL's α before
+    the clipping that their code applies to the shared parameters only); the trunk is unchanged."""
+    import copy
+
+    from conftest import SharedTrunkNet, make_batch
+
+    torch.manual_seed(0)
+    model = SharedTrunkNet(tasks=3)
+    x, y = make_batch(tasks=3)
+    reference = copy.deepcopy(model)
+    losses = [((p - y[:, i]) ** 2).mean() * (i + 1) for i, p in enumerate(reference(x))]
+    trunk = list(reference.trunk.parameters())
+    jacobian = torch.stack(
+        [torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, trunk, retain_graph=True)])
+         for loss in losses]
+    )
+    gramian = (jacobian @ jacobian.T).double().numpy()
+    if name == "mgda":
+        alpha = mtlopt.create("mgda").combine(jacobian).weights
+    else:
+        from mtlopt.solvers import fair_weights
+
+        alpha = torch.from_numpy(fair_weights(gramian)).float()
+    heads = [torch.autograd.grad(loss, list(h.parameters()), retain_graph=True)
+             for loss, h in zip(losses, reference.heads, strict=True)]
+    for weighted in (False, True):
+        net = copy.deepcopy(model)
+        opt = mtlopt.MTLOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), name,
+                                  weighted_heads=weighted)
+        opt.backward([((p - y[:, i]) ** 2).mean() * (i + 1) for i, p in enumerate(net(x))])
+        for i, (head, grads) in enumerate(zip(net.heads, heads, strict=True)):
+            factor = float(alpha[i]) if weighted else 1.0
+            for p, g in zip(head.parameters(), grads, strict=True):
+                torch.testing.assert_close(p.grad, g * factor, rtol=1e-5, atol=1e-7)
+        trunk_grad = torch.cat([p.grad.reshape(-1) for p in net.trunk.parameters()])
+        if not weighted:
+            expected_trunk = trunk_grad
+        torch.testing.assert_close(trunk_grad, expected_trunk)

@@ -74,10 +74,18 @@ class JacobianPath(PathBase):
         if scale != 1.0:
             delta = delta * scale  # .grad holds scaled gradients until scaler.unscale_
         accumulate(partition.shared, unflatten(delta, partition.shared))
+        head_rows = None
+        if combined.head_weights is not None:
+            self._warn_weighted_heads_accumulation()
+            head_rows = torch.as_tensor(np.searchsorted(present, step.present))
         for k, task in enumerate(step.present):
             params = partition.specific[task]
             own = specific[k]
-            accumulate(params, self._correct_own(params, own, int(task)))  # type: ignore[arg-type]
+            written = own
+            if head_rows is not None:
+                factor = combined.head_weights[head_rows[k]]
+                written = [None if g is None else g * factor.to(g.dtype) for g in own]
+            accumulate(params, self._correct_own(params, written, int(task)))  # type: ignore[arg-type]
             for p, g in zip(params, own, strict=True):
                 if g is not None:  # kept unscaled, as J: they become J's columns if p turns shared
                     add_to_sum(window.own_sums, (int(task), id(p)), g if scale == 1.0 else g / scale)
@@ -89,6 +97,15 @@ class JacobianPath(PathBase):
         window.marker = partition.shared[0] if partition.shared else None
         window.info = self._gradient_info(step, losses_sum, present, jacobian, combined)
         return window.info
+
+    def _warn_weighted_heads_accumulation(self) -> None:
+        if self._window.jacobian is not None:
+            self._warn_once(
+                "weighted-heads-accumulation",
+                f"{self._combiner.info.name} with weighted_heads=True under gradient accumulation: "
+                "each micro-batch's head gradients are weighted by the weights of the step so far, "
+                "not by the step's final weights",
+            )
 
     def _write_sparse(
         self,

@@ -48,6 +48,9 @@ class Combined:
     commit: Commit = _noop
     gramian: np.ndarray | None = None
     """``J Jᵀ`` (float64, host) when the strategy computed it, reused for the diagnostics."""
+    head_weights: Tensor | None = None
+    """Per task, a factor for the gradients of its own parameters (heads), where the reference
+    code scales them (Nash-MTL and MGDA with ``weighted_heads=True``); ``None``: raw gradients."""
 
 
 @dataclass

@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
+from torch import Tensor
 
 from ..registry import register
 from ..solvers import min_norm_simplex
-from .base import Commit, GramianStrategy, _noop
+from .base import Combined, Commit, GramianStrategy, _noop
 
 Normalization = Literal["none", "l2", "loss", "loss+"]
 
@@ -22,7 +23,7 @@ Normalization = Literal["none", "l2", "loss", "loss+"]
     conventions="exact min-norm solver (Wolfe) instead of Frank-Wolfe; weights on the simplex; "
     "normalization='none'; with normalization the weights multiply the raw gradients (official "
     "code); heads get their raw gradient, the authors' code back-propagates Σ α_i L_i and scales "
-    "head i's by α_i (no option)",
+    "head i's by α_i (weighted_heads=True)",
 )
 class MGDA(GramianStrategy):
     """MGDA (Sener & Koltun, 2018, Eq. 3 and Algorithm 2).
@@ -36,16 +37,32 @@ class MGDA(GramianStrategy):
             ``"none"`` (default), ``"l2"`` (‖g_i‖), ``"loss"`` (L_i), ``"loss+"`` (L_i · ‖g_i‖).
             The solution ``α`` multiplies the raw gradients, as the authors' code re-weights the
             raw losses with it (LibMTL instead combines the normalized gradients).
+        weighted_heads: scale each task's own parameters' (head's) gradient by its ``α_i``, as
+            the authors' code does by back-propagating ``Σ α_i L_i`` (default ``False``: heads
+            get their raw task gradient, the convention of every other gradient strategy).
     """
 
-    def __init__(self, normalization: Normalization = "none", num_tasks: int | None = None):
+    def __init__(
+        self,
+        normalization: Normalization = "none",
+        weighted_heads: bool = False,
+        num_tasks: int | None = None,
+    ):
         super().__init__(num_tasks)
+        self.weighted_heads = weighted_heads
         if normalization not in ("none", "l2", "loss", "loss+"):
             raise ValueError(f"unknown normalization {normalization!r}")
         self.normalization = normalization
 
     def hyperparameters(self) -> dict[str, object]:
-        return {"normalization": self.normalization}
+        return {"normalization": self.normalization, "weighted_heads": self.weighted_heads}
+
+    def combine(self, jacobian: Tensor, losses: Tensor | None = None) -> Combined:
+        combined = super().combine(jacobian, losses)
+        if self.weighted_heads:
+            # The authors back-propagate Σ α_i L_i: head i's gradient is scaled by α_i.
+            combined.head_weights = combined.weights
+        return combined
 
     def weigh(self, gramian: np.ndarray, losses: np.ndarray | None) -> tuple[np.ndarray, Commit]:
         scales = self._scales(gramian, losses)

@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import ClassVar
 
 import numpy as np
+import torch
+from torch import Tensor
 
 from ..registry import register
 from ..solvers import fair_weights
 from ._state import TaskAxes
-from .base import Commit, GramianStrategy, check_max_norm, clip_weights
+from .base import Combined, Commit, GramianStrategy, check_max_norm, clip_weights
 
 
 @register(
@@ -23,7 +25,7 @@ from .base import Commit, GramianStrategy, check_max_norm, clip_weights
     "(their ‖G‖_F normalisation cancels), so ‖update‖ = √T before clipping; bargaining condition "
     "solved exactly by Newton's method on its convex potential instead of the paper's sequence "
     "of convex approximations (same fixed point, no cvxpy); heads get their raw gradient, the "
-    "authors' code back-propagates Σ α_i L_i and scales head i's by α_i (no option)",
+    "authors' code back-propagates Σ α_i L_i and scales head i's by α_i (weighted_heads=True)",
 )
 class NashMTL(GramianStrategy):
     """Nash-MTL (Navon et al., 2022, Eq. 2 and Sec. 3.2).
@@ -42,6 +44,9 @@ class NashMTL(GramianStrategy):
     Args:
         max_norm: clip the combined gradient to this norm (default 1.0, the authors' code).
         update_weights_every: recompute ``α`` every k steps and reuse it in between (default 1).
+        weighted_heads: scale each task's own parameters' (head's) gradient by its ``α_i``
+            (before clipping, which the authors apply to the shared parameters only), as the
+            authors' code does by back-propagating ``Σ α_i L_i`` (default ``False``: raw).
     """
 
     absent_tasks = (
@@ -55,9 +60,12 @@ class NashMTL(GramianStrategy):
         self,
         max_norm: float | None = 1.0,
         update_weights_every: int = 1,
+        weighted_heads: bool = False,
         num_tasks: int | None = None,
     ):
         super().__init__(num_tasks)
+        self.weighted_heads = weighted_heads
+        self._alpha_of_call: np.ndarray | None = None
         if update_weights_every < 1:
             raise ValueError("update_weights_every must be at least 1")
         check_max_norm(max_norm)
@@ -67,7 +75,18 @@ class NashMTL(GramianStrategy):
         self._step = 0
 
     def hyperparameters(self) -> dict[str, object]:
-        return {"max_norm": self.max_norm, "update_weights_every": self.update_weights_every}
+        return {
+            "max_norm": self.max_norm,
+            "update_weights_every": self.update_weights_every,
+            "weighted_heads": self.weighted_heads,
+        }
+
+    def combine(self, jacobian: Tensor, losses: Tensor | None = None) -> Combined:
+        combined = super().combine(jacobian, losses)
+        if self.weighted_heads and self._alpha_of_call is not None:
+            # The authors back-propagate Σ α_i L_i and clip the shared parameters' gradient only.
+            combined.head_weights = torch.from_numpy(self._alpha_of_call).to(jacobian)
+        return combined
 
     def weigh(self, gramian: np.ndarray, losses: np.ndarray | None) -> tuple[np.ndarray, Commit]:
         reuse = self._alpha is not None and self._step % self.update_weights_every != 0
@@ -76,6 +95,7 @@ class NashMTL(GramianStrategy):
         else:
             alpha = fair_weights(gramian)
         weights = clip_weights(alpha, gramian, self.max_norm)
+        self._alpha_of_call = alpha  # scratch, read by combine() right after
         step = self._step + 1
 
         def commit() -> None:
