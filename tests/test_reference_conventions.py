@@ -144,3 +144,25 @@ def test_weighted_heads_scale_each_head_by_its_task_weight_as_the_authors_code(n
         if not weighted:
             expected_trunk = trunk_grad
         torch.testing.assert_close(trunk_grad, expected_trunk)
+
+
+def test_dwa_per_epoch_keeps_the_weights_of_the_last_two_complete_windows():
+    """MTAN's DWA (Liu et al., 2019, Eq. 1) per epoch: w(t) from L̄(t−1)/L̄(t−2), fixed during
+    epoch t. With window = 2 steps per epoch: epochs 1, 2 (weights 1), then renewed every 2 steps."""
+    dwa = mtlopt.create("dwa", window=2, per_epoch=True, temperature=2.0)
+    losses = [[4.0, 4.0], [4.0, 4.0], [2.0, 4.0], [2.0, 4.0], [1.0, 4.0], [1.0, 4.0], [1.0, 1.0]]
+    weights = []
+    for step in losses:
+        result = dwa.scalarize(torch.tensor(step, dtype=torch.float64))
+        weights.append(result.weights.numpy())
+        result.commit()
+
+    def expected(r):
+        e = np.exp(np.asarray(r) / 2.0)
+        return 2 * e / e.sum()
+
+    for w in weights[:4]:
+        np.testing.assert_allclose(w, [1.0, 1.0])
+    np.testing.assert_allclose(weights[4], expected([2 / 4, 4 / 4]))  # epochs 2 and 1
+    np.testing.assert_allclose(weights[5], weights[4])  # fixed within epoch 3
+    np.testing.assert_allclose(weights[6], expected([1 / 2, 4 / 4]))  # epochs 3 and 2
