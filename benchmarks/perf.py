@@ -268,10 +268,11 @@ def inference(b: Bench, task: int | None = None) -> Callable[[], None]:
 
 def dtme_table(kind: str, ks: list[int], rounds: int, warmup: int, progress) -> list[str]:
     """DTME's cost after the expansion at each K: over EW's step, with the default plan and with
-    ``budget=2``, with a gradient base (PCGrad, and PCGrad alone for reference), and inference
-    (all tasks, one task) over the model before the expansion; predicted multipliers beside."""
+    a budget (2×, or the last block's cost where K makes that more), with a gradient base
+    (PCGrad, and PCGrad alone for reference), and inference (all tasks, one task) over the model
+    before the expansion; predicted multipliers beside."""
     lines = [
-        "| K | plan (branch, predicted) | dtme+ew / ew | budget=2: plan | budget=2: dtme+ew / ew | "
+        "| K | plan (branch, predicted) | dtme+ew / ew | budget: plan | budget: dtme+ew / ew | "
         "dtme+pcgrad / ew | pcgrad / ew | dtme+pcgrad / dtme+ew | inference, all tasks / "
         "plain | inference, one task / plain |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -281,7 +282,11 @@ def dtme_table(kind: str, ks: list[int], rounds: int, warmup: int, progress) -> 
         ew = wrapper_step(base.clone(), "ew")
         default_b, budget_b, pcgrad_b = base.clone(), base.clone(), base.clone()
         default, default_dtme = expanded_dtme(default_b)
-        budgeted, budget_dtme = expanded_dtme(budget_b, budget=2.0)
+        # 2×, or what branching at the last block costs where K makes that more (K=11 on 4
+        # blocks: (3 + 11) / 4 = 3.5×).
+        depth = len(mtlopt.tokens.find_blocks(base.model))
+        budget = max(2.0, (depth - 1 + k) / depth + 0.05)
+        budgeted, budget_dtme = expanded_dtme(budget_b, budget=budget)
         with_pcgrad, _ = expanded_dtme(pcgrad_b, base="pcgrad")
         plain = base.clone()
         pairs = {
@@ -295,7 +300,8 @@ def dtme_table(kind: str, ks: list[int], rounds: int, warmup: int, progress) -> 
         }
         r = paired(pairs, rounds, warmup)
         lines.append(
-            f"| {k} | {_plan(default_dtme)} | {r['default'].ratio:.2f} | {_plan(budget_dtme)} | "
+            f"| {k} | {_plan(default_dtme)} | {r['default'].ratio:.2f} | "
+            f"budget={budget:.2f}: {_plan(budget_dtme)} | "
             f"{r['budget'].ratio:.2f} | {r['dtme+pcgrad'].ratio:.2f} | {r['pcgrad'].ratio:.2f} | "
             f"{_mark(r['gradient base'].ratio, 1.3)} | {r['all tasks'].ratio:.2f} | "
             f"{r['one task'].ratio:.2f} |"
