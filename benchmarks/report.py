@@ -89,6 +89,19 @@ def _baselines(problem: Problem, runs: list[dict]) -> dict[str, float] | None:
     return {m: statistics.fmean(v) for m, v in values.items()}
 
 
+def smoke_banner(runs: list[dict]) -> str | None:
+    """The line that marks a quick run's tables as a smoke run, or None for a full run."""
+    if not any(r.get("quick") for r in runs):
+        return None
+    steps = sorted({r["steps"] for r in runs if "steps" in r})
+    seeds = len({r["seed"] for r in runs if "seed" in r})
+    return (
+        f"**Smoke run** (quick: {'/'.join(map(str, steps))} steps, {seeds} seed"
+        f"{'s' if seeds != 1 else ''}): it checks that every method runs end to end; its numbers "
+        "are not measurements. Full runs and measured tables: docs/benchmarks.md."
+    )
+
+
 def write(problem: Problem, runs: list[dict], out: Path, command: str) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     rows = aggregate(problem, runs)
@@ -138,13 +151,15 @@ def write(problem: Problem, runs: list[dict], out: Path, command: str) -> list[d
                 else:
                     line.extend(value if isinstance(value, tuple) else ("", ""))
             writer.writerow(line)
-    (out / "results.md").write_text(markdown(problem, rows, command))
+    (out / "results.md").write_text(markdown(problem, rows, command, smoke_banner(runs)))
     plots(problem, runs, rows, out)
     return rows
 
 
-def markdown(problem: Problem, rows: list[dict], command: str) -> str:
-    lines = [f"## {problem.name}", "", problem.description, "", f"Command: `{command}`", ""]
+def markdown(problem: Problem, rows: list[dict], command: str, banner: str | None = None) -> str:
+    lines = [f"## {problem.name}", ""]
+    lines += [banner, ""] if banner else []
+    lines += [problem.description, "", f"Command: `{command}`", ""]
     has_delta = any("delta_m" in r for r in rows)
     if has_delta:
         lines += [DELTA_NOTE, ""]
