@@ -29,6 +29,7 @@ from transformers import Trainer
 
 from ..optimizer import MTLOptimizer, StepInfo
 from ..strategies.base import Strategy
+from .checkpoints import numpy_globals
 from .schedules import follow_new_groups
 
 StrategySpec = str | Strategy | Callable[[nn.Module], Strategy]
@@ -48,18 +49,6 @@ def task_losses(outputs: Any) -> Mapping[str, Tensor | None]:
             f"ModelOutput); got {type(outputs).__name__}"
         )
     return losses
-
-
-def numpy_globals() -> list[Any]:
-    """What ``torch.load(weights_only=True)`` needs to rebuild the numpy arrays and scalars of a
-    strategy's state."""
-    import numpy as np
-
-    reconstruct = np._core.multiarray._reconstruct if hasattr(np, "_core") else None
-    reconstruct = reconstruct or np.core.multiarray._reconstruct
-    dtypes = [type(np.dtype(t)) for t in (np.float64, np.float32, np.int64, np.int32, np.bool_)]
-    scalar = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
-    return [reconstruct, scalar, np.ndarray, np.dtype, *dtypes]
 
 
 def build_strategy(spec: StrategySpec, model: nn.Module) -> str | Strategy:
