@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
-
 from optional import require
+from torch import nn
 
 require("accelerate")
 
@@ -17,6 +16,16 @@ import mtlopt  # noqa: E402
 from mtlopt.integrations.accelerate import backward, numpy_allowed, unwrap  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerator_state():
+    """Accelerate keeps one process-wide state (precision included): each test starts anew."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def setup(batch: int, accumulation: int = 1, strategy: str = "pcgrad", **options):

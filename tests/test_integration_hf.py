@@ -20,6 +20,16 @@ from mtlopt.integrations.hf import MTLTrainer  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerator_state():
+    """Accelerate keeps one process-wide state (precision included): each test starts anew."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 class TwoTaskBert(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
-
 from optional import require
+from torch import nn
 
 require("lightning")
 
