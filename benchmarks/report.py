@@ -12,6 +12,7 @@ from typing import Any
 import mtlopt
 from mtlopt.metrics import delta_m
 
+from .paired import NOT_DISTINGUISHABLE, differences, versus_ew
 from .problem import Problem
 from .suite import single_task
 
@@ -20,6 +21,9 @@ DELTA_NOTE = (
     "trained with the same budget, signed so that **lower is better** (Maninis et al.; the "
     "Nash-MTL / FAMO protocol): negative Δm beats the single-task models."
 )
+
+
+VERSUS_KEYS = ("mean", "low", "high", "seeds", "verdict")
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -67,6 +71,10 @@ def aggregate(problem: Problem, runs: list[dict]) -> list[dict[str, Any]]:
                 r["median_step_seconds"] / ew_time[r["seed"]] for r in done if r["seed"] in ew_time
             ]
             row["time_vs_ew"] = _mean_std(ratios)
+            if method != "ew":
+                versus = versus_ew(differences(problem, ok, method, variant))
+                if versus is not None:
+                    row["vs_ew"] = {**versus.__dict__, "verdict": versus.verdict}
             row["step_ms"] = _mean_std([1e3 * r["median_step_seconds"] for r in done])
             memory = [
                 r["peak_rss_growth_mb"] for r in done if r.get("peak_rss_growth_mb") is not None
@@ -141,6 +149,7 @@ def write(problem: Problem, runs: list[dict], out: Path, command: str) -> list[d
                     else (f"{col}_mean", f"{col}_std")
                 )
             ]
+            + [f"vs_ew_{k}" for k in VERSUS_KEYS]
         )
         for row in rows:
             line = []
@@ -150,7 +159,8 @@ def write(problem: Problem, runs: list[dict], out: Path, command: str) -> list[d
                     line.append("" if value is None else value)
                 else:
                     line.extend(value if isinstance(value, tuple) else ("", ""))
-            writer.writerow(line)
+            versus = row.get("vs_ew", {})
+            writer.writerow(line + [versus.get(k, "") for k in VERSUS_KEYS])
     (out / "results.md").write_text(markdown(problem, rows, command, smoke_banner(runs)))
     plots(problem, runs, rows, out)
     return rows
@@ -216,6 +226,7 @@ def markdown(problem: Problem, rows: list[dict], command: str, banner: str | Non
                 str(row["runs"]),
             ]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    lines += paired_table(rows)
     excluded = {m: why for m, why in problem.excluded.items()}
     if excluded:
         lines += [
@@ -223,6 +234,30 @@ def markdown(problem: Problem, rows: list[dict], command: str, banner: str | Non
             "Not applicable here: " + "; ".join(f"`{m}` ({w})" for m, w in excluded.items()),
         ]
     return "\n".join(lines) + "\n"
+
+
+def paired_table(rows: list[dict]) -> list[str]:
+    """Each method against EW on the same seeds: mean Δm against EW and its 95 % interval."""
+    compared = [r for r in rows if "vs_ew" in r]
+    if not compared:
+        return []
+    lines = [
+        "",
+        "Paired with EW (same seed, variant and batches): the method's Δm against EW over all "
+        "metrics, in % (negative: better than EW), mean over seeds with its 95 % Student-t "
+        f'interval; "{NOT_DISTINGUISHABLE}" when the interval contains 0.',
+        "",
+        "| variant | method | seeds | Δm vs EW % [95 % interval] | verdict |",
+        "|---|---|---|---|---|",
+    ]
+    for row in sorted(compared, key=lambda r: (r["variant"], r["vs_ew"]["mean"])):
+        v = row["vs_ew"]
+        interval = "–" if v["seeds"] < 2 else f"[{v['low']:+.3g}, {v['high']:+.3g}]"
+        lines.append(
+            f"| {row['variant']} | {row['method']} | {v['seeds']} | {v['mean']:+.3g} {interval} | "
+            f"{v['verdict']} |"
+        )
+    return lines
 
 
 def plots(problem: Problem, runs: list[dict], rows: list[dict], out: Path) -> None:

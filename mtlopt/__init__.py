@@ -8,6 +8,7 @@ Wrap the optimizer you already have and pick a strategy by name::
 
 from . import strategies as _strategies  # noqa: F401  (registers the built-in strategies)
 from . import tokens
+from .diagnose import Diagnosis, diagnose
 from .optimizer import MTLOptimizer, StepInfo
 from .registry import Cost, Kind, StrategyInfo, available, create, info, register
 from .strategies.base import (
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Combined",
     "Cost",
+    "Diagnosis",
     "GradientStrategy",
     "GramianStrategy",
     "Kind",
@@ -38,6 +40,7 @@ __all__ = [
     "TokenStrategy",
     "available",
     "create",
+    "diagnose",
     "info",
     "register",
     "task_view",

@@ -7,6 +7,7 @@ import json
 import os
 
 import pytest
+
 from mtlopt_bench import __main__ as cli
 from mtlopt_bench import data, suite
 
@@ -124,6 +125,7 @@ def test_list(capsys):
 
 def test_toy_pareto_set_and_the_ridge_where_averaging_stalls():
     import torch
+
     from mtlopt_bench.toy import STARTS, pareto_distance, toy_losses
 
     assert pareto_distance(torch.tensor([0.0, -8.0])) == 0
