@@ -565,7 +565,7 @@ def run(out: Path, quick: bool, command: str, write_docs: bool, progress=print) 
             "",
             "Representation mode takes T cheap backward passes through the heads and one "
             "through the trunk. DTME's analysis phase takes one backward per task to the block "
-            "inputs (the method's token gradients, dtme-mtl.md §2.1) besides the training "
+            "inputs (the method's token gradients, the paper's §2.1) besides the training "
             "step's own backward (at T = 2, three backward passes against the floor's two), and "
             "ends after "
             "`analysis_steps`; after the expansion, every block from the first modified one on "

@@ -192,7 +192,7 @@ def markdown(problem: Problem, rows: list[dict], command: str, banner: str | Non
         "peak memory (MB)",
         "seeds",
     ]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    table: list[list[str]] = []
 
     def sort_key(r: dict) -> tuple:
         dm = r.get("delta_m", (float("inf"), 0))[0]
@@ -225,7 +225,8 @@ def markdown(problem: Problem, rows: list[dict], command: str, banner: str | Non
                 _fmt(*row["memory_mb"], 3),
                 str(row["runs"]),
             ]
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+        table.append([str(c) for c in cells])
+    lines += split_table(header, table, metric_cols)
     lines += paired_table(rows)
     excluded = {m: why for m, why in problem.excluded.items()}
     if excluded:
@@ -234,6 +235,29 @@ def markdown(problem: Problem, rows: list[dict], command: str, banner: str | Non
             "Not applicable here: " + "; ".join(f"`{m}` ({w})" for m, w in excluded.items()),
         ]
     return "\n".join(lines) + "\n"
+
+
+METRICS_PER_TABLE = 6
+"""More metrics than this: a summary table, then the metrics in tables of this many, so that every
+table fits a page."""
+
+
+def split_table(header: list[str], table: list[list[str]], metrics: list[str]) -> list[str]:
+    """Markdown for ``table``: one table, or (many metrics) a summary and per-metric tables, each
+    led by the variant and method columns."""
+
+    def render(columns: list[int]) -> list[str]:
+        out = ["| " + " | ".join(header[c] for c in columns) + " |", "|" + "---|" * len(columns)]
+        return out + ["| " + " | ".join(row[c] for c in columns) + " |" for row in table]
+
+    if len(metrics) <= METRICS_PER_TABLE:
+        return render(list(range(len(header))))
+    first, end = 2, 2 + len(metrics)
+    lines = render([0, 1, *range(end, len(header))])
+    for start in range(first, end, METRICS_PER_TABLE):
+        chunk = list(range(start, min(start + METRICS_PER_TABLE, end)))
+        lines += ["", *render([0, 1, *chunk])]
+    return lines
 
 
 def paired_table(rows: list[dict]) -> list[str]:
@@ -299,28 +323,29 @@ def plots(problem: Problem, runs: list[dict], rows: list[dict], out: Path) -> No
 
     with_delta = [r for r in rows if "delta_m" in r and "error" not in r]
     if with_delta:
-        fig, ax = plt.subplots(figsize=(6, 4.5))
+        fig, ax = plt.subplots(figsize=(8.5, 4.8), layout="constrained")
         low, high = _fences([r["delta_m"][0] for r in with_delta])
-        for r in with_delta:
+        for n, r in enumerate(sorted(with_delta, key=lambda r: r["method"])):
             x, y = r["time_vs_ew"][0], r["delta_m"][0]
+            style = _style(n, plt)
             if low <= y <= high:
-                ax.errorbar(x, y, yerr=r["delta_m"][1], fmt="o")
-                ax.annotate(r["method"], (x, y), fontsize=7)
+                ax.errorbar(x, y, yerr=r["delta_m"][1], label=r["method"], **style)
             else:  # far outliers sit on the edge, with their value, so the rest stays readable
                 edge = high if y > high else low
-                ax.plot(x, edge, "^" if y > high else "v", color="red")
-                ax.annotate(f"{r['method']} ({y:.1f})", (x, edge), fontsize=7, color="red")
+                marker = "^" if y > high else "v"
+                ax.plot(x, edge, marker, color="red", label=f"{r['method']} ({y:.1f}, off scale)")
         ax.set_xlabel("step time / EW")
         ax.set_ylabel("Δm % (lower is better)")
         ax.set_title(f"{problem.name}: cost against quality")
-        fig.tight_layout()
+        # A legend, not labels beside the points: methods of similar cost and quality overlap.
+        ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.savefig(out / "time_vs_delta_m.png", dpi=110)
         plt.close(fig)
 
     if len(problem.metric_task) == 2 or problem.name == "toy":
         metrics = list(problem.metrics)[:2]
-        fig, ax = plt.subplots(figsize=(6, 4.5))
-        done = [r for r in rows if "error" not in r]
+        fig, ax = plt.subplots(figsize=(8.5, 4.8), layout="constrained")
+        done = sorted((r for r in rows if "error" not in r), key=lambda r: r["method"])
         xs, ys = ([r[m][0] for r in done] for m in metrics)
         (x_low, x_high), (y_low, y_high) = _fences(xs), _fences(ys)
         inside = [
@@ -332,21 +357,20 @@ def plots(problem: Problem, runs: list[dict], rows: list[dict], out: Path) -> No
         (x0, x1), (y0, y1) = ((min(v), max(v)) for v in zip(*kept, strict=True))
         pad_x, pad_y = 0.1 * (x1 - x0 or 1.0), 0.1 * (y1 - y0 or 1.0)
         x0, x1, y0, y1 = x0 - pad_x, x1 + pad_x, y0 - pad_y, y1 + pad_y
-        for r, x, y, in_range in zip(done, xs, ys, inside, strict=True):
+        for n, (r, x, y, in_range) in enumerate(zip(done, xs, ys, inside, strict=True)):
             name = f"{r['method']}" + (f" ({r['variant']})" if r["variant"] != "None" else "")
             if in_range:
-                ax.plot(x, y, "o")
-                ax.annotate(name, (x, y), fontsize=6)
+                ax.plot(x, y, linestyle="none", label=name, **_style(n, plt))
             else:  # a far outlier sits on the edge, with its values
                 cx, cy = min(max(x, x0), x1), min(max(y, y0), y1)
-                ax.plot(cx, cy, "x", color="red")
-                ax.annotate(f"{name} ({x:.3g}, {y:.3g})", (cx, cy), fontsize=6, color="red")
+                ax.plot(cx, cy, "x", color="red", label=f"{name} ({x:.3g}, {y:.3g}, off scale)")
         ax.set_xlim(x0, x1)
         ax.set_ylim(y0, y1)
         ax.set_xlabel(metrics[0])
         ax.set_ylabel(metrics[1])
         ax.set_title(f"{problem.name}: final trade-off between the two tasks")
-        fig.tight_layout()
+        ncol = 1 if len(done) <= 14 else 2
+        ax.legend(fontsize=7, ncol=ncol, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.savefig(out / "pareto.png", dpi=110)
         plt.close(fig)
 
@@ -354,6 +378,12 @@ def plots(problem: Problem, runs: list[dict], rows: list[dict], out: Path) -> No
         _toy_trajectories(ok, out, plt)
     if problem.name == "scaling":
         _scaling_curves(rows, out, plt)
+
+
+def _style(n: int, plt: Any) -> dict[str, Any]:
+    """Colour and marker of the n-th method: 20 colours × 10 markers keep two dozen apart."""
+    colours = plt.get_cmap("tab20").colors
+    return {"color": colours[n % len(colours)], "marker": "osD^v<>ph*"[n % 10], "markersize": 5}
 
 
 def _fences(values: list[float]) -> tuple[float, float]:
@@ -405,7 +435,7 @@ def _toy_trajectories(runs: list[dict], out: Path, plt: Any) -> None:
 def _scaling_curves(rows: list[dict], out: Path, plt: Any) -> None:
     """Step time (log-log) and memory against K; loss strategies dashed, markers and colours
     cycling so that two dozen methods stay apart; the legend sits outside the axes."""
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.4))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.8), layout="constrained")
     colours = plt.get_cmap("tab20").colors
     markers = "osD^v<>ph*"
     for n, method in enumerate(sorted({r["method"] for r in rows if "error" not in r})):
@@ -428,11 +458,19 @@ def _scaling_curves(rows: list[dict], out: Path, plt: Any) -> None:
     a.set_ylabel("median step (ms)")
     b.set_xlabel("tasks K")
     b.set_ylabel("peak memory growth (MB)")
-    a.set_xscale("log")
     a.set_yscale("log")
-    b.set_xscale("log")
+    from matplotlib.ticker import NullFormatter
+
+    ticks = sorted({float(r["variant"]) for r in rows if "error" not in r})
+    for ax in (a, b):
+        # Log-scaled K with one labelled tick per K run: the default minor labels (2×10⁰, 3×10⁰…)
+        # ran into each other.
+        ax.set_xscale("log")
+        ax.set_xticks(ticks, [f"{k:g}" for k in ticks])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    # The legend outside both axes, in its own space: constrained layout keeps the axis labels of
+    # the two panels from running into each other and into the legend.
     b.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.suptitle("scaling: cost against the number of tasks (dashed: loss weightings)")
-    fig.tight_layout()
     fig.savefig(out / "cost_vs_tasks.png", dpi=110)
     plt.close(fig)
