@@ -73,7 +73,9 @@ def chromium() -> str:
 def build(site: Path) -> None:
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
     command = [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)]
-    subprocess.run(command, cwd=ROOT, env=env, check=True, capture_output=True)
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"mkdocs build --strict failed:\n{done.stdout}{done.stderr}")
 
 
 def browse(browser: str, page: Path, width: int, *args: str, height: int = 1000) -> str:
@@ -95,6 +97,17 @@ def browse(browser: str, page: Path, width: int, *args: str, height: int = 1000)
     return done.stdout
 
 
+def measure(browser: str, page: Path, width: int) -> list[dict]:
+    """The overflowing tables and code blocks of one HTML file (the file gets the script)."""
+    html = page.read_text()
+    if MEASURE not in html:
+        page.write_text(html.replace("</body>", MEASURE + "</body>"))
+    match = REPORT.search(browse(browser, page, width, "--dump-dom"))
+    if match is None:
+        raise RuntimeError(f"{page}: the measuring script did not run")
+    return json.loads(match.group(1).replace("&quot;", '"').replace("&amp;", "&"))["overflowing"]
+
+
 def check(out: Path | None, width: int) -> list[str]:
     browser = chromium()
     problems = []
@@ -106,22 +119,15 @@ def check(out: Path | None, width: int) -> list[str]:
             if not page.exists():
                 problems.append(f"{name}: not built")
                 continue
-            html = page.read_text()
-            page.write_text(html.replace("</body>", MEASURE + "</body>"))
-            if out is not None:
-                out.mkdir(parents=True, exist_ok=True)
-                shot = out / (name.replace("/index.html", "").replace(".html", "") + ".png")
-                browse(browser, page, width, f"--screenshot={shot}", height=SHOT_HEIGHT)
-            match = REPORT.search(browse(browser, page, width, "--dump-dom"))
-            if match is None:
-                problems.append(f"{name}: the measuring script did not run")
-                continue
-            report = json.loads(match.group(1).replace("&quot;", '"').replace("&amp;", "&"))
-            for item in report["overflowing"]:
+            for item in measure(browser, page, width):
                 problems.append(
                     f"{name}: {item['tag'].lower()} {item['width']} px wide in {item['room']} px: "
                     f"{item['start']!r}"
                 )
+            if out is not None:
+                out.mkdir(parents=True, exist_ok=True)
+                shot = out / (name.replace("/index.html", "").replace(".html", "") + ".png")
+                browse(browser, page, width, f"--screenshot={shot}", height=SHOT_HEIGHT)
     return problems
 
 

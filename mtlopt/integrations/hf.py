@@ -67,7 +67,8 @@ class MTLTrainer(Trainer):
             ``nonfinite=``, ``diagnostics=``, strategy hyperparameters).
         log_diagnostics: add the last step's :meth:`StepInfo.as_dict` (losses, weights, gradient
             norms, cosines per task) to the Trainer's training logs under ``mtl/``.
-        *args, **kwargs: the Trainer's own.
+
+    Every other argument is the Trainer's own.
 
     With ``optimizers=(optimizer, scheduler)`` the given optimizer must already be an
     ``MTLOptimizer``.
