@@ -9,6 +9,7 @@ Wrap the optimizer you already have and pick a strategy by name::
 from . import strategies as _strategies  # noqa: F401  (registers the built-in strategies)
 from . import tokens
 from .diagnose import Diagnosis, diagnose
+from .multi import OptimizerChain
 from .optimizer import MTLOptimizer, StepInfo
 from .registry import Cost, Kind, StrategyInfo, available, create, info, register
 from .strategies.base import (
@@ -20,6 +21,7 @@ from .strategies.base import (
     Strategy,
     TokenStrategy,
 )
+from .tasks import masked_mean
 from .tokens import task_view
 
 __version__ = "0.1.0"
@@ -33,6 +35,7 @@ __all__ = [
     "Kind",
     "LossStrategy",
     "MTLOptimizer",
+    "OptimizerChain",
     "Scalarized",
     "StepInfo",
     "Strategy",
@@ -42,6 +45,7 @@ __all__ = [
     "create",
     "diagnose",
     "info",
+    "masked_mean",
     "register",
     "task_view",
     "tokens",

@@ -16,8 +16,8 @@ BEGIN, END = "<!-- catalogue:begin -->", "<!-- catalogue:end -->"
 
 def markdown_table() -> str:
     lines = [
-        "| name | kind | cost | stateful | paper | conventions and defaults |",
-        "|---|---|---|---|---|---|",
+        "| name | kind | cost | stateful | paper | conventions and defaults | a task absent from a step |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name in available():
         if not _lookup(name).__module__.startswith("mtlopt."):
@@ -25,7 +25,7 @@ def markdown_table() -> str:
         row = info(name).as_row()
         lines.append(
             f"| `{name}` | {row['kind']} | {row['cost']} | {row['stateful']} | {row['paper']} | "
-            f"{row['conventions']} |"
+            f"{row['conventions']} | {_lookup(name).absent_tasks} |"
         )
     return "\n".join(lines)
 

@@ -20,8 +20,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .engine import partition_parameters, task_gradients
-
 SCALE_RATIO = 10.0
 """Loss or gradient-norm ratio (largest task over smallest) from which scales "differ"."""
 CONFLICT_RATE = 0.25
@@ -208,12 +206,7 @@ def diagnose(
     batch_at = _batch_source(batches)
     names, first = _named(losses(work, batch_at(0)))
     trainable = [p for p in work.parameters() if p.requires_grad]
-    partition, _ = partition_parameters(first, trainable, shared_ids)
-    if not partition.shared:
-        raise ValueError(
-            "no parameter is reached by two tasks or more: the tasks share nothing to combine; "
-            "pass shared= if the model shares parameters in a way autograd cannot see"
-        )
+    shared_mask = _shared(first, trainable, shared_ids)
     report = None
     if tokens:
         from .tokens import analyze_token_conflicts
@@ -226,24 +219,33 @@ def diagnose(
     recorded_losses, norms, cosines = [], [], []
     for step in range(steps):
         task = _named(losses(work, batch_at(step)))[1] if step else first
-        grads = task_gradients(task, partition)
-        jacobian = grads.jacobian.double()
+        grads = _task_gradients(task, trainable)
+        jacobian = torch.stack(
+            [
+                torch.cat(
+                    [_flat(g, p) for g, p, s in zip(row, trainable, shared_mask, strict=True) if s]
+                )
+                for row in grads
+            ]
+        ).double()
         norm = jacobian.norm(dim=1)
         unit = jacobian / norm.clamp_min(1e-30)[:, None]
         recorded_losses.append(torch.stack([t.detach().double() for t in task]))
         norms.append(norm)
         cosines.append(unit @ unit.T)
-        _write_ew(partition, grads)
+        for i, p in enumerate(trainable):  # EW: the sum of the task gradients
+            present = [row[i] for row in grads if row[i] is not None]
+            p.grad = torch.stack(present).sum(0) if present else None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    timing = _time_classes(work, partition, batch_at, losses, timing_steps)
+    timing = _time_classes(work, trainable, batch_at, losses, timing_steps)
     diagnosis = Diagnosis(
         task_names=names,
         losses=torch.stack(recorded_losses),
         gradient_norms=torch.stack(norms),
         cosines=torch.stack(cosines),
         step_seconds=timing,
-        shared_parameters=partition.num_shared,
+        shared_parameters=sum(p.numel() for p, s in zip(trainable, shared_mask, strict=True) if s),
         tokens=report,
     )
     diagnosis.suggestions = suggest(diagnosis)
@@ -266,28 +268,58 @@ def _named(losses: Sequence[Tensor] | Mapping[str, Tensor]) -> tuple[list[str], 
     return [f"task{i}" for i in range(len(values))], values
 
 
-def _write_ew(partition: Any, grads: Any) -> None:
-    """EW's gradient: the sum of the task gradients (shared rows of J summed, heads as they are)."""
-    total = grads.jacobian.sum(0)
-    offset = 0
-    for p in partition.shared:
-        p.grad = total[offset : offset + p.numel()].view_as(p).to(p.dtype)
-        offset += p.numel()
-    for params, task_grads in zip(partition.specific, grads.specific, strict=True):
-        for p, g in zip(params, task_grads, strict=True):
-            if g is not None:
-                p.grad = g if p.grad is None else p.grad + g
+def _task_gradients(losses: list[Tensor], trainable: list[Tensor]) -> list[list[Tensor | None]]:
+    """One ``autograd.grad`` per task over every trainable parameter (``None`` where unreached)."""
+    return [
+        list(
+            torch.autograd.grad(
+                loss, trainable, retain_graph=i < len(losses) - 1, allow_unused=True
+            )
+        )
+        for i, loss in enumerate(losses)
+    ]
+
+
+def _shared(losses: list[Tensor], trainable: list[Tensor], given: set[int] | None) -> list[bool]:
+    """Which trainable parameters are shared: those given, else those two tasks or more reach."""
+    if given is not None:
+        mask = [id(p) in given for p in trainable]
+    else:
+        reached = [
+            [
+                g is not None
+                for g in torch.autograd.grad(loss, trainable, retain_graph=True, allow_unused=True)
+            ]
+            for loss in losses
+        ]
+        mask = [sum(row[i] for row in reached) >= 2 for i in range(len(trainable))]
+    if not any(mask):
+        raise ValueError(
+            "no parameter is reached by two tasks or more: the tasks share nothing to combine; "
+            "pass shared= if the model shares parameters in a way autograd cannot see"
+        )
+    return mask
+
+
+def _flat(grad: Tensor | None, param: Tensor) -> Tensor:
+    if grad is None:
+        return param.new_zeros(param.numel())
+    return (grad.to_dense() if grad.is_sparse else grad).reshape(-1)
 
 
 def _time_classes(
-    model: nn.Module, partition: Any, batch_at: Callable[[int], Any], losses: Callable, repeats: int
+    model: nn.Module,
+    trainable: list[Tensor],
+    batch_at: Callable[[int], Any],
+    losses: Callable,
+    repeats: int,
 ) -> dict[str, float]:
     def loss_class(batch: Any) -> None:
         torch.stack(_named(losses(model, batch))[1]).sum().backward()
         model.zero_grad(set_to_none=True)
 
     def gradient_class(batch: Any) -> None:
-        task_gradients(_named(losses(model, batch))[1], partition)
+        _task_gradients(_named(losses(model, batch))[1], trainable)
 
     out = {}
     for name, run in (("loss", loss_class), ("gradient", gradient_class)):

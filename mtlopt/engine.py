@@ -1,141 +1,114 @@
-"""Per-task gradients: which parameters each task reaches, and the T×P Jacobian of the shared ones."""
+"""Per-task gradients: one ``autograd.grad`` per present task, into the rows of the T×P ``J``.
+
+Each task's backward asks for every trainable parameter (``allow_unused``): what comes back
+``None`` is what the task does not reach, so reach is observed on every step at no extra backward
+cost, and a parameter a task reaches is never left out of its gradient.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-
-def reached_parameters(loss: Tensor, candidates: Sequence[Tensor]) -> list[int]:
-    """Indices of ``candidates`` that ``loss`` depends on, found by walking its autograd graph once."""
-    index_of = {id(p): i for i, p in enumerate(candidates)}
-    if loss.grad_fn is None:
-        return [index_of[id(loss)]] if id(loss) in index_of else []
-    reached: set[int] = set()
-    for node in _nodes(loss):
-        variable = getattr(node, "variable", None)
-        if variable is not None and id(variable) in index_of:
-            reached.add(index_of[id(variable)])
-    return sorted(reached)
-
-
-def compiled_graph(loss: Tensor) -> bool:
-    """Whether ``loss`` comes out of a ``torch.compile``'d region: its backward is one opaque node
-    through which every output reaches every parameter of the region."""
-    return loss.grad_fn is not None and any(
-        "CompiledFunction" in type(node).__name__ for node in _nodes(loss)
-    )
-
-
-def _nodes(loss: Tensor):
-    seen = {loss.grad_fn}
-    stack = [loss.grad_fn]
-    while stack:
-        node = stack.pop()
-        yield node
-        for child, _ in node.next_functions:
-            if child is not None and child not in seen:
-                seen.add(child)
-                stack.append(child)
-
-
-@dataclass
-class Partition:
-    """Which trainable parameters are shared, and which belong to one task only."""
-
-    shared: list[Tensor]
-    specific: list[list[Tensor]]
-    """``specific[i]``: parameters reached by task ``i`` and not shared."""
-    blind: list[int] = field(default_factory=list)
-    """Tasks that reach none of the shared parameters (their row of ``J`` is zero)."""
-
-    @property
-    def num_shared(self) -> int:
-        return sum(p.numel() for p in self.shared)
-
-
-def partition_parameters(
-    losses: Sequence[Tensor],
-    trainable: Sequence[Tensor],
-    shared: set[int] | None,
-    never_shared: set[int] = frozenset(),  # type: ignore[assignment]
-    owners: dict[int, int] | None = None,
-) -> tuple[Partition, list[int]]:
-    """Split ``trainable`` into shared and task-specific parameters.
-
-    With ``shared=None`` the shared parameters are those reached by two tasks or more, except
-    ``never_shared`` ones (a strategy's own parameters, such as IMTL's per-task loss scales, whose
-    entries each belong to one task): those go to every task that reaches them. Returns the
-    partition and the indices of other non-shared parameters that several tasks reach (a likely
-    mistake in a user-given ``shared``). ``owners`` maps parameter ids to the one task that owns
-    them (DTME's per-task modules: after the branch every task's graph touches every stream, but
-    only the owner's gradient is non-zero).
-    """
-    owners = owners or {}
-    reach = [set(reached_parameters(loss, trainable)) for loss in losses]
-    counts = [sum(i in r for r in reach) for i in range(len(trainable))]
-    own = [id(p) in never_shared or id(p) in owners for p in trainable]
-    if shared is None:
-        is_shared = [c >= 2 and not o for c, o in zip(counts, own, strict=True)]
-    else:
-        is_shared = [id(p) in shared and not o for p, o in zip(trainable, own, strict=True)]
-    specific = [
-        [
-            trainable[i]
-            for i in sorted(r)
-            if not is_shared[i] and owners.get(id(trainable[i]), task) == task
-        ]
-        for task, r in enumerate(reach)
-    ]
-    multiply_reached = [
-        i for i, c in enumerate(counts) if c >= 2 and not is_shared[i] and not own[i]
-    ]
-    blind = [task for task, r in enumerate(reach) if not any(is_shared[i] for i in r)]
-    partition = Partition(
-        [p for p, s in zip(trainable, is_shared, strict=True) if s], specific, blind
-    )
-    return partition, multiply_reached
+from .partition import Partition, columns_of
 
 
 @dataclass
 class TaskGradients:
     jacobian: Tensor
-    """T×P: row i is task i's gradient with respect to the flattened shared parameters."""
-    specific: list[list[Tensor | None]]
-    """Gradients of each task's own parameters, aligned with ``Partition.specific``."""
+    """Present tasks × P: row k is the k-th present task's gradient of the shared parameters."""
+    own: list[dict[int, Tensor]]
+    """Per present task: ``index in trainable → gradient`` of the non-shared parameters it reached."""
+    reached: list[tuple[bool, ...]]
+    """Per present task: which trainable parameters its loss reached."""
+    sparse: set[int]
+    """Indices (in trainable) of shared parameters whose gradient came back sparse: their
+    columns of ``J`` are zeros, their gradients are in ``own``."""
 
 
-def task_gradients(losses: Sequence[Tensor], partition: Partition) -> TaskGradients:
-    """One ``autograd.grad`` per task over (shared + that task's parameters); graph freed at the end.
+def task_gradients(
+    losses: Sequence[Tensor], trainable: Sequence[Tensor], partition: Partition
+) -> TaskGradients:
+    """One ``autograd.grad`` per loss over every trainable parameter; graph freed at the end.
 
-    Each task's shared gradient is written straight into its row of a preallocated T×P matrix.
-    """
-    shared = partition.shared
+    Each task's shared gradient is written straight into its row of a preallocated matrix; its
+    other gradients are kept by parameter index (they are what the partition needs if this step
+    makes a parameter shared)."""
+    shared_ids = {id(p) for p in partition.shared}
+    shared_index = [i for i, p in enumerate(trainable) if id(p) in shared_ids]
+    shared_set = set(shared_index)
     num_tasks = len(losses)
-    dtype = _common_dtype(shared) if shared else torch.get_default_dtype()
-    device = shared[0].device if shared else losses[0].device
+    dtype = _real_dtype(partition.shared) if partition.shared else torch.get_default_dtype()
+    device = partition.shared[0].device if partition.shared else losses[0].device
     jacobian = torch.empty(num_tasks, partition.num_shared, dtype=dtype, device=device)
-    specific: list[list[Tensor | None]] = []
-    for i, loss in enumerate(losses):
-        inputs = [*shared, *partition.specific[i]]
-        if not inputs:
-            jacobian[i].zero_()
-            specific.append([])
-            continue
+    own: list[dict[int, Tensor]] = []
+    reached: list[tuple[bool, ...]] = []
+    sparse: set[int] = set()
+    for k, loss in enumerate(losses):
         grads = torch.autograd.grad(
-            loss, inputs, retain_graph=i < num_tasks - 1, allow_unused=True, materialize_grads=True
+            loss, trainable, retain_graph=k < num_tasks - 1, allow_unused=True
         )
-        if shared:
-            torch.cat([g.reshape(-1) for g in grads[: len(shared)]], out=jacobian[i])
-        specific.append(list(grads[len(shared) :]))
-    return TaskGradients(jacobian, specific)
+        reached.append(tuple(g is not None for g in grads))
+        found = {i for i in shared_index if grads[i] is not None and grads[i].is_sparse}
+        if shared_index:
+            pieces = [_flat(None if i in found else grads[i], trainable[i]) for i in shared_index]
+            torch.cat(pieces, out=jacobian[k])
+        sparse |= found
+        own.append(
+            {
+                i: g
+                for i, g in enumerate(grads)
+                if g is not None and (i not in shared_set or i in found)
+            }
+        )
+    return TaskGradients(jacobian, own, reached, sparse)
 
 
-def _common_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
-    dtype = tensors[0].dtype
+def rebuild_jacobian(
+    grads: TaskGradients, trainable: Sequence[Tensor], old: Partition, new: Partition
+) -> Tensor:
+    """``J`` under the ``new`` partition from the rows computed under ``old`` and the task's other
+    gradients (a parameter that has just become shared was among those)."""
+    before = old.column_ranges()
+    index_of = {id(p): i for i, p in enumerate(trainable)}
+    rows = []
+    for k in range(grads.jacobian.shape[0]):
+        pieces = []
+        for p in new.shared:
+            span = before.get(id(p))
+            if span is not None:
+                pieces.append(grads.jacobian[k, span[0] : span[1]])
+            else:
+                pieces.append(_flat(grads.own[k].get(index_of[id(p)]), p))
+        rows.append(torch.cat(pieces) if pieces else grads.jacobian.new_zeros(0))
+    dtype = _real_dtype(new.shared) if new.shared else grads.jacobian.dtype
+    return torch.stack(rows).to(dtype)
+
+
+def _flat(grad: Tensor | None, param: Tensor) -> Tensor:
+    if grad is None:
+        return torch.zeros(columns_of(param), dtype=_real_dtype([param]), device=param.device)
+    if grad.is_complex():
+        grad = torch.view_as_real(grad)
+    return grad.reshape(-1)
+
+
+def unflatten(vector: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+    """Split a P-vector into tensors shaped like ``like`` (complex ones from their real pairs)."""
+    pieces = vector.split([columns_of(p) for p in like])
+    return [
+        torch.view_as_complex(piece.reshape(*p.shape, 2).contiguous())
+        if p.is_complex()
+        else piece.view_as(p)
+        for piece, p in zip(pieces, like, strict=True)
+    ]
+
+
+def _real_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
+    dtype = tensors[0].real.dtype if tensors[0].is_complex() else tensors[0].dtype
     for t in tensors[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
+        dtype = torch.promote_types(dtype, t.real.dtype if t.is_complex() else t.dtype)
     return dtype

@@ -90,3 +90,66 @@ def run(rank: int, world: int, init_file: str, names: list[str], out: str) -> No
     results["refused"] = refusals()
     torch.save(results, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
+
+
+# Tasks present on some ranks only, and a bad input on one rank ------------------------------------
+PARTIAL = ["ew", "uw", "dwa", "gls", "mgda", "pcgrad", "upgrad", "nash_mtl", "gradnorm", "db_mtl"]
+
+
+def partial_losses(model: nn.Module, x, y, has_b: bool) -> dict:
+    """Task 'a' everywhere; task 'b' only where ``has_b``."""
+    a, b = model(x)
+    return {"a": ((a - y[:, 0]) ** 2).mean(), "b": ((b - y[:, 1]) ** 2).mean() if has_b else None}
+
+
+def train_partial(model: nn.Module, opt: mtlopt.MTLOptimizer, rank: int | None, world: int) -> None:
+    """Step s: rank 1 has no labels for 'b' on odd steps. ``rank=None`` is the single process on
+    the union: 'a' over the whole batch, 'b' over the ranks that have it."""
+    per_rank = BATCH // world
+    for step in range(STEPS):
+        x, y = make_batch(n=BATCH, seed=step)
+        ranks_with_b = [r for r in range(world) if not (r == 1 and step % 2)]
+        opt.zero_grad()
+        if rank is None:
+            a = partial_losses(model, x, y, True)["a"]
+            rows = torch.cat([torch.arange(r * per_rank, (r + 1) * per_rank) for r in ranks_with_b])
+            b = partial_losses(model, x[rows], y[rows], True)["b"]
+            opt.step({"a": a, "b": b})
+        else:
+            part = slice(rank * per_rank, (rank + 1) * per_rank)
+            opt.step(partial_losses(model, x[part], y[part], rank in ranks_with_b))
+
+
+def bad_input_on_one_rank(rank: int) -> list[str]:
+    """Rank 1 passes a non-scalar loss on step 1: every rank must raise (none waits forever), and
+    training goes on identically afterwards when both catch the error."""
+    model, _ = make("ew", 0)
+    opt = mtlopt.MTLOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "pcgrad", seed=0)
+    errors = []
+    for step in range(3):
+        x, y = make_batch(n=8, seed=step)
+        losses = partial_losses(model, x, y, True)
+        if step == 1 and rank == 1:
+            losses["a"] = losses["a"].expand(3)
+        opt.zero_grad()
+        try:
+            opt.step(losses)
+        except (ValueError, RuntimeError) as error:
+            errors.append(f"{type(error).__name__}: {error}")
+    return [*errors, *(p.detach().clone() for p in model.parameters())]
+
+
+def run_partial(rank: int, world: int, init_file: str, names: list[str], out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    results: dict = {}
+    for name in names:
+        model, strategy = make(name, strategy_seed=1234 + rank)
+        opt = mtlopt.MTLOptimizer(
+            torch.optim.Adam(model.parameters(), lr=1e-2), strategy, tasks=["a", "b"]
+        )
+        train_partial(model, opt, rank, world)
+        results[name] = [p.detach().clone() for p in model.parameters()]
+    results["bad input"] = bad_input_on_one_rank(rank)
+    torch.save(results, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()

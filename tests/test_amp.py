@@ -180,3 +180,29 @@ def test_a_skipped_non_finite_loss_goes_through_the_scaler_cleanly():
     assert info.skipped and "non-finite loss" in info.reason
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key])
+
+
+@pytest.mark.parametrize("name", ["pcgrad", "ew"])
+@pytest.mark.parametrize("explicit", [False, True])
+def test_a_loop_that_zeroes_through_the_model_survives_an_overflow(name, explicit):
+    """``model.zero_grad()`` in place of ``opt.zero_grad()``: after an overflow the next steps go
+    through the scaler as usual (torch's own loops zero either way)."""
+    torch.manual_seed(0)
+    model = SharedTrunkNet()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**14)
+    opt = _optimizer(model, name, scaler)
+    for s in range(4):
+        x, y = make_batch(seed=s)
+        model.zero_grad()
+        losses = losses_of(model, x, y)
+        if s == 1:
+            losses = [losses[0] * 1e38, losses[1]]  # overflows once scaled
+        if explicit:
+            opt.backward(losses)
+            scaler.step(opt)
+        else:
+            opt.step(losses)
+        scaler.update()
+    assert scaler.get_scale() == 2.0**13
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert opt.last_step is not None and not opt.last_step.skipped

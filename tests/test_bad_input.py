@@ -147,13 +147,16 @@ def test_zero_or_identical_task_gradients_give_finite_updates(name, case):
 
 
 def test_task_finiteness_check_survives_overflowing_sums():
-    from mtlopt.optimizer import _finite_tasks
+    from mtlopt.finite import check_tasks
+
+    def finite(matrix, heads):
+        return [check.finite for check in check_tasks(matrix, heads)]
 
     matrix = torch.tensor([[3e38, 3e38], [1.0, float("nan")], [1.0, float("inf")], [1.0, -2.0]])
-    assert _finite_tasks(matrix, [[], [], [], []]) == [True, False, False, True]
+    assert finite(matrix, [[], [], [], []]) == [True, False, False, True]
     # A task's own gradients count too: a NaN in task 3's head, and a huge finite one in task 0's.
     heads = [[torch.tensor([3e38, 3e38])], [], [None], [torch.ones(2), torch.tensor(float("nan"))]]
-    assert _finite_tasks(matrix, heads) == [True, False, False, False]
+    assert finite(matrix, heads) == [True, False, False, False]
 
 
 @pytest.mark.parametrize("name", ["pcgrad", "mgda"])
@@ -178,3 +181,11 @@ def test_nonfinite_gradient_of_one_head_only_names_its_task(net, name, represent
             opt.step(dict(zip(["t0", "t1"], losses_of(net, x, y), strict=True)))
     handle.remove()
     _assert_unchanged(net, snapshot)
+
+
+def test_zero_task_check_survives_underflowing_squares():
+    from mtlopt.finite import check_tasks
+
+    matrix = torch.tensor([[1e-30, 0.0], [0.0, 0.0], [1.0, 2.0]])
+    heads = [[], [torch.zeros(3)], [torch.tensor([1e-30])]]
+    assert [c.zero for c in check_tasks(matrix, heads)] == [False, True, False]

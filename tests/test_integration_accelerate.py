@@ -109,3 +109,17 @@ def test_a_plain_optimizer_gets_a_clear_error():
     accelerator = Accelerator(cpu=True)
     with pytest.raises(TypeError, match="MTLOptimizer"):
         backward(accelerator, torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0), [])
+
+
+def test_a_task_missing_from_a_micro_batch_counts_where_present():
+    accelerator, model, opt, loader, _ = setup(batch=8, accumulation=2)
+    for i, batch in enumerate(loader):
+        with accelerator.accumulate(model):
+            task = losses(model, batch)
+            if i % 2:
+                task["b"] = None  # no labels for b in every second micro-batch
+            backward(accelerator, opt, task)
+            opt.step()
+            opt.zero_grad()
+    assert unwrap(opt).last_step.present == ["a", "b"]  # b present in one micro-batch of two
+    assert torch.isfinite(parameters(model)).all()

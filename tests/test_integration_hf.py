@@ -255,9 +255,6 @@ class InOrder(MTLTrainer):
         return torch.utils.data.SequentialSampler(self.train_dataset)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="MTLOptimizer accepts absent tasks (None losses) from issue 13 on"
-)
 def test_a_task_missing_from_a_batch_trains_the_others(tmp_path):
     rows = Rows()
     rows.val[8:16] = float("nan")  # the second batch has no value labels at all

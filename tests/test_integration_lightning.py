@@ -125,3 +125,25 @@ def test_a_plain_mtloptimizer_gets_a_clear_error(tmp_path):
 
     with pytest.raises(TypeError, match="LightningMTLOptimizer"):
         fit(Plain(), 1, tmp_path)
+
+
+class SometimesUnlabelled(TwoTasks):
+    """Odd batches carry no label for task b: the step gets None for it."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        h = self.trunk(x)
+        losses = {
+            "a": ((self.a(h).squeeze(-1) - y[:, 0]) ** 2).mean(),
+            "b": None if batch_idx % 2 else ((self.b(h).squeeze(-1) - y[:, 1]) ** 2).mean(),
+        }
+        self.infos.append(mtl_step(self, losses, log=False))
+
+
+def test_a_task_missing_from_a_batch_trains_the_others(tmp_path):
+    torch.manual_seed(0)
+    module = SometimesUnlabelled("pcgrad")
+    head_b = module.b.weight.detach().clone()
+    fit(module, 2, tmp_path, batches=2)
+    assert [info.present for info in module.infos] == [["a", "b"], ["a"]]
+    assert not torch.equal(module.b.weight, head_b)  # trained on the first step only

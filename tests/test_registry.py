@@ -23,10 +23,13 @@ def test_at_least_twenty_strategies():
     assert len(mtlopt.available()) >= 20
 
 
-def test_strategies_that_size_parameters_need_the_task_count():
+def test_strategies_that_size_parameters_are_built_when_the_task_count_is_known():
     for name in ("uw", "imtl", "imtl_l"):
-        with pytest.raises(ValueError, match="num_tasks"):
-            mtlopt.create(name)
+        lazy = mtlopt.create(name)
+        assert lazy.parameters() == []
+        lazy.build(3)
+        assert len(lazy.parameters()) == 3
+        assert len(mtlopt.create(name, num_tasks=2).parameters()) == 2
 
 
 def test_create_passes_hyperparameters():

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..optimizer import Losses, MTLOptimizer, StepInfo
+from ..optimizer import MTLOptimizer, StepInfo
+from ..tasks import Losses
 from .checkpoints import numpy_allowed
 
 __all__ = ["backward", "numpy_allowed", "unwrap"]

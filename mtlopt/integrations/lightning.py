@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-from ..optimizer import Losses, MTLOptimizer, StepInfo
+from ..optimizer import MTLOptimizer, StepInfo
+from ..tasks import Losses
 from .checkpoints import allow_numpy_in_checkpoints
 
 __all__ = ["LightningMTLOptimizer", "allow_numpy_in_checkpoints", "mtl_step"]

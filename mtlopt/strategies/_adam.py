@@ -11,11 +11,12 @@ import numpy as np
 class AdamState:
     m: np.ndarray
     v: np.ndarray
-    t: int = 0
+    t: np.ndarray
+    """Steps taken by each entry (entries of absent tasks are not stepped)."""
 
     @classmethod
     def zeros(cls, size: int) -> AdamState:
-        return cls(np.zeros(size), np.zeros(size), 0)
+        return cls(np.zeros(size), np.zeros(size), np.zeros(size))
 
 
 def adam_step(

@@ -16,8 +16,8 @@ while stateful and random strategies advance exactly once per step.
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -26,8 +26,11 @@ import torch
 from torch import Tensor
 
 from ..registry import StrategyInfo
+from ._state import TaskAxes, decode, encode, put, take, task_count
 
 Commit = Callable[[], None]
+STRATEGY_KEY = "__strategy__"
+"""The key under which a strategy's ``state_dict`` records the strategy's registered name."""
 
 
 def _noop() -> None:
@@ -59,34 +62,127 @@ class Scalarized:
 
 
 class Strategy:
-    """Common base: metadata, optional task count, state (de)serialization."""
+    """Common base: metadata, the task count, per-task state and its (de)serialization.
+
+    Tasks may be absent from a step. The optimizer then calls the strategy inside
+    :meth:`restricted_to` the present tasks: every state entry declared in ``_task_state`` is cut
+    down to the present tasks' entries for the call, and what the step writes is put back into the
+    full state, so an absent task's state is neither read nor advanced.
+    """
 
     info: ClassVar[StrategyInfo]
+    absent_tasks: ClassVar[str] = ""
+    """What the strategy does when a task has no loss in a step (the catalogue shows it)."""
 
     def __init__(self, num_tasks: int | None = None) -> None:
         if num_tasks is not None and num_tasks < 1:
             raise ValueError(f"num_tasks must be at least 1, got {num_tasks}")
         self.num_tasks = num_tasks
+        self._present: np.ndarray | None = None
+
+    def build(self, num_tasks: int) -> None:
+        """Fix the number of tasks (called by the optimizer once it knows them); strategies that
+        own per-task parameters create them here."""
+        self.check_num_tasks(num_tasks)
+        self.num_tasks = num_tasks
+        self._build()
+
+    def _build(self) -> None:
+        """Create what depends on the task count (``self.num_tasks`` is set)."""
 
     # State -------------------------------------------------------------------------------------
     _state_attrs: ClassVar[tuple[str, ...]] = ()
     """Names of the attributes that make up the strategy's state (saved by ``state_dict``)."""
+    _task_state: ClassVar[dict[str, TaskAxes]] = {}
+    """The state attributes indexed by task, with their task axes."""
 
     def state_dict(self) -> dict[str, Any]:
-        return {name: copy.deepcopy(getattr(self, name)) for name in self._state_attrs}
+        """The state as tensors and Python primitives (``torch.load``'s default can read it)."""
+        state = {name: encode(getattr(self, name)) for name in self._state_attrs}
+        return {STRATEGY_KEY: self.info.name, **state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        missing = set(self._state_attrs) - set(state)
-        if missing:
-            raise KeyError(f"{type(self).__name__} state is missing {sorted(missing)}")
-        for name in self._state_attrs:
-            setattr(self, name, copy.deepcopy(state[name]))
+        """Restore a state; everything is checked first, and nothing changes if a check fails."""
+        decoded = self._checked_state(state)
+        for name, value in decoded.items():
+            setattr(self, name, value)
+
+    def _checked_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        if not isinstance(state, dict):
+            raise TypeError(f"a strategy state must be a dict, got {type(state).__name__}")
+        saved_by = state.get(STRATEGY_KEY)
+        if saved_by != self.info.name:
+            raise ValueError(
+                f"this state was saved by strategy {saved_by!r}, not {self.info.name!r}; load it "
+                f"into an MTLOptimizer created with strategy={saved_by!r}"
+            )
+        expected = set(self._state_attrs) | {STRATEGY_KEY}
+        if set(state) != expected:
+            missing, extra = expected - set(state), set(state) - expected
+            raise KeyError(
+                f"{self.info.name} state: missing {sorted(missing)}, unexpected {sorted(extra)}"
+            )
+        decoded = {name: decode(state[name]) for name in self._state_attrs}
+        for name, spec in self._task_state.items():
+            count = task_count(decoded[name], spec)
+            if count is not None and self.num_tasks is not None and count != self.num_tasks:
+                raise ValueError(
+                    f"{self.info.name} state holds {name} for {count} tasks, this strategy has "
+                    f"{self.num_tasks}"
+                )
+        return decoded
+
+    @contextmanager
+    def restricted_to(self, tasks: np.ndarray | None) -> Iterator[None]:
+        """Within the block, per-task state holds only the entries of ``tasks`` (indices into the
+        full task list, increasing); what the block writes there goes back into the full state.
+        ``None`` means every task."""
+        total = self.num_tasks
+        if tasks is None or total is None or len(tasks) == total:
+            yield
+            return
+        full = {name: getattr(self, name) for name in self._task_state}
+        for name, spec in self._task_state.items():
+            setattr(self, name, take(full[name], tasks, spec))
+        self._present = tasks
+        try:
+            yield
+        finally:
+            for name, spec in self._task_state.items():
+                part = getattr(self, name)
+                setattr(self, name, put(full[name], part, tasks, total, spec))
+            self._present = None
+
+    def commit_restricted(self, tasks: np.ndarray | None, commit: Commit) -> Commit:
+        """``commit`` run inside :meth:`restricted_to` ``tasks``."""
+        if tasks is None:
+            return commit
+
+        def run() -> None:
+            with self.restricted_to(tasks):
+                commit()
+
+        return run
 
     def parameters(self) -> list[torch.nn.Parameter]:
         """Learnable parameters the wrapped optimizer should train (e.g. UW's log-variances)."""
         return []
 
+    def present_entries(self, values: Any) -> Any:
+        """A per-task option (FAMO's ``min_losses``, STCH's preference) for the present tasks: a
+        scalar as it is, a sequence cut down to the present tasks' entries."""
+        if values is None or np.ndim(values) == 0 or self._present is None:
+            return values
+        return [values[i] for i in self._present]
+
     def check_num_tasks(self, num_tasks: int) -> None:
+        if self._present is not None:
+            if num_tasks != len(self._present):
+                raise ValueError(
+                    f"{self.info.name} is restricted to {len(self._present)} present tasks but "
+                    f"got {num_tasks} rows"
+                )
+            return
         if self.num_tasks is not None and num_tasks != self.num_tasks:
             raise ValueError(
                 f"{self.info.name} was created for {self.num_tasks} tasks but got {num_tasks} losses"
@@ -102,6 +198,8 @@ class Strategy:
 
 class LossStrategy(Strategy):
     """Scalarizes the vector of task losses; costs one backward pass."""
+
+    absent_tasks: ClassVar[str] = "the present tasks' losses are weighted; an absent task adds nothing"
 
     needs_losses_after_step: ClassVar[bool] = False
     """True for strategies that learn from the losses re-evaluated after the step (FAMO)."""
@@ -120,6 +218,8 @@ class LossStrategy(Strategy):
 class GradientStrategy(Strategy):
     """Combines per-task gradients of the shared parameters, given as the rows of ``J``."""
 
+    absent_tasks: ClassVar[str] = "the present tasks' rows of J are combined"
+
     supports_representation: ClassVar[bool] = True
     """Whether the strategy may combine gradients taken with respect to shared features."""
 
@@ -134,6 +234,11 @@ class GradientStrategy(Strategy):
     def combine(self, jacobian: Tensor, losses: Tensor | None = None) -> Combined:
         """Combine without changing the strategy's state; ``commit`` advances it."""
         raise NotImplementedError
+
+    def remap_columns(self, mapping: Tensor) -> None:
+        """The shared parameters changed: new column ``c`` of ``J`` holds what old column
+        ``mapping[c]`` held (``-1``: a parameter that was not shared). Strategies whose state is
+        indexed by column (DB-MTL's EMA) follow their parameters here."""
 
     def aggregate(self, jacobian: Tensor, losses: Tensor | None = None) -> Tensor:
         """Combine the rows of a T×P matrix into one P-vector (advancing any state once)."""
@@ -190,37 +295,84 @@ def _as_matrix(jacobian: Tensor) -> Tensor:
 class LearnedTaskVector:
     """Mixin for strategies that learn one value per task (UW's log-variances, IMTL's loss scales).
 
-    The vector is an ``nn.Parameter`` that :class:`~mtlopt.MTLOptimizer` adds to the wrapped
-    optimizer (without weight decay); it is saved in ``state_dict`` and follows the losses' device.
+    Each task's value is a scalar ``nn.Parameter`` of its own, created once the task count is known
+    (at construction with ``num_tasks=``, else at the optimizer's first step), which
+    :class:`~mtlopt.MTLOptimizer` adds to the wrapped optimizer as one group without weight decay.
+    One parameter per task means that an absent task's value gets no gradient at all (``None``),
+    so the wrapped optimizer does not move it, momentum included. Saved in ``state_dict``.
     """
 
     learned_name: ClassVar[str]
     info: ClassVar[StrategyInfo]
+    num_tasks: int | None
+    _present: np.ndarray | None
 
-    def _init_learned(self, num_tasks: int | None, init: float = 0.0) -> None:
-        if num_tasks is None:
-            raise ValueError(f"{self.info.name} needs num_tasks= to create its {self.learned_name}")
-        setattr(self, self.learned_name, torch.nn.Parameter(torch.full((num_tasks,), float(init))))
+    def _init_learned(self, init: float = 0.0) -> None:
+        self._learned_init = float(init)
+        self._learned: list[torch.nn.Parameter] = []
+        if self.num_tasks is not None:
+            self._build()
+
+    def _build(self) -> None:
+        if not self._learned:
+            assert self.num_tasks is not None
+            self._learned = [
+                torch.nn.Parameter(torch.tensor(self._learned_init)) for _ in range(self.num_tasks)
+            ]
 
     @property
-    def learned(self) -> torch.nn.Parameter:
-        return getattr(self, self.learned_name)
+    def learned(self) -> Tensor:
+        """The learned values of every task as one vector (detached)."""
+        if not self._learned:
+            raise RuntimeError(
+                f"{self.info.name}'s {self.learned_name} are created at the first step (or with "
+                "num_tasks=)"
+            )
+        return torch.stack([p.detach() for p in self._learned])
 
     def learned_like(self, losses: Tensor) -> Tensor:
-        """The learned vector on the losses' device and in their dtype (moved once if needed)."""
-        if self.learned.device != losses.device:
-            self.learned.data = self.learned.data.to(losses.device)
-        return self.learned.to(losses.dtype)
+        """The present tasks' learned values on the losses' device and in their dtype."""
+        if not self._learned:
+            self.num_tasks = self.num_tasks or losses.shape[0]
+            self._build()
+        if self._learned[0].device != losses.device:
+            for p in self._learned:
+                p.data = p.data.to(losses.device)
+        tasks = range(len(self._learned)) if self._present is None else self._present
+        return torch.stack([self._learned[i] for i in tasks]).to(losses.dtype)
 
     def parameters(self) -> list[torch.nn.Parameter]:
-        return [self.learned]
+        return list(self._learned)
 
     def state_dict(self) -> dict[str, Any]:
-        return {self.learned_name: self.learned.detach().clone()}
+        values = None if not self._learned else self.learned.clone()
+        return {STRATEGY_KEY: self.info.name, self.learned_name: values}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved_by = state.get(STRATEGY_KEY) if isinstance(state, dict) else None
+        if saved_by != self.info.name:
+            raise ValueError(
+                f"this state was saved by strategy {saved_by!r}, not {self.info.name!r}; load it "
+                f"into an MTLOptimizer created with strategy={saved_by!r}"
+            )
+        if self.learned_name not in state:
+            raise KeyError(f"{self.info.name} state is missing {self.learned_name!r}")
+        values = state[self.learned_name]
+        if values is None:
+            return
+        if not isinstance(values, Tensor) or values.dim() != 1:
+            raise TypeError(f"{self.learned_name} must be a vector of per-task values")
+        if self.num_tasks is not None and values.numel() != self.num_tasks:
+            raise ValueError(
+                f"{self.info.name} state holds {values.numel()} {self.learned_name}, this strategy "
+                f"has {self.num_tasks} tasks"
+            )
+        if self.num_tasks is None:
+            self.num_tasks = values.numel()
+        self._build()
         with torch.no_grad():
-            self.learned.copy_(state[self.learned_name])
+            for p, value in zip(self._learned, values, strict=True):
+                p.copy_(value)
 
 
 class Randomized:
@@ -263,6 +415,9 @@ class TokenStrategy(Strategy):
     of the task gradients to a ``base`` strategy."""
 
     base: LossStrategy | GradientStrategy
+    absent_tasks: ClassVar[str] = (
+        "not supported yet: every task needs a loss in every step (an error says so)"
+    )
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         """Called once by :class:`~mtlopt.MTLOptimizer` with itself (new parameters join it)."""

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 
 from ..registry import register
+from ._state import TaskAxes
 from .base import Combined, GradientStrategy
 
 
@@ -24,7 +27,9 @@ class DBMTL(GradientStrategy):
     Loss-scale balancing: differentiate ``log(L_i + ε)``, whose gradient is ``g_i / (L_i + ε)``.
     Gradient-magnitude balancing: keep an EMA ``ĝ_i ← β_k ĝ_i + (1 − β_k) ∇log L_i`` with
     ``β_k = β / k^σ`` and scale every task to the largest norm, update
-    ``Σ_i (max_j ‖ĝ_j‖ / ‖ĝ_i‖) ĝ_i``. The EMA is a persistent T×P buffer.
+    ``Σ_i (max_j ‖ĝ_j‖ / ‖ĝ_i‖) ĝ_i``. The EMA is a persistent T×P buffer; when the shared
+    parameters change (a layer frozen, unfrozen or added) each parameter's columns follow it and a
+    new one starts at zero. Absent tasks: their EMA rows are not advanced.
 
     Args:
         beta: EMA rate β (default 0.9).
@@ -32,8 +37,13 @@ class DBMTL(GradientStrategy):
         eps: ε inside the logarithm (default 1e-8).
     """
 
+    absent_tasks = (
+        "present rows; an absent task's EMA row is not advanced"
+    )
+
     supports_representation = False  # the EMA needs a fixed P; feature shapes vary with the batch
     _state_attrs = ("ema", "_step")
+    _task_state: ClassVar[dict[str, TaskAxes]] = {"ema": TaskAxes((0,), 0.0)}
 
     def __init__(
         self,
@@ -49,6 +59,16 @@ class DBMTL(GradientStrategy):
 
     def hyperparameters(self) -> dict[str, object]:
         return {"beta": self.beta, "beta_sigma": self.beta_sigma}
+
+    def remap_columns(self, mapping: Tensor) -> None:
+        """Each shared parameter keeps its EMA when the shared set changes; a newly shared
+        parameter starts at zero, one that is no longer shared is dropped."""
+        if self.ema is None:
+            return
+        keep = mapping >= 0
+        ema = self.ema.new_zeros(self.ema.shape[0], mapping.numel())
+        ema[:, keep.to(ema.device)] = self.ema[:, mapping[keep].to(ema.device)]
+        self.ema = ema
 
     def combine(self, jacobian: Tensor, losses: Tensor | None = None) -> Combined:
         if losses is None:

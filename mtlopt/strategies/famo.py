@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 import torch
 from torch import Tensor
 
 from ..registry import register
 from ._adam import AdamState, adam_step
+from ._state import TaskAxes
 from .base import LossStrategy, Scalarized
 
 
@@ -30,7 +33,11 @@ class FAMO(LossStrategy):
     re-evaluated: with ``δ_i = log(L_i^old − b_i) − log(L_i^new − b_i)`` the logits take an Adam
     step along ``(∂z/∂ξ)ᵀ δ`` plus weight decay ``γ ξ`` (Eq. 7), so tasks that improved less gain
     weight. With :class:`~mtlopt.MTLOptimizer`, pass a closure to ``step`` (it is re-evaluated under
-    ``torch.no_grad`` after the step) or call ``opt.update(losses)`` yourself.
+    ``torch.no_grad`` after the step) or call ``opt.update(losses)`` yourself; without either the
+    logits never move (the optimizer warns).
+
+    Absent tasks: ``z`` is the softmax of the present tasks' logits; an absent task's logit, Adam
+    moments and previous loss are not advanced.
 
     Args:
         lr: learning rate of the logits (default 0.025).
@@ -39,10 +46,20 @@ class FAMO(LossStrategy):
         eps: ``ε`` inside the logarithms (default 1e-8).
     """
 
+    absent_tasks = (
+        "z = softmax of the present tasks' logits; an absent task's logit, Adam moments "
+        "and previous loss are not advanced"
+    )
+
     linear_in_losses = False
 
     needs_losses_after_step = True
     _state_attrs = ("logits", "_adam", "_previous")
+    _task_state: ClassVar[dict[str, TaskAxes]] = {
+        "logits": TaskAxes((0,), 0.0),
+        "_adam": TaskAxes((0,), 0.0),
+        "_previous": TaskAxes((0,), np.nan),
+    }
 
     def __init__(
         self,
@@ -63,7 +80,8 @@ class FAMO(LossStrategy):
         return {"lr": self.lr, "gamma": self.gamma, "min_losses": self.min_losses}
 
     def _gaps(self, losses: np.ndarray) -> np.ndarray:
-        gaps = losses - np.asarray(self.min_losses, dtype=np.float64) + self.eps
+        gaps = losses - np.asarray(self.present_entries(self.min_losses), dtype=np.float64)
+        gaps = gaps + self.eps
         if np.any(gaps <= 0):
             raise ValueError(
                 f"famo needs losses above min_losses (got losses {losses}); set min_losses lower"
@@ -78,7 +96,9 @@ class FAMO(LossStrategy):
         observed = losses.detach().double().cpu().numpy()
         gaps = self._gaps(observed)
         c = 1.0 / float(np.sum(z / gaps))
-        bounds = torch.as_tensor(np.asarray(self.min_losses, dtype=np.float64)).to(losses)
+        bounds = torch.as_tensor(
+            np.asarray(self.present_entries(self.min_losses), dtype=np.float64)
+        ).to(losses)
         z_t = torch.from_numpy(z).to(losses)
         loss = c * (z_t * torch.log(losses - bounds + self.eps)).sum()
         weights = torch.from_numpy(c * z / gaps).to(losses)
@@ -93,6 +113,15 @@ class FAMO(LossStrategy):
         if self._previous is None or self.logits is None:
             raise RuntimeError("famo.update() needs a step first")
         new = losses_after_step.detach().double().cpu().numpy().reshape(-1)
+        if new.shape != self._previous.shape:
+            raise ValueError(
+                f"famo.update() got {new.size} losses for a step with {self._previous.size} tasks: "
+                "pass the losses of the tasks of the last step, re-evaluated on the same batch"
+            )
+        if not np.all(np.isfinite(new)):
+            raise FloatingPointError(
+                f"famo.update() got non-finite losses {new}; nothing was changed"
+            )
         delta = np.log(self._gaps(self._previous)) - np.log(self._gaps(new))
         z = np.exp(self.logits - self.logits.max())
         z /= z.sum()

@@ -23,6 +23,10 @@ class GLS(LossStrategy):
     The effective weight of task i is ``∂/∂L_i = GLS / (T · L_i)``: small losses weigh more.
     """
 
+    absent_tasks = (
+        "geometric mean of the present tasks' losses"
+    )
+
     linear_in_losses = False
 
     def scalarize(self, losses: Tensor) -> Scalarized:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 
 from ..registry import register
 from ._adam import AdamState, adam_step
+from ._state import TaskAxes
 from .base import Commit, GramianStrategy
 
 
@@ -28,12 +31,25 @@ class GradNorm(GramianStrategy):
     training rate and ``L̃_i = L_i(t) / L_i(0)``; the target ``Ḡ · r_i^α`` is held constant (paper,
     Sec. 3.2). The weights are then renormalized so that ``Σ_i w_i = T``.
 
+    Absent tasks: the update, the mean norm and the renormalisation run over the present tasks
+    (their weights then sum to their number); an absent task's weight and ``L_i(0)`` stay.
+
     Args:
         alpha: asymmetry / restoring-force strength (default 1.5).
         lr: learning rate of the internal Adam on the weights (default 0.025).
     """
 
+    absent_tasks = (
+        "present rows; weights of the present tasks renormalised to sum to their number; "
+        "an absent task's weight, L_i(0) and Adam state stay"
+    )
+
     _state_attrs = ("weights", "initial_losses", "_adam")
+    _task_state: ClassVar[dict[str, TaskAxes]] = {
+        "weights": TaskAxes((0,), 1.0),
+        "initial_losses": TaskAxes((0,), np.nan),
+        "_adam": TaskAxes((0,), 0.0),
+    }
 
     def __init__(self, alpha: float = 1.5, lr: float = 0.025, num_tasks: int | None = None):
         super().__init__(num_tasks)
@@ -56,6 +72,7 @@ class GradNorm(GramianStrategy):
         if weights.shape[0] != t:
             raise ValueError(f"GradNorm holds {weights.shape[0]} task weights but got {t} tasks")
         initial = losses.copy() if self.initial_losses is None else self.initial_losses
+        initial = np.where(np.isnan(initial), losses, initial)  # a task's first step
         norms = np.sqrt(np.clip(np.diag(gramian), 0.0, None))
         grad = gradnorm_weight_gradient(weights, norms, losses, initial, self.alpha)
         adam = AdamState.zeros(t) if self._adam is None else self._adam

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 
 from ..registry import register
+from ._state import TaskAxes
 from .base import Commit, GramianStrategy, Randomized, chain
 from .pcgrad import visiting_rounds
 
@@ -34,7 +37,13 @@ class GradVac(Randomized, GramianStrategy):
         seed: seed of the strategy's generator.
     """
 
+    absent_tasks = (
+        "present rows, visited in random order among the present tasks; targets between "
+        "absent tasks are not updated"
+    )
+
     _state_attrs = ("targets", "_rng_state")
+    _task_state: ClassVar[dict[str, TaskAxes]] = {"targets": TaskAxes((0, 1), 0.0)}
 
     def __init__(self, beta: float = 0.5, seed: int | None = None, num_tasks: int | None = None):
         super().__init__(num_tasks)

@@ -71,13 +71,15 @@ class IMTLL(_LossScales, LossStrategy):
     """IMTL-L (Liu et al., 2021, Sec. 3.1): minimise ``Σ_i e^{s_i} L_i − s_i`` jointly in ``s``,
     which drives every scaled loss ``e^{s_i} L_i`` towards 1."""
 
+    absent_tasks = "the present terms only; an absent task's scale gets no gradient"
+
     def __init__(self, num_tasks: int | None = None):
         super().__init__(num_tasks)
-        self._init_learned(num_tasks)
+        self._init_learned()
 
     def scalarize(self, losses: Tensor) -> Scalarized:
         scaled = self.scale_losses(losses)
-        return Scalarized(loss=scaled.sum(), weights=torch.exp(self.log_scales.detach()).to(losses))
+        return Scalarized(loss=scaled.sum(), weights=torch.exp(self.learned_like(losses).detach()))
 
 
 @register(
@@ -94,12 +96,18 @@ class IMTL(_LossScales, GramianStrategy):
     ``e^{s} L − s``, shared gradients combined by IMTL-G. ``aggregate(J)`` on a plain matrix takes
     the rows of ``J`` as gradients of the scaled losses and applies IMTL-G."""
 
+    absent_tasks = "IMTL-G over the present rows; an absent task's scale gets no gradient"
+
     def __init__(self, num_tasks: int | None = None):
         super().__init__(num_tasks)
-        self._init_learned(num_tasks)
+        self._init_learned()
 
     def transform_loss(self, index: int, loss: Tensor) -> Tensor:
-        return self.scale_losses(loss, index)
+        task = index if self._present is None else int(self._present[index])
+        if not self._learned:
+            self.learned_like(loss)
+        s = self._learned[task].to(loss.dtype)
+        return torch.exp(s) * loss - s  # one task's graph reaches its own scale only
 
     def weigh(self, gramian: np.ndarray, losses: np.ndarray | None) -> tuple[np.ndarray, Commit]:
         return imtl_g_weights(gramian), _noop

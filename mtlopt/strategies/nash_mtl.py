@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 
 from ..registry import register
 from ..solvers import fair_weights
+from ._state import TaskAxes
 from .base import Commit, GramianStrategy
 
 
@@ -36,7 +39,12 @@ class NashMTL(GramianStrategy):
         update_weights_every: recompute ``α`` every k steps and reuse it in between (default 1).
     """
 
+    absent_tasks = (
+        "bargaining among the present tasks; an absent task's α is not reused"
+    )
+
     _state_attrs = ("_alpha", "_step")
+    _task_state: ClassVar[dict[str, TaskAxes]] = {"_alpha": TaskAxes((0,), np.nan)}
 
     def __init__(
         self,
@@ -59,7 +67,7 @@ class NashMTL(GramianStrategy):
 
     def weigh(self, gramian: np.ndarray, losses: np.ndarray | None) -> tuple[np.ndarray, Commit]:
         reuse = self._alpha is not None and self._step % self.update_weights_every != 0
-        if reuse and self._alpha.shape[0] == gramian.shape[0]:
+        if reuse and not np.isnan(self._alpha).any():
             alpha = self._alpha
         else:
             frobenius = float(np.linalg.norm(gramian))

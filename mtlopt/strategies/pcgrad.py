@@ -36,6 +36,10 @@ class PCGrad(Randomized, GramianStrategy):
             from torch's global generator.
     """
 
+    absent_tasks = (
+        "each present task is projected against the other present tasks, in random order"
+    )
+
     _state_attrs = ("_rng_state",)
 
     def __init__(

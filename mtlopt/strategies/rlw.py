@@ -27,6 +27,10 @@ class RLW(Randomized, LossStrategy):
         seed: seed of the strategy's generator (``None``: drawn from torch's global generator).
     """
 
+    absent_tasks = (
+        "softmax of one normal draw per present task"
+    )
+
     _state_attrs = ("_rng_state",)
 
     def __init__(self, seed: int | None = None, num_tasks: int | None = None):

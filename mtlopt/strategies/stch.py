@@ -33,6 +33,10 @@ class STCH(LossStrategy):
         ideal: the ideal point z*, one value per task (default 0).
     """
 
+    absent_tasks = (
+        "smooth maximum over the present tasks (their preference and ideal entries)"
+    )
+
     linear_in_losses = False
 
     def __init__(
@@ -56,9 +60,13 @@ class STCH(LossStrategy):
         pref = (
             torch.ones_like(losses)
             if self.preference is None
-            else losses.new_tensor(self.preference)
+            else losses.new_tensor(self.present_entries(self.preference))
         )
-        ideal = torch.zeros_like(losses) if self.ideal is None else losses.new_tensor(self.ideal)
+        ideal = (
+            torch.zeros_like(losses)
+            if self.ideal is None
+            else losses.new_tensor(self.present_entries(self.ideal))
+        )
         scaled = pref * (losses - ideal) / self.mu
         loss = self.mu * torch.logsumexp(scaled, dim=0)
         weights = (pref * torch.softmax(scaled, dim=0)).detach()

@@ -23,19 +23,25 @@ class UW(LearnedTaskVector, LossStrategy):
 
     Minimises ``Σ_i ½ e^{−s_i} L_i + ½ s_i`` with learnable log-variances ``s_i = log σ_i²``. The
     ``s_i`` are parameters of the strategy that :class:`~mtlopt.MTLOptimizer` adds to the wrapped
-    optimizer as their own group (weight decay 0).
+    optimizer as their own group (weight decay 0). An absent task's
+    term is left out and its ``s_i`` gets no gradient.
 
     Args:
-        num_tasks: number of tasks (required: it sizes the learnable log-variances).
+        num_tasks: number of tasks (optional: the optimizer sets it at the first step).
         init: initial value of every ``s_i`` (default 0).
     """
+
+    absent_tasks = (
+        "the present terms only; an absent task's s_i gets no gradient (its optimizer "
+        "state does not move)"
+    )
 
     learned_name = "log_vars"
 
     def __init__(self, num_tasks: int | None = None, init: float = 0.0):
         super().__init__(num_tasks)
         self.init = init
-        self._init_learned(num_tasks, init)
+        self._init_learned(init)
 
     def hyperparameters(self) -> dict[str, object]:
         return {"num_tasks": self.num_tasks, "init": self.init}

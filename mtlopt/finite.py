@@ -1,0 +1,68 @@
+"""Checks on gradients with one transfer to the host: non-finite entries, and all-zero tasks.
+
+Euclidean norms are read (one fast reduction each; the ∞-norm kernel is ~20× slower on CPU): a
+norm is NaN or infinite if an entry is, and zero only if every entry is. Two rare cases are then
+re-checked exactly: a finite row whose squares overflow, and a non-zero row whose squares
+underflow.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class TaskCheck:
+    finite: bool
+    zero: bool
+    """Every gradient entry of the task is exactly zero."""
+
+
+def check_tasks(jacobian: Tensor, own: Sequence[Sequence[Tensor | None]]) -> list[TaskCheck]:
+    """For each task (a row of ``J`` and the gradients of its own parameters): whether all its
+    gradients are finite and whether they are all zero, with one transfer to the host."""
+    num_tasks = jacobian.shape[0]
+    if jacobian.shape[1] > 0:
+        rows = torch.linalg.vector_norm(jacobian, dim=1).double()
+    else:
+        rows = torch.zeros(num_tasks, dtype=torch.float64, device=jacobian.device)
+    owned = [(task, g) for task, grads in enumerate(own) for g in grads if g is not None]
+    norms = _norms([g for _, g in owned]).to(rows.device)
+    values = torch.cat([rows, norms]).tolist()
+    finite = [_finite(v, jacobian[k]) for k, v in enumerate(values[:num_tasks])]
+    zero = [v == 0.0 and not bool(jacobian[k].any()) for k, v in enumerate(values[:num_tasks])]
+    for (task, g), v in zip(owned, values[num_tasks:], strict=True):
+        finite[task] = finite[task] and _finite(v, g)
+        zero[task] = zero[task] and v == 0.0 and not bool(_dense_values(g).any())
+    return [TaskCheck(f, z) for f, z in zip(finite, zero, strict=True)]
+
+
+def finite_tensors(grads: Sequence[Tensor | None]) -> bool:
+    """Whether every given tensor is finite (one transfer to the host)."""
+    present = [g for g in grads if g is not None]
+    return all(_finite(v, g) for v, g in zip(_norms(present).tolist(), present, strict=True))
+
+
+def all_finite(values: Tensor) -> bool:
+    return bool(torch.isfinite(values).all())
+
+
+def _finite(norm: float, tensor: Tensor) -> bool:
+    return math.isfinite(norm) or bool(torch.isfinite(_dense_values(tensor)).all())
+
+
+def _norms(grads: Sequence[Tensor]) -> Tensor:
+    """Each tensor's Euclidean norm in float64, on one device."""
+    if not grads:
+        return torch.zeros(0, dtype=torch.float64)
+    values = [_dense_values(g) for g in grads]
+    return torch.stack([n.double() for n in torch._foreach_norm(values, 2)])
+
+
+def _dense_values(g: Tensor) -> Tensor:
+    return g._values() if g.is_sparse else g

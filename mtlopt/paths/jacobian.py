@@ -1,0 +1,264 @@
+"""The backward path of gradient strategies: one ``autograd.grad`` per task into ``J``, the strategy's
+combination of its rows written to the shared parameters."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..engine import TaskGradients, rebuild_jacobian, task_gradients, unflatten
+from ..finite import all_finite, check_tasks
+from ..partition import Partition, column_map
+from ..stepinfo import StepInfo
+from ..strategies.base import Combined, GradientStrategy
+from ..tasks import StepTasks
+from ..window import accumulate, add_rows, add_to_sum, union, window_losses
+from .base import PathBase
+
+
+class JacobianPath(PathBase):
+    """Gradient strategies: per-task gradients into the rows of ``J`` (following what each task
+    reaches), the strategy's combination of the present rows written to the shared parameters, and
+    each task's own gradients to its own parameters."""
+
+    def _backward_jacobian(
+        self, step: StepTasks, losses: list[Tensor], detached: Tensor, scale: float
+    ) -> StepInfo:
+        assert isinstance(self._combiner, GradientStrategy)
+        window = self._window
+        trainable = self._trainable()
+        partition = self._partition_for(step, losses, trainable)
+        grads = task_gradients(losses, trainable, partition)
+        self._check_reached(step, grads)
+        counts = None
+        if self._replicas is not None:
+            step, grads, detached, counts = self._agree_gradients(step, grads, detached)
+        partition, jacobian = self._follow_reach(step, grads, trainable, partition)
+        specific = self._specific_gradients(step, grads, trainable, partition)
+        if scale != 1.0:
+            jacobian.mul_(1.0 / scale)  # exact: GradScaler's scales are powers of two
+        if counts is not None:
+            jacobian, specific = self._average(
+                jacobian, specific, counts, [partition.specific[t] for t in step.present]
+            )
+            if not all_finite(detached):
+                return self._nonfinite_loss(step, detached)
+        sparse_grads = [[own.get(i) for i in grads.sparse] for own in grads.own]
+        checked = [[*s, *g] for s, g in zip(specific, sparse_grads, strict=True)]
+        checks = check_tasks(jacobian, checked)
+        for name, check in zip(step.present_names, checks, strict=True):
+            if not check.finite:
+                return self._bad_gradient(step, detached, f"non-finite gradient for task {name!r}")
+        self._warn_zero_tasks(step, checks)
+
+        present = union(window.present, step.present)
+        jacobian = add_rows(window.jacobian, window.present, jacobian, step.present, present)
+        losses_sum = window_losses(window, step, detached)
+        restriction = None if len(present) == len(step.names) else present
+        try:
+            with self._combiner.restricted_to(restriction):
+                combined = self._combiner.combine(
+                    jacobian, losses_sum[present].to(jacobian.device)
+                )
+        except FloatingPointError as error:
+            return self._nonfinite(step, detached, str(error))
+        if not check_tasks(combined.direction[None], [[]])[0].finite:
+            return self._nonfinite(
+                step, detached, f"{self._combiner.info.name} produced a non-finite update"
+            )
+
+        delta = (
+            combined.direction if window.written is None else combined.direction - window.written
+        )
+        if scale != 1.0:
+            delta = delta * scale  # .grad holds scaled gradients until scaler.unscale_
+        accumulate(partition.shared, unflatten(delta, partition.shared))
+        for k, task in enumerate(step.present):
+            params = partition.specific[task]
+            own = specific[k]
+            accumulate(params, self._correct_own(params, own, int(task)))  # type: ignore[arg-type]
+            for p, g in zip(params, own, strict=True):
+                if g is not None:  # kept unscaled, as J: they become J's columns if p turns shared
+                    add_to_sum(window.own_sums, (int(task), id(p)), g if scale == 1.0 else g / scale)
+        if partition.sparse:
+            self._write_sparse(step, grads, trainable, partition, present, combined, scale)
+        window.present, window.jacobian, window.losses = present, jacobian, losses_sum
+        window.written = combined.direction
+        window.commit = self._combiner.commit_restricted(restriction, combined.commit)
+        window.marker = partition.shared[0] if partition.shared else None
+        window.info = self._gradient_info(step, losses_sum, present, jacobian, combined)
+        return window.info
+
+    def _write_sparse(
+        self,
+        step: StepTasks,
+        grads: TaskGradients,
+        trainable: list[Tensor],
+        partition: Partition,
+        present: np.ndarray,
+        combined: Combined,
+        scale: float,
+    ) -> None:
+        """Shared parameters with sparse gradients get ``Σ_i w_i g_i`` with the strategy's task
+        weights (the plain sum for strategies without weights), kept sparse."""
+        window = self._window
+        index_of = {id(p): i for i, p in enumerate(trainable)}
+        for k, task in enumerate(step.present):
+            for p in partition.sparse:
+                g = grads.own[k].get(index_of[id(p)])
+                if g is not None:
+                    add_to_sum(window.own_sums, (int(task), id(p)), g / scale)
+        weights = combined.weights
+        for p in partition.sparse:
+            terms = [
+                (window.own_sums[(int(task), id(p))], r)
+                for r, task in enumerate(present)
+                if (int(task), id(p)) in window.own_sums
+            ]
+            if not terms:
+                continue
+            target = sum(
+                (g * (1.0 if weights is None else float(weights[r])) for g, r in terms),
+                start=torch.zeros_like(terms[0][0]),
+            ).coalesce()
+            previous = window.written_sparse.get(id(p))
+            window.written_sparse[id(p)] = target
+            delta = target if previous is None else (target - previous).coalesce()
+            accumulate([p], [delta * scale if scale != 1.0 else delta])
+
+    def _specific_gradients(
+        self, step: StepTasks, grads: TaskGradients, trainable: list[Tensor], partition: Partition
+    ) -> list[list[Tensor | None]]:
+        """Each present task's gradients of its own parameters (``None`` for one it reached on an
+        earlier step only)."""
+        index_of = {id(p): i for i, p in enumerate(trainable)}
+        return [
+            [grads.own[k].get(index_of[id(p)]) for p in partition.specific[task]]
+            for k, task in enumerate(step.present)
+        ]
+
+    def _check_reached(self, step: StepTasks, grads: TaskGradients) -> None:
+        for k, task in enumerate(step.present):
+            if not any(grads.reached[k]):
+                raise ValueError(
+                    f"the loss of task {step.names[task]!r} reaches no parameter of the wrapped "
+                    "optimizer (was it computed from another model, or is it a constant "
+                    "placeholder?); pass None for a task without a loss in this step; nothing "
+                    "was changed"
+                )
+
+    def _agree_gradients(
+        self, step: StepTasks, grads: TaskGradients, detached: Tensor
+    ) -> tuple[StepTasks, TaskGradients, Tensor, Tensor]:
+        """Gradient path under torch.distributed: every rank lays out the rows of the tasks any
+        rank has (zeros where it has none) and records what any rank reached."""
+        total = len(step.names)
+        reach = torch.zeros(total, len(grads.reached[0]) if grads.reached else 0, dtype=torch.bool)
+        if grads.reached:
+            reach[torch.as_tensor(step.present)] = torch.tensor(grads.reached)
+        agreement = self._agreement(step, detached, reach)
+        union = torch.nonzero(agreement.counts).reshape(-1).numpy()
+        rows = torch.searchsorted(torch.as_tensor(union), torch.as_tensor(step.present))
+        jacobian = grads.jacobian.new_zeros(len(union), grads.jacobian.shape[1])
+        jacobian[rows] = grads.jacobian
+        own: list[dict[int, Tensor]] = [{} for _ in union]
+        for k, r in enumerate(rows.tolist()):
+            own[r] = grads.own[k]
+        reached = [tuple(agreement.reach[t].tolist()) for t in union.tolist()]
+        placeholder = step.losses[0].detach()
+        united = StepTasks(step.names, union, tuple(placeholder for _ in union))
+        losses = agreement.losses[union].to(detached.device)
+        return united, TaskGradients(jacobian, own, reached, grads.sparse), losses, (
+            agreement.counts[union]
+        )
+
+    def _follow_reach(
+        self, step: StepTasks, grads: TaskGradients, trainable: list[Tensor], partition: Partition
+    ) -> tuple[Partition, Tensor]:
+        """Record what each task reached; if that makes the partition change, rebuild ``J`` (and
+        the window's, and the strategy's per-column state) under the new one."""
+        assert self._reach is not None
+        sparse = {id(trainable[i]) for i in grads.sparse} - self._sparse_ids
+        if sparse and self._replicas is not None:
+            raise NotImplementedError(
+                "shared parameters with sparse gradients (nn.Embedding(sparse=True)) under "
+                "torch.distributed are not supported: use dense embeddings there"
+            )
+        key = self._key_of(trainable)
+        if not sparse and all(
+            self._reach.known(int(task), key, reached)
+            for task, reached in zip(step.present, grads.reached, strict=True)
+        ):
+            return partition, grads.jacobian
+        self._sparse_ids |= sparse
+        changed = bool(sparse)
+        reach = self._reach.copy()
+        for k, task in enumerate(step.present):
+            changed |= reach.add(int(task), trainable, grads.reached[k])
+        if not changed:
+            self._reach = reach
+            return partition, grads.jacobian
+        new = self._new_partition(step, reach, trainable)
+        same = [id(p) for p in new.shared] == [id(p) for p in partition.shared] and [
+            [id(p) for p in s] for s in new.specific
+        ] == [[id(p) for p in s] for s in partition.specific]
+        self._reach = reach
+        if same:
+            return partition, grads.jacobian
+        jacobian = rebuild_jacobian(grads, trainable, partition, new)
+        self._adopt_partition(partition, new, trainable)
+        return new, jacobian
+
+    def _adopt_partition(self, old: Partition, new: Partition, trainable: list[Tensor]) -> None:
+        """Make ``new`` current: the window's rows and written update, and the strategy's state
+        indexed by column, follow each parameter to its new columns."""
+        assert isinstance(self._combiner, GradientStrategy)
+        mapping = column_map(old, new)
+        self._combiner.remap_columns(mapping)
+        window = self._window
+        if window.jacobian is not None:
+            before = old.column_ranges()
+            keep = mapping >= 0
+            rows = window.jacobian.new_zeros(window.jacobian.shape[0], new.num_shared)
+            rows[:, keep] = window.jacobian[:, mapping[keep].to(window.jacobian.device)]
+            written = rows.new_zeros(new.num_shared)
+            if window.written is not None:
+                written[keep] = window.written[mapping[keep].to(written.device)]
+            start = 0
+            for p in new.shared:
+                stop = start + p.numel() * (2 if p.is_complex() else 1)
+                if id(p) not in before:
+                    for r, task in enumerate(window.present):  # type: ignore[arg-type]
+                        g = window.own_sums.get((int(task), id(p)))
+                        if g is not None:
+                            flat = torch.view_as_real(g) if g.is_complex() else g
+                            rows[r, start:stop] = flat.reshape(-1)
+                            written[start:stop] += flat.reshape(-1)
+                start = stop
+            window.jacobian, window.written = rows, written
+        self._partition = new
+        self._partition_key = self._key_of(trainable)
+
+    def _average(
+        self,
+        jacobian: Tensor,
+        specific: list[list[Tensor | None]],
+        counts: Tensor,
+        params: list[list[Tensor]],
+    ) -> tuple[Tensor, list[list[Tensor | None]]]:
+        """Each task's gradients averaged over the ranks that have the task, in one collective
+        (a gradient a rank does not have counts as zero there)."""
+        assert self._replicas is not None
+        flat = [
+            torch.zeros_like(p) if g is None else g
+            for grads, ps in zip(specific, params, strict=True)
+            for g, p in zip(grads, ps, strict=True)
+        ]
+        summed = self._replicas.sum([jacobian, *flat])
+        divisors = counts.to(jacobian)
+        jacobian, rest = summed[0] / divisors[:, None], iter(summed[1:])
+        specific = [
+            [next(rest) / float(c) for _ in task] for task, c in zip(specific, counts, strict=True)
+        ]
+        return jacobian, specific

@@ -1,0 +1,116 @@
+"""What one optimizer step accumulates over its micro-batches, and the small tensor helpers that
+write gradients and step losses."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .stepinfo import StepInfo
+from .strategies.base import Commit
+from .tasks import StepTasks
+
+
+@dataclass
+class Window:
+    """What has been accumulated since the last step: per-task gradients, losses, pending state."""
+
+    present: np.ndarray | None = None
+    """Tasks with a loss in any micro-batch of the window (increasing indices)."""
+    jacobian: Tensor | None = None
+    """Summed shared gradients, one row per task of ``present``."""
+    losses: Tensor | None = None
+    """Summed losses of every task (0 for a task not yet present), float64."""
+    written: Tensor | None = None
+    written_own: dict[tuple[int | None, int], Tensor] = field(default_factory=dict)
+    own_sums: dict[tuple[int, int], Tensor] = field(default_factory=dict)
+    written_sparse: dict[int, Tensor] = field(default_factory=dict)
+    """``id(parameter) →`` what the window wrote to a sparse shared parameter's ``.grad``."""
+    """``(task, id(parameter)) → `` summed gradient of a task's own parameter in the window."""
+    commit: Commit | None = None
+    info: StepInfo | None = None
+    skipped: bool = False
+    marker: Tensor | None = None
+    """A parameter whose ``.grad`` the window wrote: ``None`` there means someone zeroed it."""
+
+
+def accumulate(params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> None:
+    """``p.grad += g`` for every pair, creating ``p.grad`` where it is ``None`` (a ``None``
+    gradient leaves its parameter alone)."""
+    if any(g is None for g in grads):
+        kept = [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
+        params, grads = [p for p, _ in kept], [g for _, g in kept]
+    if any(g.is_sparse for g in grads):
+        for p, g in zip(params, grads, strict=True):
+            if g.is_sparse:
+                p.grad = g.detach().clone() if p.grad is None else (p.grad + g).coalesce()
+        kept = [(p, g) for p, g in zip(params, grads, strict=True) if not g.is_sparse]
+        params, grads = [p for p, _ in kept], [g for _, g in kept]
+    existing = [(p, g) for p, g in zip(params, grads, strict=True) if p.grad is not None]
+    if existing:
+        torch._foreach_add_(
+            [p.grad for p, _ in existing], [g.to(p.grad.dtype) for p, g in existing]
+        )
+    for p, g in zip(params, grads, strict=True):
+        if p.grad is None:
+            # Own copy: autograd may hand one tensor to several parameters (an addition passes its
+            # incoming gradient to both operands) or a view of the combined update; adding into
+            # such a .grad in place would double-count or rewrite the wrapper's own record.
+            p.grad = g.detach().to(p.dtype).clone()
+
+
+def add_to_sum(sums: dict[tuple[int, int], Tensor], key: tuple[int, int], grad: Tensor) -> None:
+    sums[key] = grad if key not in sums else sums[key] + grad
+
+
+def with_values(losses: Sequence[Tensor], values: Tensor) -> list[Tensor]:
+    """Each loss with its value replaced by ``values[i]`` and its gradient unchanged.
+
+    Strategies then weigh by the step's losses (accumulated over micro-batches, averaged over
+    ranks) while the gradient flows through this micro-batch's own losses.
+    """
+    return [
+        loss + (value.to(loss) - loss.detach()) for loss, value in zip(losses, values, strict=True)
+    ]
+
+
+def detach_losses(losses: Sequence[Tensor]) -> Tensor:
+    """The task losses as one float64 vector, on the first loss's device."""
+    device = losses[0].device
+    return torch.stack([t.detach().reshape(()).to(device) for t in losses]).to(torch.float64)
+
+
+def window_losses(window: Window, step: StepTasks, detached: Tensor) -> Tensor:
+    """Every task's loss summed over the window's micro-batches, this one included (0 where a
+    task has not been present)."""
+    total = (
+        torch.zeros(len(step.names), dtype=torch.float64, device=detached.device)
+        if window.losses is None
+        else window.losses.clone()
+    )
+    total[torch.as_tensor(step.present, device=detached.device)] += detached
+    return total
+
+
+def union(a: np.ndarray | None, b: np.ndarray) -> np.ndarray:
+    return b if a is None or np.array_equal(a, b) else np.union1d(a, b)
+
+
+def add_rows(
+    rows: Tensor | None, rows_tasks: np.ndarray | None, new: Tensor, new_tasks: np.ndarray,
+    tasks: np.ndarray,
+) -> Tensor:
+    """``rows`` (one per task of ``rows_tasks``) plus ``new`` (one per task of ``new_tasks``), as
+    one row per task of ``tasks``."""
+    if rows is None:
+        return new
+    if np.array_equal(rows_tasks, new_tasks):
+        return rows + new
+    out = new.new_zeros(len(tasks), new.shape[1])
+    out[torch.as_tensor(np.searchsorted(tasks, rows_tasks))] += rows
+    out[torch.as_tensor(np.searchsorted(tasks, new_tasks))] += new
+    return out
