@@ -5,6 +5,7 @@
     mtlopt-bench run qm9 --methods all --seeds 3 --out bench-results
     mtlopt-bench run toy --methods ew,mgda,pcgrad,cagrad,nash_mtl,famo --steps 35000
     mtlopt-bench run perf                  # step-time ratios (floor, LibMTL, modes, solvers)
+    mtlopt-bench run --problem my_pkg.my_module:problem --seeds 3   # your own problem
 
 Finished runs are cached under OUT/runs and reused; results go to OUT/<problem>/results.{json,csv,md}
 and PNG plots.
@@ -22,7 +23,7 @@ import torch
 
 import mtlopt
 
-from . import multifashion, perf, qm9, scaling, toy
+from . import multifashion, perf, qm9, scaling, toy, user_problem
 from .data import DataMissing
 from .problem import Problem
 from .report import write
@@ -130,6 +131,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=sorted([*PROBLEMS, "perf"]),
         help="omit for the quick default over every problem",
     )
+    run.add_argument(
+        "--problem",
+        dest="user_problem",
+        metavar="MODULE:ATTRIBUTE",
+        help="your own problem: a mtlopt_bench.problem.Problem (or a function returning one)",
+    )
     run.add_argument("--methods", help="comma-separated strategy names, or 'all'")
     run.add_argument("--seeds", type=int)
     run.add_argument("--steps", type=int)
@@ -154,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(min(2, torch.get_num_threads()))
     command = "mtlopt-bench " + " ".join(shlex.quote(a) for a in argv)
     methods = args.methods.split(",") if args.methods else None
-    quick = args.quick or args.problem is None
+    quick = args.quick or (args.problem is None and not args.user_problem)
     start = time.perf_counter()
     if args.problem == "perf":
         # The docs page is refreshed by full runs from a checkout (where docs/ exists) only.
@@ -162,6 +169,22 @@ def main(argv: list[str] | None = None) -> int:
         print(perf.run(args.out, quick, command, write_docs, progress=_progress))
         print(f"wall time {time.perf_counter() - start:.0f} s; results under {args.out}/perf/")
         return 0
+    if args.user_problem:
+        if args.problem:
+            parser.error("give either a built-in problem or --problem, not both")
+        problem = user_problem.load(args.user_problem)
+        ran = run_problem(
+            problem,
+            methods,
+            args.seeds,
+            args.steps,
+            args.quick,
+            args.out,
+            command,
+            args.with_libmtl,
+        )
+        print(f"wall time {time.perf_counter() - start:.0f} s; results under {args.out}/")
+        return 0 if ran else 1
     problems = [PROBLEMS[args.problem]] if args.problem else list(PROBLEMS.values())
     ran = [
         run_problem(p, methods, args.seeds, args.steps, quick, args.out, command, args.with_libmtl)

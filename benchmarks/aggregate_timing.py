@@ -1,6 +1,6 @@
 """Mean ``aggregate`` time of every gradient strategy on a random T×P matrix.
 
-    python -m benchmarks.aggregate_timing [--tasks 10] [--dim 1000000] [--repeats 5]
+    python -m mtlopt_bench.aggregate_timing [--tasks 10] [--dim 1000000] [--repeats 5]
 
 Methods are timed round-robin (one call of each per round) so machine noise hits all alike.
 """

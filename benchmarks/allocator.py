@@ -67,7 +67,7 @@ def table(kind: str, tasks: int, method: str, repeats: int, rounds: int, progres
         order = ("default", "pinned") if r % 2 == 0 else ("pinned", "default")
         for name in order:
             env = default_env if name == "default" else pinned_env
-            command = [sys.executable, "-m", "benchmarks.allocator", kind, str(tasks), method]
+            command = [sys.executable, "-m", "mtlopt_bench.allocator", kind, str(tasks), method]
             done = subprocess.run(
                 [*command, str(rounds)], env=env, capture_output=True, text=True, check=True
             )

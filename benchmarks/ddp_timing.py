@@ -9,7 +9,7 @@ inputs of the benchmark's shapes, wrapped in ``DistributedDataParallel``, and ti
   per task, their sum all-reduced as one flat buffer, the optimizer step;
 * ``mtlopt PCGrad``: per-task gradients, one all-reduce of the T×P matrix, the combination.
 
-    python -m benchmarks.ddp_timing [--model vit|set] [--steps 30] [--batch 64]
+    python -m mtlopt_bench.ddp_timing [--model vit|set] [--steps 30] [--batch 64]
 """
 
 from __future__ import annotations

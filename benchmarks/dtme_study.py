@@ -1,7 +1,7 @@
 """DTME-MTL against EW on real data, trained in lockstep on the same batches.
 
-    python -m benchmarks.dtme_study --problem multifashion --steps 600
-    python -m benchmarks.dtme_study --problem qm9 --steps 400
+    python -m mtlopt_bench.dtme_study --problem multifashion --steps 600
+    python -m mtlopt_bench.dtme_study --problem qm9 --steps 400
 
 Both methods start from the same initial weights and see the same batches; each step runs EW
 then DTME, so their step times are measured side by side. Prints DTME's conflict report (rates per

@@ -3,7 +3,7 @@
 Prints the task losses falling, then times PCGrad against plain summed-loss training on the same
 model and batches (interleaved, so machine noise hits both alike) and prints the ratio.
 
-    python -m benchmarks.example [--steps 300] [--timing-steps 100]
+    python -m mtlopt_bench.example [--steps 300] [--timing-steps 100]
 """
 
 from __future__ import annotations

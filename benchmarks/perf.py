@@ -2,7 +2,7 @@
 
 Every ratio is measured on the QM9 set transformer and the MultiFashion ViT with T task heads, on
 random inputs of the suite's shapes and batch sizes (no dataset needed: the cost of a step does not
-depend on the values), with glibc's malloc thresholds pinned (:mod:`benchmarks.allocator`).
+depend on the values), with glibc's malloc thresholds pinned (:mod:`mtlopt_bench.allocator`).
 
 Ratios are medians over rounds of per-round ratios: each round runs a contender's reference step
 and its own back to back, in alternating order, so slow drifts of a shared machine cancel (see
@@ -47,6 +47,16 @@ from .models import SetTransformer, ViT
 SOLVER_METHODS = ["nash_mtl", "cagrad", "mgda", "upgrad", "fairgrad"]
 REPRESENTATION_METHODS = ["mgda", "pcgrad", "nash_mtl", "upgrad"]
 ANALYSIS_OVER_FLOOR = "dtme, analysis phase over the T-backward floor (not over EW)"
+NOISY = 1.2
+SMOKE = (
+    "**Smoke run** (quick: {rounds} timed rounds, {cells} cells, alongside whatever else the "
+    "machine runs): it checks that every table is produced; its ratios are not measurements. "
+    "A median of {rounds} rounds survives one disturbed round, not two: a floor ratio well above "
+    "the measured one, or below 1 (impossible: the step contains the floor's work), means other "
+    "processes took the CPU during those rounds. Cells whose rounds disagree by more than 20 % "
+    "show their range. Measured ratios (9 rounds, quiet machine): docs/perf.md, refreshed by "
+    "`mtlopt-bench run perf`."
+)
 
 
 @dataclass
@@ -322,6 +332,14 @@ class Paired:
     """Median over rounds of (contender's step / its reference's step in the same round)."""
     seconds: float
     reference_seconds: float
+    low: float = 0.0
+    high: float = 0.0
+    """Smallest and largest per-round ratio."""
+
+    @property
+    def noisy(self) -> bool:
+        """Rounds disagreeing by more than 20 %: another process took the CPU in some of them."""
+        return self.low > 0 and self.high / self.low > NOISY
 
 
 def paired(
@@ -354,6 +372,8 @@ def paired(
             statistics.median(ratios[name]),
             statistics.median(own[name]),
             statistics.median(ref[name]),
+            min(ratios[name]),
+            max(ratios[name]),
         )
         for name in pairs
     }
@@ -366,7 +386,7 @@ def gradient_methods() -> list[str]:
 def floor_table(cells, rounds, warmup, progress) -> tuple[list[str], dict, list[str]]:
     """The floor ratios, the median step times, and the table of the wrapper's own work."""
     methods = gradient_methods()
-    ratios: dict[tuple[str, int], dict[str, float]] = {}
+    ratios: dict[tuple[str, int], dict[str, Paired]] = {}
     medians: dict[tuple[str, int], dict[str, float]] = {}
     own_lines = [
         "| cell | floor step (ms) | own work, median over strategies (ms) | share of the floor | "
@@ -385,7 +405,7 @@ def floor_table(cells, rounds, warmup, progress) -> tuple[list[str], dict, list[
                 result |= paired({m: pair}, rounds, warmup)
         floor_seconds = statistics.median(r.reference_seconds for r in result.values())
         medians[kind, tasks] = {"floor": floor_seconds, **{m: r.seconds for m, r in result.items()}}
-        ratios[kind, tasks] = {m: r.ratio for m, r in result.items()}
+        ratios[kind, tasks] = result
         work = {m: statistics.median(times[warmup:] or times) for m, times in own.items()}
         typical = statistics.median(work.values())
         largest = max(work, key=work.__getitem__)
@@ -404,7 +424,7 @@ def floor_table(cells, rounds, warmup, progress) -> tuple[list[str], dict, list[
     ]
     for m in methods:
         row = [ratios[c][m] for c in cells]
-        lines.append(f"| {m} | " + " | ".join(_mark(r, 1.10) for r in row) + " |")
+        lines.append(f"| {m} | " + " | ".join(_cell(r, 1.10) for r in row) + " |")
     return lines, medians, own_lines
 
 
@@ -442,7 +462,7 @@ def peer_table(cells, rounds, warmup, progress) -> list[str]:
             if m in notes:
                 rows[m] += [notes[m], "–"]
             else:
-                rows[m] += [_mark(result[m].ratio, 0.7), f"{result[f'libmtl:{m}'].ratio:.2f}"]
+                rows[m] += [_cell(result[m], 0.7), _cell(result[f"libmtl:{m}"])]
         progress(f"peer ratio {kind} T={tasks}")
     lines += [f"| {m} | " + " | ".join(r) + " |" for m, r in rows.items()]
     return lines
@@ -472,7 +492,7 @@ def modes_table(cells, rounds, warmup, progress) -> list[str]:
         rows.setdefault("ew step (ms)", []).append(f"{1e3 * ew_seconds:.1f}")
         for name, r in result.items():
             rows.setdefault(name, []).append(
-                f"{r.ratio:.2f}" if name == ANALYSIS_OVER_FLOOR else _mark(r.ratio, 1.3)
+                _cell(r) if name == ANALYSIS_OVER_FLOOR else _cell(r, 1.3)
             )
         progress(f"modes {kind} T={tasks}")
     lines += [f"| {n} | " + " | ".join(r) + " |" for n, r in rows.items()]
@@ -514,7 +534,8 @@ def vjp_table(cells, rounds, warmup, progress) -> list[str]:
     """Sequential per-task ``autograd.grad`` (the engine's path) against one batched VJP
     (``is_grads_batched``, vmap over the T cotangents) for the T×P matrix of shared gradients."""
     lines = [
-        "| model | sequential (ms) | batched (ms) | batched / sequential |",
+        "| model | sequential (ms), median | batched (ms), median | batched / sequential, median "
+        "of per-round ratios |",
         "|---|---|---|---|",
     ]
     for kind, tasks in cells:
@@ -533,7 +554,7 @@ def vjp_table(cells, rounds, warmup, progress) -> list[str]:
         r = paired({"batched": (sequential, batched)}, rounds, warmup)["batched"]
         lines.append(
             f"| {kind} T={tasks} | {1e3 * r.reference_seconds:.1f} | {1e3 * r.seconds:.1f} | "
-            f"{r.ratio:.2f} |"
+            f"{_cell(r)} |"
         )
         progress(f"vjp {kind} T={tasks}")
     return lines
@@ -547,6 +568,12 @@ def _median_time(fn: Callable[[], object], repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def _cell(p: Paired, target: float | None = None) -> str:
+    """A ratio, bold above its target, with its per-round range when the rounds disagree."""
+    text = f"{p.ratio:.2f}" if target is None else _mark(p.ratio, target)
+    return f"{text} (noisy: {p.low:.2f}–{p.high:.2f})" if p.noisy else text
 
 
 def _mark(value: float, target: float, pct: bool = False) -> str:
@@ -616,10 +643,12 @@ def run(out: Path, quick: bool, command: str, write_docs: bool, progress=print) 
     )
     wall = time.perf_counter() - start
     threads = torch.get_num_threads()
+    smoke = [SMOKE.format(rounds=rounds, cells=len(floor_cells)), ""] if quick else []
     text = "\n".join(
         [
             "# Performance: step-time ratios",
             "",
+            *smoke,
             f"Command: `{command}` ({'quick: ' if quick else ''}{rounds} timed rounds after "
             f"{warmup} warm-up; medians of per-round ratios, each contender timed right after its "
             f"reference; torch {torch.__version__}, {threads} thread(s), CPU; "
@@ -668,12 +697,14 @@ def run(out: Path, quick: bool, command: str, write_docs: bool, progress=print) 
             "",
             "Representation mode takes T cheap backward passes through the heads and one "
             "through the trunk. DTME's analysis phase takes one backward per task to the block "
-            "inputs (the method's token gradients, dtme-mtl.md §2.1) besides the training "
+            "inputs (the method's token gradients, the paper's §2.1) besides the training "
             "step's own backward (at T = 2, three backward passes against the floor's two), and "
             "ends after "
             "`analysis_steps`; after the expansion, every block from the first modified one on "
             "runs one stream per task (§3.2), so its forward and backward grow with T by "
-            "construction: the paper's own cost model, not overhead of ours.",
+            "construction: the paper's own cost model, not overhead of ours. Over the T-backward "
+            "floor the analysis phase can cost less than 1 at large T: its T token-gradient "
+            "passes stop at the block inputs and compute no weight gradients.",
             "",
             *mode_lines,
             "",
@@ -685,7 +716,10 @@ def run(out: Path, quick: bool, command: str, write_docs: bool, progress=print) 
             "The T×P matrix of shared gradients (forward included), with one `autograd.grad` per "
             "task (the engine's path) or one batched VJP over the T cotangents "
             "(`is_grads_batched=True`, vmap). Where batching is slower the engine keeps the "
-            "sequential path.",
+            "sequential path. The two times are medians of each column, the ratio the median of "
+            "per-round ratios: on a quiet machine they agree; when other processes interfere "
+            "in some rounds they need not (the times' ratio can even fall on the other side of "
+            "1), and the cell then shows the range of the per-round ratios.",
             "",
             *vjp_lines,
             "",

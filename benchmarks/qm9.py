@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
+from .cache import cache_dir
 from .data import QM9_TARGETS, qm9
 from .models import SetTransformer
 from .problem import Instance, Problem
 
-CACHE = Path("bench-results/cache/qm9.pt")
 TEST, VAL = 10000, 10000
 QUICK_TEST = 2000
 
 
 def setup(seed: int, variant: object, quick: bool, batch_size: int = 64) -> Instance:
-    data = qm9(cache=CACHE)
+    data = qm9(cache=cache_dir() / "qm9.pt")
     order = torch.randperm(len(data.atoms), generator=torch.Generator().manual_seed(0))
     test_idx = order[: QUICK_TEST if quick else TEST]
     train_idx = order[TEST + VAL :]

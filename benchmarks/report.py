@@ -12,6 +12,7 @@ from typing import Any
 import mtlopt
 from mtlopt.metrics import delta_m
 
+from .paired import NOT_DISTINGUISHABLE, differences, versus_ew
 from .problem import Problem
 from .suite import single_task
 
@@ -20,6 +21,9 @@ DELTA_NOTE = (
     "trained with the same budget, signed so that **lower is better** (Maninis et al.; the "
     "Nash-MTL / FAMO protocol): negative Δm beats the single-task models."
 )
+
+
+VERSUS_KEYS = ("mean", "low", "high", "seeds", "verdict")
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -67,6 +71,10 @@ def aggregate(problem: Problem, runs: list[dict]) -> list[dict[str, Any]]:
                 r["median_step_seconds"] / ew_time[r["seed"]] for r in done if r["seed"] in ew_time
             ]
             row["time_vs_ew"] = _mean_std(ratios)
+            if method != "ew":
+                versus = versus_ew(differences(problem, ok, method, variant))
+                if versus is not None:
+                    row["vs_ew"] = {**versus.__dict__, "verdict": versus.verdict}
             row["step_ms"] = _mean_std([1e3 * r["median_step_seconds"] for r in done])
             memory = [
                 r["peak_rss_growth_mb"] for r in done if r.get("peak_rss_growth_mb") is not None
@@ -87,6 +95,19 @@ def _baselines(problem: Problem, runs: list[dict]) -> dict[str, float] | None:
     if set(values) != set(problem.metrics):
         return None
     return {m: statistics.fmean(v) for m, v in values.items()}
+
+
+def smoke_banner(runs: list[dict]) -> str | None:
+    """The line that marks a quick run's tables as a smoke run, or None for a full run."""
+    if not any(r.get("quick") for r in runs):
+        return None
+    steps = sorted({r["steps"] for r in runs if "steps" in r})
+    seeds = len({r["seed"] for r in runs if "seed" in r})
+    return (
+        f"**Smoke run** (quick: {'/'.join(map(str, steps))} steps, {seeds} seed"
+        f"{'s' if seeds != 1 else ''}): it checks that every method runs end to end; its numbers "
+        "are not measurements. Full runs and measured tables: docs/benchmarks.md."
+    )
 
 
 def write(problem: Problem, runs: list[dict], out: Path, command: str) -> list[dict]:
@@ -128,6 +149,7 @@ def write(problem: Problem, runs: list[dict], out: Path, command: str) -> list[d
                     else (f"{col}_mean", f"{col}_std")
                 )
             ]
+            + [f"vs_ew_{k}" for k in VERSUS_KEYS]
         )
         for row in rows:
             line = []
@@ -137,14 +159,17 @@ def write(problem: Problem, runs: list[dict], out: Path, command: str) -> list[d
                     line.append("" if value is None else value)
                 else:
                     line.extend(value if isinstance(value, tuple) else ("", ""))
-            writer.writerow(line)
-    (out / "results.md").write_text(markdown(problem, rows, command))
+            versus = row.get("vs_ew", {})
+            writer.writerow(line + [versus.get(k, "") for k in VERSUS_KEYS])
+    (out / "results.md").write_text(markdown(problem, rows, command, smoke_banner(runs)))
     plots(problem, runs, rows, out)
     return rows
 
 
-def markdown(problem: Problem, rows: list[dict], command: str) -> str:
-    lines = [f"## {problem.name}", "", problem.description, "", f"Command: `{command}`", ""]
+def markdown(problem: Problem, rows: list[dict], command: str, banner: str | None = None) -> str:
+    lines = [f"## {problem.name}", ""]
+    lines += [banner, ""] if banner else []
+    lines += [problem.description, "", f"Command: `{command}`", ""]
     has_delta = any("delta_m" in r for r in rows)
     if has_delta:
         lines += [DELTA_NOTE, ""]
@@ -167,7 +192,7 @@ def markdown(problem: Problem, rows: list[dict], command: str) -> str:
         "peak memory (MB)",
         "seeds",
     ]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    table: list[list[str]] = []
 
     def sort_key(r: dict) -> tuple:
         dm = r.get("delta_m", (float("inf"), 0))[0]
@@ -200,7 +225,9 @@ def markdown(problem: Problem, rows: list[dict], command: str) -> str:
                 _fmt(*row["memory_mb"], 3),
                 str(row["runs"]),
             ]
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+        table.append([str(c) for c in cells])
+    lines += split_table(header, table, metric_cols)
+    lines += paired_table(rows)
     excluded = {m: why for m, why in problem.excluded.items()}
     if excluded:
         lines += [
@@ -208,6 +235,53 @@ def markdown(problem: Problem, rows: list[dict], command: str) -> str:
             "Not applicable here: " + "; ".join(f"`{m}` ({w})" for m, w in excluded.items()),
         ]
     return "\n".join(lines) + "\n"
+
+
+METRICS_PER_TABLE = 6
+"""More metrics than this: a summary table, then the metrics in tables of this many, so that every
+table fits a page."""
+
+
+def split_table(header: list[str], table: list[list[str]], metrics: list[str]) -> list[str]:
+    """Markdown for ``table``: one table, or (many metrics) a summary and per-metric tables, each
+    led by the variant and method columns."""
+
+    def render(columns: list[int]) -> list[str]:
+        out = ["| " + " | ".join(header[c] for c in columns) + " |", "|" + "---|" * len(columns)]
+        return out + ["| " + " | ".join(row[c] for c in columns) + " |" for row in table]
+
+    if len(metrics) <= METRICS_PER_TABLE:
+        return render(list(range(len(header))))
+    first, end = 2, 2 + len(metrics)
+    lines = render([0, 1, *range(end, len(header))])
+    for start in range(first, end, METRICS_PER_TABLE):
+        chunk = list(range(start, min(start + METRICS_PER_TABLE, end)))
+        lines += ["", *render([0, 1, *chunk])]
+    return lines
+
+
+def paired_table(rows: list[dict]) -> list[str]:
+    """Each method against EW on the same seeds: mean Δm against EW and its 95 % interval."""
+    compared = [r for r in rows if "vs_ew" in r]
+    if not compared:
+        return []
+    lines = [
+        "",
+        "Paired with EW (same seed, variant and batches): the method's Δm against EW over all "
+        "metrics, in % (negative: better than EW), mean over seeds with its 95 % Student-t "
+        f'interval; "{NOT_DISTINGUISHABLE}" when the interval contains 0.',
+        "",
+        "| variant | method | seeds | Δm vs EW % [95 % interval] | verdict |",
+        "|---|---|---|---|---|",
+    ]
+    for row in sorted(compared, key=lambda r: (r["variant"], r["vs_ew"]["mean"])):
+        v = row["vs_ew"]
+        interval = "–" if v["seeds"] < 2 else f"[{v['low']:+.3g}, {v['high']:+.3g}]"
+        lines.append(
+            f"| {row['variant']} | {row['method']} | {v['seeds']} | {v['mean']:+.3g} {interval} | "
+            f"{v['verdict']} |"
+        )
+    return lines
 
 
 def plots(problem: Problem, runs: list[dict], rows: list[dict], out: Path) -> None:
@@ -249,28 +323,29 @@ def plots(problem: Problem, runs: list[dict], rows: list[dict], out: Path) -> No
 
     with_delta = [r for r in rows if "delta_m" in r and "error" not in r]
     if with_delta:
-        fig, ax = plt.subplots(figsize=(6, 4.5))
+        fig, ax = plt.subplots(figsize=(8.5, 4.8), layout="constrained")
         low, high = _fences([r["delta_m"][0] for r in with_delta])
-        for r in with_delta:
+        for n, r in enumerate(sorted(with_delta, key=lambda r: r["method"])):
             x, y = r["time_vs_ew"][0], r["delta_m"][0]
+            style = _style(n, plt)
             if low <= y <= high:
-                ax.errorbar(x, y, yerr=r["delta_m"][1], fmt="o")
-                ax.annotate(r["method"], (x, y), fontsize=7)
+                ax.errorbar(x, y, yerr=r["delta_m"][1], label=r["method"], **style)
             else:  # far outliers sit on the edge, with their value, so the rest stays readable
                 edge = high if y > high else low
-                ax.plot(x, edge, "^" if y > high else "v", color="red")
-                ax.annotate(f"{r['method']} ({y:.1f})", (x, edge), fontsize=7, color="red")
+                marker = "^" if y > high else "v"
+                ax.plot(x, edge, marker, color="red", label=f"{r['method']} ({y:.1f}, off scale)")
         ax.set_xlabel("step time / EW")
         ax.set_ylabel("Δm % (lower is better)")
         ax.set_title(f"{problem.name}: cost against quality")
-        fig.tight_layout()
+        # A legend, not labels beside the points: methods of similar cost and quality overlap.
+        ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.savefig(out / "time_vs_delta_m.png", dpi=110)
         plt.close(fig)
 
     if len(problem.metric_task) == 2 or problem.name == "toy":
         metrics = list(problem.metrics)[:2]
-        fig, ax = plt.subplots(figsize=(6, 4.5))
-        done = [r for r in rows if "error" not in r]
+        fig, ax = plt.subplots(figsize=(8.5, 4.8), layout="constrained")
+        done = sorted((r for r in rows if "error" not in r), key=lambda r: r["method"])
         xs, ys = ([r[m][0] for r in done] for m in metrics)
         (x_low, x_high), (y_low, y_high) = _fences(xs), _fences(ys)
         inside = [
@@ -282,21 +357,20 @@ def plots(problem: Problem, runs: list[dict], rows: list[dict], out: Path) -> No
         (x0, x1), (y0, y1) = ((min(v), max(v)) for v in zip(*kept, strict=True))
         pad_x, pad_y = 0.1 * (x1 - x0 or 1.0), 0.1 * (y1 - y0 or 1.0)
         x0, x1, y0, y1 = x0 - pad_x, x1 + pad_x, y0 - pad_y, y1 + pad_y
-        for r, x, y, in_range in zip(done, xs, ys, inside, strict=True):
+        for n, (r, x, y, in_range) in enumerate(zip(done, xs, ys, inside, strict=True)):
             name = f"{r['method']}" + (f" ({r['variant']})" if r["variant"] != "None" else "")
             if in_range:
-                ax.plot(x, y, "o")
-                ax.annotate(name, (x, y), fontsize=6)
+                ax.plot(x, y, linestyle="none", label=name, **_style(n, plt))
             else:  # a far outlier sits on the edge, with its values
                 cx, cy = min(max(x, x0), x1), min(max(y, y0), y1)
-                ax.plot(cx, cy, "x", color="red")
-                ax.annotate(f"{name} ({x:.3g}, {y:.3g})", (cx, cy), fontsize=6, color="red")
+                ax.plot(cx, cy, "x", color="red", label=f"{name} ({x:.3g}, {y:.3g}, off scale)")
         ax.set_xlim(x0, x1)
         ax.set_ylim(y0, y1)
         ax.set_xlabel(metrics[0])
         ax.set_ylabel(metrics[1])
         ax.set_title(f"{problem.name}: final trade-off between the two tasks")
-        fig.tight_layout()
+        ncol = 1 if len(done) <= 14 else 2
+        ax.legend(fontsize=7, ncol=ncol, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.savefig(out / "pareto.png", dpi=110)
         plt.close(fig)
 
@@ -304,6 +378,12 @@ def plots(problem: Problem, runs: list[dict], rows: list[dict], out: Path) -> No
         _toy_trajectories(ok, out, plt)
     if problem.name == "scaling":
         _scaling_curves(rows, out, plt)
+
+
+def _style(n: int, plt: Any) -> dict[str, Any]:
+    """Colour and marker of the n-th method: 20 colours × 10 markers keep two dozen apart."""
+    colours = plt.get_cmap("tab20").colors
+    return {"color": colours[n % len(colours)], "marker": "osD^v<>ph*"[n % 10], "markersize": 5}
 
 
 def _fences(values: list[float]) -> tuple[float, float]:
@@ -355,7 +435,7 @@ def _toy_trajectories(runs: list[dict], out: Path, plt: Any) -> None:
 def _scaling_curves(rows: list[dict], out: Path, plt: Any) -> None:
     """Step time (log-log) and memory against K; loss strategies dashed, markers and colours
     cycling so that two dozen methods stay apart; the legend sits outside the axes."""
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.4))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.8), layout="constrained")
     colours = plt.get_cmap("tab20").colors
     markers = "osD^v<>ph*"
     for n, method in enumerate(sorted({r["method"] for r in rows if "error" not in r})):
@@ -378,11 +458,19 @@ def _scaling_curves(rows: list[dict], out: Path, plt: Any) -> None:
     a.set_ylabel("median step (ms)")
     b.set_xlabel("tasks K")
     b.set_ylabel("peak memory growth (MB)")
-    a.set_xscale("log")
     a.set_yscale("log")
-    b.set_xscale("log")
+    from matplotlib.ticker import NullFormatter
+
+    ticks = sorted({float(r["variant"]) for r in rows if "error" not in r})
+    for ax in (a, b):
+        # Log-scaled K with one labelled tick per K run: the default minor labels (2×10⁰, 3×10⁰…)
+        # ran into each other.
+        ax.set_xscale("log")
+        ax.set_xticks(ticks, [f"{k:g}" for k in ticks])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    # The legend outside both axes, in its own space: constrained layout keeps the axis labels of
+    # the two panels from running into each other and into the legend.
     b.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.suptitle("scaling: cost against the number of tasks (dashed: loss weightings)")
-    fig.tight_layout()
     fig.savefig(out / "cost_vs_tasks.png", dpi=110)
     plt.close(fig)

@@ -8,6 +8,7 @@ Wrap the optimizer you already have and pick a strategy by name::
 
 from . import strategies as _strategies  # noqa: F401  (registers the built-in strategies)
 from . import tokens
+from .diagnose import Diagnosis, diagnose
 from .multi import OptimizerChain
 from .optimizer import MTLOptimizer, StepInfo
 from .registry import Cost, Kind, StrategyInfo, available, create, info, register
@@ -28,6 +29,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Combined",
     "Cost",
+    "Diagnosis",
     "GradientStrategy",
     "GramianStrategy",
     "Kind",
@@ -41,6 +43,7 @@ __all__ = [
     "TokenStrategy",
     "available",
     "create",
+    "diagnose",
     "info",
     "masked_mean",
     "register",
