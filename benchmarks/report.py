@@ -381,9 +381,11 @@ def plots(problem: Problem, runs: list[dict], rows: list[dict], out: Path) -> No
 
 
 def _style(n: int, plt: Any) -> dict[str, Any]:
-    """Colour and marker of the n-th method: 20 colours × 10 markers keep two dozen apart."""
+    """Colour and marker of the n-th method, distinct for the first 200 methods."""
     colours = plt.get_cmap("tab20").colors
-    return {"color": colours[n % len(colours)], "marker": "osD^v<>ph*"[n % 10], "markersize": 5}
+    # The marker shifts by one each time the colours wrap, so no two of the first 200 look alike.
+    marker = "osD^v<>ph*"[(n + n // len(colours)) % 10]
+    return {"color": colours[n % len(colours)], "marker": marker, "markersize": 5}
 
 
 def _fences(values: list[float]) -> tuple[float, float]:

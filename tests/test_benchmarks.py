@@ -217,3 +217,16 @@ def test_perf_allocator_table_runs_both_configurations_in_subprocesses():
     for label in ("default (adaptive)", "pinned"):
         floor_ms, ratio = (float(cell) for cell in rows[label])
         assert floor_ms > 0 and ratio > 0
+
+
+def test_plot_styles_tell_two_hundred_methods_apart():
+    """24 strategies once drew aligned_mtl and rlw (the 1st and 21st) as the same blue circle."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mtlopt_bench.report import _style
+
+    styles = {(_style(n, plt)["color"], _style(n, plt)["marker"]) for n in range(200)}
+    assert len(styles) == 200
