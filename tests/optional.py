@@ -21,3 +21,13 @@ def require(module: str) -> ModuleType:
             f"{module} is not installed (CI installs it and sets {switch})", allow_module_level=True
         )
         raise
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """Accelerate keeps one process-wide state (precision included): each test starts anew."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)

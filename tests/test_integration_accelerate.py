@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from optional import require
+from optional import fresh_accelerator_state, require  # noqa: F401
 from torch import nn
 
 require("accelerate")
@@ -13,19 +13,12 @@ from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import set_seed  # noqa: E402
 
 import mtlopt  # noqa: E402
-from mtlopt.integrations.accelerate import backward, numpy_allowed, unwrap  # noqa: E402
+from mtlopt.integrations.accelerate import backward, unwrap  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerator_state():
-    """Accelerate keeps one process-wide state (precision included): each test starts anew."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning"),
+    pytest.mark.usefixtures("fresh_accelerator_state"),  # accelerate's process-wide state
+]
 
 
 def setup(batch: int, accumulation: int = 1, strategy: str = "pcgrad", **options):
@@ -92,8 +85,7 @@ def test_save_state_and_load_state_carry_the_strategy(tmp_path):
     with torch.no_grad():
         for p in resumed[1].parameters():
             p.add_(1.0)  # load_state must overwrite this
-    with numpy_allowed():
-        resumed[0].load_state(tmp_path / "state")
+    resumed[0].load_state(tmp_path / "state")  # weights_only: the strategy state is tensors
     train(*resumed, epochs=1)
     torch.testing.assert_close(parameters(resumed[1]), parameters(straight[1]))
 

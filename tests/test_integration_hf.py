@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from optional import require
+from optional import fresh_accelerator_state, require  # noqa: F401
 from torch import nn
 
 require("transformers")
@@ -17,17 +17,10 @@ from transformers import BertConfig, BertModel, TrainingArguments  # noqa: E402
 import mtlopt  # noqa: E402
 from mtlopt.integrations.hf import MTLTrainer  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerator_state():
-    """Accelerate keeps one process-wide state (precision included): each test starts anew."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning"),
+    pytest.mark.usefixtures("fresh_accelerator_state"),  # accelerate's process-wide state
+]
 
 
 class TwoTaskBert(nn.Module):

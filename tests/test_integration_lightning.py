@@ -13,7 +13,6 @@ import lightning as L  # noqa: E402
 
 from mtlopt.integrations.lightning import (  # noqa: E402
     LightningMTLOptimizer,
-    allow_numpy_in_checkpoints,
     mtl_step,
 )
 
@@ -92,7 +91,6 @@ def test_lightning_checkpoint_resumes_the_strategy_state(tmp_path):
     # GradVac keeps a running target per task pair; the checkpoint written after step 3 must carry
     # it, with Adam's moments and the scheduler. One batch per epoch: where Lightning restarts
     # the data after a restore is its own business, not what this test is about.
-    allow_numpy_in_checkpoints()
     torch.manual_seed(0)
     straight = TwoTasks("gradvac")
     every_epoch = L.pytorch.callbacks.ModelCheckpoint(

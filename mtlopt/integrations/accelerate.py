@@ -8,8 +8,8 @@ of ``accelerator.backward``::
             backward(accelerator, opt, task_losses(model, batch))
             opt.step(); sched.step(); opt.zero_grad()
 
-``accelerator.save_state`` / ``load_state`` carry the strategy's state with the optimizer's; load
-inside ``with numpy_allowed():`` (some strategies keep numpy arrays in their state).
+``accelerator.save_state`` / ``load_state`` carry the strategy's state with the optimizer's (tensors
+and Python numbers only, so ``torch.load``'s ``weights_only=True`` reads it).
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ from typing import Any
 
 from ..optimizer import MTLOptimizer, StepInfo
 from ..tasks import Losses
-from .checkpoints import numpy_allowed
 
-__all__ = ["backward", "numpy_allowed", "unwrap"]
+__all__ = ["backward", "unwrap"]
 
 
 def unwrap(optimizer: Any) -> MTLOptimizer:

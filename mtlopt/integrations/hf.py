@@ -29,7 +29,6 @@ from transformers import Trainer
 
 from ..optimizer import MTLOptimizer, StepInfo
 from ..strategies.base import Strategy
-from .checkpoints import numpy_globals
 from .schedules import follow_new_groups
 
 StrategySpec = str | Strategy | Callable[[nn.Module], Strategy]
@@ -157,12 +156,6 @@ class MTLTrainer(Trainer):
             present = [v for v in task_losses(outputs).values() if v is not None]
             loss = torch.stack(present).sum()
         return (loss, outputs) if return_outputs else loss
-
-    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        # The Trainer loads optimizer states with torch.load(weights_only=True); strategies keep
-        # some state in numpy arrays, whose reconstruction has to be allowed explicitly.
-        with torch.serialization.safe_globals(numpy_globals()):
-            super()._load_optimizer_and_scheduler(checkpoint)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         info = self.mtl_optimizer.last_step if self.optimizer is not None else None

@@ -28,9 +28,8 @@ import torch
 
 from ..optimizer import MTLOptimizer, StepInfo
 from ..tasks import Losses
-from .checkpoints import allow_numpy_in_checkpoints
 
-__all__ = ["LightningMTLOptimizer", "allow_numpy_in_checkpoints", "mtl_step"]
+__all__ = ["LightningMTLOptimizer", "mtl_step"]
 
 
 class LightningMTLOptimizer(MTLOptimizer):
