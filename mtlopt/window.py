@@ -26,11 +26,13 @@ class Window:
     losses: Tensor | None = None
     """Summed losses of every task (0 for a task not yet present), float64."""
     written: Tensor | None = None
+    """The combined update written to the shared parameters' ``.grad`` so far (a P-vector)."""
     written_own: dict[tuple[int | None, int], Tensor] = field(default_factory=dict)
+    """``(task, id(parameter)) →`` what was written for a strategy's own parameter (UW's)."""
     own_sums: dict[tuple[int, int], Tensor] = field(default_factory=dict)
+    """``(task, id(parameter)) →`` summed gradient of a task's own parameter in the window."""
     written_sparse: dict[int, Tensor] = field(default_factory=dict)
     """``id(parameter) →`` what the window wrote to a sparse shared parameter's ``.grad``."""
-    """``(task, id(parameter)) → `` summed gradient of a task's own parameter in the window."""
     commit: Commit | None = None
     info: StepInfo | None = None
     skipped: bool = False
