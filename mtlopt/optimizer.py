@@ -296,12 +296,18 @@ class MTLOptimizer(JacobianPath, RepresentationPath, ScalarizedPath, torch.optim
     def step(  # type: ignore[override]
         self,
         losses: Losses | Callable[[], Losses] | None = None,
+        closure: Callable[[], Losses] | None = None,
     ) -> StepInfo | None:
         """Combine (if ``losses`` are given, back-propagate them first) and update the parameters.
 
         ``losses`` may also be a closure returning the task losses, as with ``torch.optim``'s
-        ``step(closure)``; it is evaluated with gradients enabled.
+        ``step(closure)`` (also accepted by keyword, ``step(closure=fn)``); it is evaluated with
+        gradients enabled.
         """
+        if closure is not None:
+            if losses is not None:
+                raise TypeError("pass the losses or a closure, not both")
+            losses = closure
         closure = losses if callable(losses) else None
         if closure is not None:
             with torch.enable_grad():

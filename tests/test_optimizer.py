@@ -266,3 +266,17 @@ def test_parameters_handed_the_same_gradient_tensor_accumulate_separately():
         opt.backward([shared * head, shared])
     torch.testing.assert_close(a.grad, 2 * 2 * w)
     torch.testing.assert_close(b.grad, 2 * 2 * w)
+
+
+def test_step_takes_a_closure_by_keyword_as_torch_optim_does(net):
+    """``torch.optim.Optimizer.step(closure=...)`` is how frameworks call it."""
+    x, y = make_batch()
+    opt = _wrap(net, "mgda")
+    before = [p.detach().clone() for p in net.parameters()]
+    opt.zero_grad()
+    info = opt.step(closure=lambda: losses_of(net, x, y))
+    assert info is not None and any(
+        not torch.equal(p, q) for p, q in zip(net.parameters(), before, strict=True)
+    )
+    with pytest.raises(TypeError, match="not both"):
+        opt.step(losses_of(net, x, y), closure=lambda: losses_of(net, x, y))
