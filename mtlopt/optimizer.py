@@ -24,8 +24,8 @@ from .strategies.base import (
     Strategy,
     TokenStrategy,
 )
-from .tasks import Losses, check_names, read_losses
-from .window import Window, detach_losses
+from .tasks import Losses, StepTasks, check_names, read_losses
+from .window import Window, detach_losses, window_losses, with_values
 
 __all__ = ["MTLOptimizer", "StepInfo"]
 
@@ -275,22 +275,27 @@ class MTLOptimizer(JacobianPath, RepresentationPath, ScalarizedPath, torch.optim
                 self._tasks, self._reach = None, None
             raise
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
+    def _backward_gradients(
+        self, step: StepTasks, detached: Tensor, features: Tensor | None
+    ) -> StepInfo:
+        """Gradient strategies: each present task's loss (at the window's accumulated value,
+        through the strategy's loss transform, scaled for a GradScaler) to the Jacobian path or,
+        with ``features``, to the representation path."""
+        window = self._window
+        present = step.present
+        tensors = list(step.losses)
+        if window.losses is not None:
+            tensors = with_values(tensors, window_losses(window, step, detached)[present])
+        with self._combiner.restricted_to(step.restriction):
+            tensors = [
+                self._combiner.transform_loss(k, t.reshape(())) for k, t in enumerate(tensors)
+            ]
+        scale = 1.0
+        if self._scaling is not None:
+            tensors, scale = self._scaling.scale(tensors)
+        if features is not None:
+            return self._backward_representation(step, tensors, detached, features, scale)
+        return self._backward_jacobian(step, tensors, detached, scale)
 
     # Step ---------------------------------------------------------------------------------------
     def step(  # type: ignore[override]

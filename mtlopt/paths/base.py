@@ -26,7 +26,7 @@ from ..strategies.base import (
     gramian_of,
 )
 from ..tasks import StepTasks
-from ..window import Window, window_losses, with_values
+from ..window import Window
 
 
 class PathBase:
@@ -59,25 +59,6 @@ class PathBase:
         """Make ``new`` the current partition, moving what is indexed by ``J``'s columns
         (:class:`~mtlopt.paths.JacobianPath` implements it)."""
         raise NotImplementedError
-
-    def _backward_gradients(
-        self, step: StepTasks, detached: Tensor, features: Tensor | None
-    ) -> StepInfo:
-        window = self._window
-        present = step.present
-        tensors = list(step.losses)
-        if window.losses is not None:
-            tensors = with_values(tensors, window_losses(window, step, detached)[present])
-        with self._combiner.restricted_to(step.restriction):
-            tensors = [
-                self._combiner.transform_loss(k, t.reshape(())) for k, t in enumerate(tensors)
-            ]
-        scale = 1.0
-        if self._scaling is not None:
-            tensors, scale = self._scaling.scale(tensors)
-        if features is not None:
-            return self._backward_representation(step, tensors, detached, features, scale)
-        return self._backward_jacobian(step, tensors, detached, scale)
 
     def _agreement(self, step: StepTasks, detached: Tensor, reach: Tensor | None) -> Agreement:
         """The ranks agree on their tasks, losses and reach."""
