@@ -21,12 +21,12 @@ class TaskGradients:
     jacobian: Tensor
     """Present tasks × P: row k is the k-th present task's gradient of the shared parameters."""
     own: list[dict[int, Tensor]]
-    """Per present task: ``index in trainable → gradient`` of the non-shared parameters it reached."""
+    """Per present task: ``id(parameter) → gradient`` of the non-shared parameters it reached."""
     reached: list[tuple[bool, ...]]
     """Per present task: which trainable parameters its loss reached."""
     sparse: set[int]
-    """Indices (in trainable) of shared parameters whose gradient came back sparse: their
-    columns of ``J`` are zeros, their gradients are in ``own``."""
+    """``id``s of shared parameters whose gradient came back sparse: their columns of ``J`` are
+    zeros, their gradients are in ``own``."""
 
 
 def task_gradients(
@@ -54,26 +54,25 @@ def task_gradients(
         reached.append(tuple(g is not None for g in grads))
         found = {i for i in shared_index if grads[i] is not None and grads[i].is_sparse}
         if shared_index:
-            pieces = [_flat(None if i in found else grads[i], trainable[i]) for i in shared_index]
+            pieces = [
+                flat_gradient(None if i in found else grads[i], trainable[i]) for i in shared_index
+            ]
             torch.cat(pieces, out=jacobian[k])
-        sparse |= found
+        sparse.update(id(trainable[i]) for i in found)
         own.append(
             {
-                i: g
-                for i, g in enumerate(grads)
+                id(p): g
+                for i, (p, g) in enumerate(zip(trainable, grads, strict=True))
                 if g is not None and (i not in shared_set or i in found)
             }
         )
     return TaskGradients(jacobian, own, reached, sparse)
 
 
-def rebuild_jacobian(
-    grads: TaskGradients, trainable: Sequence[Tensor], old: Partition, new: Partition
-) -> Tensor:
+def rebuild_jacobian(grads: TaskGradients, old: Partition, new: Partition) -> Tensor:
     """``J`` under the ``new`` partition from the rows computed under ``old`` and the task's other
     gradients (a parameter that has just become shared was among those)."""
     before = old.column_ranges()
-    index_of = {id(p): i for i, p in enumerate(trainable)}
     rows = []
     for k in range(grads.jacobian.shape[0]):
         pieces = []
@@ -82,13 +81,15 @@ def rebuild_jacobian(
             if span is not None:
                 pieces.append(grads.jacobian[k, span[0] : span[1]])
             else:
-                pieces.append(_flat(grads.own[k].get(index_of[id(p)]), p))
+                pieces.append(flat_gradient(grads.own[k].get(id(p)), p))
         rows.append(torch.cat(pieces) if pieces else grads.jacobian.new_zeros(0))
     dtype = _real_dtype(new.shared) if new.shared else grads.jacobian.dtype
     return torch.stack(rows).to(dtype)
 
 
-def _flat(grad: Tensor | None, param: Tensor) -> Tensor:
+def flat_gradient(grad: Tensor | None, param: Tensor) -> Tensor:
+    """A parameter's gradient as its columns of ``J`` (zeros for ``None``; a complex one as its
+    real and imaginary parts)."""
     if grad is None:
         return torch.zeros(columns_of(param), dtype=_real_dtype([param]), device=param.device)
     if grad.is_complex():

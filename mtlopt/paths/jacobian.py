@@ -7,7 +7,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..engine import TaskGradients, rebuild_jacobian, task_gradients, unflatten
+from ..engine import (
+    TaskGradients,
+    flat_gradient,
+    rebuild_jacobian,
+    task_gradients,
+    unflatten,
+)
 from ..finite import all_finite, check_tasks
 from ..partition import Partition, column_map
 from ..stepinfo import StepInfo
@@ -35,7 +41,7 @@ class JacobianPath(PathBase):
         if self._replicas is not None:
             step, grads, detached, counts = self._agree_gradients(step, grads, detached)
         partition, jacobian = self._follow_reach(step, grads, trainable, partition)
-        specific = self._specific_gradients(step, grads, trainable, partition)
+        specific = self._specific_gradients(step, grads, partition)
         if scale != 1.0:
             jacobian.mul_(1.0 / scale)  # exact: GradScaler's scales are powers of two
         if counts is not None:
@@ -44,7 +50,7 @@ class JacobianPath(PathBase):
             )
             if not all_finite(detached):
                 return self._nonfinite_loss(step, detached)
-        sparse_grads = [[own.get(i) for i in grads.sparse] for own in grads.own]
+        sparse_grads = [[own.get(i) for i in grads.sparse] for own in grads.own]  # by id
         checked = [[*s, *g] for s, g in zip(specific, sparse_grads, strict=True)]
         checks = check_tasks(jacobian, checked)
         for name, check in zip(step.present_names, checks, strict=True):
@@ -90,7 +96,7 @@ class JacobianPath(PathBase):
                 if g is not None:  # kept unscaled, as J: they become J's columns if p turns shared
                     add_to_sum(window.own_sums, (int(task), id(p)), g if scale == 1.0 else g / scale)
         if partition.sparse:
-            self._write_sparse(step, grads, trainable, partition, present, combined, scale)
+            self._write_sparse(step, grads, partition, present, combined, scale)
         window.present, window.jacobian, window.losses = present, jacobian, losses_sum
         window.written = combined.direction
         window.commit = self._combiner.commit_restricted(restriction, combined.commit)
@@ -111,7 +117,6 @@ class JacobianPath(PathBase):
         self,
         step: StepTasks,
         grads: TaskGradients,
-        trainable: list[Tensor],
         partition: Partition,
         present: np.ndarray,
         combined: Combined,
@@ -120,10 +125,9 @@ class JacobianPath(PathBase):
         """Shared parameters with sparse gradients get ``Σ_i w_i g_i`` with the strategy's task
         weights (the plain sum for strategies without weights), kept sparse."""
         window = self._window
-        index_of = {id(p): i for i, p in enumerate(trainable)}
         for k, task in enumerate(step.present):
             for p in partition.sparse:
-                g = grads.own[k].get(index_of[id(p)])
+                g = grads.own[k].get(id(p))
                 if g is not None:
                     add_to_sum(window.own_sums, (int(task), id(p)), g / scale)
         weights = combined.weights
@@ -145,13 +149,12 @@ class JacobianPath(PathBase):
             accumulate([p], [delta * scale if scale != 1.0 else delta])
 
     def _specific_gradients(
-        self, step: StepTasks, grads: TaskGradients, trainable: list[Tensor], partition: Partition
+        self, step: StepTasks, grads: TaskGradients, partition: Partition
     ) -> list[list[Tensor | None]]:
         """Each present task's gradients of its own parameters (``None`` for one it reached on an
         earlier step only)."""
-        index_of = {id(p): i for i, p in enumerate(trainable)}
         return [
-            [grads.own[k].get(index_of[id(p)]) for p in partition.specific[task]]
+            [grads.own[k].get(id(p)) for p in partition.specific[task]]
             for k, task in enumerate(step.present)
         ]
 
@@ -196,13 +199,14 @@ class JacobianPath(PathBase):
         """Record what each task reached; if that makes the partition change, rebuild ``J`` (and
         the window's, and the strategy's per-column state) under the new one."""
         assert self._reach is not None
-        sparse = {id(trainable[i]) for i in grads.sparse} - self._sparse_ids
+        sparse = grads.sparse - self._sparse_ids
         if sparse and self._replicas is not None:
             raise NotImplementedError(
                 "shared parameters with sparse gradients (nn.Embedding(sparse=True)) under "
                 "torch.distributed are not supported: use dense embeddings there"
             )
-        key = self._key_of(trainable)
+        key = self._partition_key  # _partition_for has just set it for these parameters
+        assert key is not None
         if not sparse and all(
             self._reach.known(int(task), key, reached)
             for task, reached in zip(step.present, grads.reached, strict=True)
@@ -223,7 +227,7 @@ class JacobianPath(PathBase):
         self._reach = reach
         if same:
             return partition, grads.jacobian
-        jacobian = rebuild_jacobian(grads, trainable, partition, new)
+        jacobian = rebuild_jacobian(grads, partition, new)
         self._adopt_partition(partition, new, trainable)
         return new, jacobian
 
@@ -242,17 +246,17 @@ class JacobianPath(PathBase):
             written = rows.new_zeros(new.num_shared)
             if window.written is not None:
                 written[keep] = window.written[mapping[keep].to(written.device)]
-            start = 0
+            after = new.column_ranges()
             for p in new.shared:
-                stop = start + p.numel() * (2 if p.is_complex() else 1)
-                if id(p) not in before:
-                    for r, task in enumerate(window.present):  # type: ignore[arg-type]
-                        g = window.own_sums.get((int(task), id(p)))
-                        if g is not None:
-                            flat = torch.view_as_real(g) if g.is_complex() else g
-                            rows[r, start:stop] = flat.reshape(-1)
-                            written[start:stop] += flat.reshape(-1)
-                start = stop
+                if id(p) in before:
+                    continue
+                start, stop = after[id(p)]
+                for r, task in enumerate(window.present):  # type: ignore[arg-type]
+                    g = window.own_sums.get((int(task), id(p)))
+                    if g is not None:
+                        flat = flat_gradient(g, p)
+                        rows[r, start:stop] = flat
+                        written[start:stop] += flat
             window.jacobian, window.written = rows, written
         self._partition = new
         self._partition_key = self._key_of(trainable)
