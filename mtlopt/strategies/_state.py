@@ -90,13 +90,7 @@ def take(value: Any, tasks: np.ndarray, spec: TaskAxes) -> Any:
         return None
     if isinstance(value, AdamState):
         return _map_fields(value, lambda v: take(v, tasks, spec))
-    if isinstance(value, Tensor):
-        index = torch.as_tensor(tasks, device=value.device)
-        for axis in spec.axes:
-            value = value.index_select(axis, index)
-        return value
-    return value[np.ix_(*[tasks if a in spec.axes else np.arange(n) for a, n in
-                         enumerate(value.shape)])]
+    return value[_index(value, tasks, spec)]
 
 
 def put(full: Any, part: Any, tasks: np.ndarray, total: int, spec: TaskAxes) -> Any:
@@ -105,11 +99,10 @@ def put(full: Any, part: Any, tasks: np.ndarray, total: int, spec: TaskAxes) -> 
     if part is None:
         return full
     if isinstance(part, AdamState):
-        base = full if full is not None else None
         return AdamState(
             **{
                 f.name: put(
-                    None if base is None else getattr(base, f.name),
+                    None if full is None else getattr(full, f.name),
                     getattr(part, f.name),
                     tasks,
                     total,
@@ -126,18 +119,17 @@ def put(full: Any, part: Any, tasks: np.ndarray, total: int, spec: TaskAxes) -> 
             full = np.full(shape, spec.fill, dtype=part.dtype)
     else:
         full = full.clone() if isinstance(full, Tensor) else full.copy()
-    if isinstance(full, Tensor):
-        index = torch.as_tensor(tasks, device=full.device)
-        if spec.axes == (0,):
-            full[index] = part.to(full)
-        else:
-            grid = torch.meshgrid(*[index if a in spec.axes else torch.arange(n, device=full.device)
-                                    for a, n in enumerate(full.shape)], indexing="ij")
-            full[grid] = part.to(full)
-    else:
-        full[np.ix_(*[tasks if a in spec.axes else np.arange(n) for a, n in
-                      enumerate(full.shape)])] = part
+    full[_index(full, tasks, spec)] = part.to(full) if isinstance(full, Tensor) else part
     return full
+
+
+def _index(value: Any, tasks: np.ndarray, spec: TaskAxes) -> tuple:
+    """The open-mesh index of the present tasks' entries (``tasks`` on the task axes, every
+    position on the others), for a NumPy array or a tensor alike."""
+    grid = np.ix_(*[tasks if a in spec.axes else np.arange(n) for a, n in enumerate(value.shape)])
+    if isinstance(value, Tensor):
+        return tuple(torch.as_tensor(g, device=value.device) for g in grid)
+    return grid
 
 
 def _map_fields(value: Any, function: Any) -> Any:
