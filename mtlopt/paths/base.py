@@ -287,3 +287,12 @@ class PathBase:
         return StepInfo(
             list(step.names), full, skipped=True, reason=reason, present=step.present_names
         )
+
+
+def unreached_loss(task: str) -> ValueError:
+    """The error for a task whose loss reaches no parameter of the wrapped optimizer."""
+    return ValueError(
+        f"the loss of task {task!r} reaches no parameter of the wrapped optimizer (was it computed "
+        "from another model, or is it a constant placeholder?); pass None for a task without a "
+        "loss in this step; nothing was changed"
+    )

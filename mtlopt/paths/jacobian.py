@@ -20,7 +20,7 @@ from ..stepinfo import StepInfo
 from ..strategies.base import Combined, GradientStrategy
 from ..tasks import StepTasks
 from ..window import accumulate, add_rows, add_to_sum, union, window_losses
-from .base import PathBase
+from .base import PathBase, unreached_loss
 
 
 class JacobianPath(PathBase):
@@ -161,12 +161,7 @@ class JacobianPath(PathBase):
     def _check_reached(self, step: StepTasks, grads: TaskGradients) -> None:
         for k, task in enumerate(step.present):
             if not any(grads.reached[k]):
-                raise ValueError(
-                    f"the loss of task {step.names[task]!r} reaches no parameter of the wrapped "
-                    "optimizer (was it computed from another model, or is it a constant "
-                    "placeholder?); pass None for a task without a loss in this step; nothing "
-                    "was changed"
-                )
+                raise unreached_loss(step.names[task])
 
     def _agree_gradients(
         self, step: StepTasks, grads: TaskGradients, detached: Tensor

@@ -11,7 +11,7 @@ from ..stepinfo import StepInfo, spread
 from ..strategies.base import LossStrategy
 from ..tasks import StepTasks
 from ..window import accumulate, union, window_losses, with_values
-from .base import PathBase
+from .base import PathBase, unreached_loss
 
 
 class ScalarizedPath(PathBase):
@@ -98,9 +98,5 @@ class ScalarizedPath(PathBase):
             return
         for name, loss in zip(step.present_names, step.losses, strict=True):
             if not reached_parameters(loss, params):
-                raise ValueError(
-                    f"the loss of task {name!r} reaches no parameter of the wrapped optimizer (was "
-                    "it computed from another model, or is it a constant placeholder?); pass None "
-                    "for a task without a loss in this step; nothing was changed"
-                )
+                raise unreached_loss(name)
         self._loss_reach_checked.add(key)
