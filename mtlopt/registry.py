@@ -21,6 +21,11 @@ class Kind(str, enum.Enum):
     """Turns the T×P matrix of per-task shared gradients into one update direction."""
     TOKEN = "token"
     """Works on per-task gradients of a transformer's token activations (DTME-MTL)."""
+    # i18c: structural methods (bilevel, regulariser, masks, Recon) ------------------------------
+    STRUCTURAL = "structural"
+    """Changes the training step's structure: a virtual step on a validation batch, a regulariser
+    on feature gradients, a mask on the update, or the model's sharing (Auto-λ, Rep-MTL, sparse
+    training, Recon)."""
 
 
 class Cost(str, enum.Enum):
@@ -32,6 +37,18 @@ class Cost(str, enum.Enum):
     TOKEN_STREAMS = "1 + T backward (analysis), then T streams after the branch"
     """DTME-MTL: T extra backward passes to the block inputs per analysis step; after the expansion
     one backward, with every block from the branch on running T streams."""
+    # i18c ---------------------------------------------------------------------------------------
+    VIRTUAL_STEP = "1 backward + virtual step (2 backward, 3 forward)"
+    """Auto-λ: the step's backward, a virtual step, the validation gradient at the virtual point
+    and two forward passes for the finite difference."""
+    DOUBLE_BACKWARD = "1 backward + T to the features, double backward"
+    """Rep-MTL: per-task gradients of the shared features with a graph, then one backward of the
+    regularised objective through them."""
+    AS_BASE = "the base strategy's"
+    """A transform of another strategy's update (sparse training): the base's cost."""
+    BRANCHES = "T backward (analysis), then T streams after the branch"
+    """Recon: per-task layer gradients during the analysis, then per-task copies of the chosen
+    layers."""
 
 
 @dataclass(frozen=True)
@@ -94,7 +111,14 @@ def _lookup(name: str) -> type[Strategy]:
 
 
 def create(name: str, **kwargs: Any) -> Strategy:
-    """Instantiate the strategy registered as ``name`` with its hyperparameters."""
+    """Instantiate the strategy registered as ``name`` with its hyperparameters.
+
+    ``"torchjd:<Aggregator>"`` (e.g. ``"torchjd:UPGrad"``) wraps a torchjd aggregator instead (see
+    :mod:`mtlopt.interop.torchjd`)."""
+    if name.lower().startswith("torchjd:"):  # i18c: the torchjd bridge
+        from .interop.torchjd import from_torchjd
+
+        return from_torchjd(name.split(":", 1)[1], **kwargs)
     return _lookup(name)(**kwargs)
 
 

@@ -255,6 +255,7 @@ class JacobianPath(PathBase):
             window.jacobian, window.written = rows, written
         self._partition = new
         self._partition_key = self._key_of(trainable)
+        self._combiner.attach_columns(list(new.shared))
 
     def _average(
         self,

@@ -22,6 +22,9 @@ from . import (  # noqa: F401  (importing registers each strategy)
     upgrad,
     uw,
 )
+from . import (  # noqa: F401  (i18c: structural methods)
+    sparse_mtl,
+)
 from .base import (
     Combined,
     GradientStrategy,

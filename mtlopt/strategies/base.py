@@ -243,6 +243,11 @@ class GradientStrategy(Strategy):
         ``mapping[c]`` held (``-1``: a parameter that was not shared). Strategies whose state is
         indexed by column (DB-MTL's EMA) follow their parameters here."""
 
+    def attach_columns(self, shared: list[Tensor]) -> None:
+        """The shared parameters whose flattened gradients are ``J``'s columns, in order; called
+        each time the partition is found or changes (not in representation mode). Strategies
+        that act per parameter tensor (sparse training's per-neuron masks) read the layout here."""
+
     def aggregate(self, jacobian: Tensor, losses: Tensor | None = None) -> Tensor:
         """Combine the rows of a T×P matrix into one P-vector (advancing any state once).
 
