@@ -18,12 +18,10 @@ from . import (  # noqa: F401  (importing registers each strategy)
     nash_mtl,
     pcgrad,
     rlw,
+    sparse_mtl,
     stch,
     upgrad,
     uw,
-)
-from . import (  # noqa: F401  (i18c: structural methods)
-    sparse_mtl,
 )
 from .base import (
     Combined,
