@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .amp import LossScaling
+from .bilevel import within_step
 from .distributed import ReplicaError, Replicas
 from .finite import all_finite
 from .multi import OptimizerChain, delegating_optimizer_init
@@ -140,6 +141,8 @@ class MTLOptimizer(JacobianPath, RepresentationPath, ScalarizedPath, torch.optim
             self._join_strategy_parameters()
         if isinstance(strategy, TokenStrategy):
             strategy.attach(self)
+        if hasattr(self._combiner, "bind_optimizer"):  # i18c: Auto-λ's virtual step reads the lr
+            self._combiner.bind_optimizer(optimizer)
 
     # torch.optim.Optimizer views ------------------------------------------------------------------
     @property
@@ -318,7 +321,8 @@ class MTLOptimizer(JacobianPath, RepresentationPath, ScalarizedPath, torch.optim
             with torch.enable_grad():
                 losses = closure()
         if losses is not None:
-            self.backward(losses)  # type: ignore[arg-type]
+            with within_step(closure):  # i18c: bilevel strategies re-run the closure
+                self.backward(losses)  # type: ignore[arg-type]
             if self._scaling is not None and self._scaling.enabled:
                 # The scaler unscales, checks for overflow and, unless it finds one, calls step()
                 # again, without losses (below).

@@ -2,6 +2,7 @@
 
 from . import (  # noqa: F401  (importing registers each strategy)
     aligned_mtl,
+    auto_lambda,
     cagrad,
     config,
     db_mtl,

@@ -1,0 +1,110 @@
+"""What bilevel strategies (Auto-λ) need from a training step: the step's closure, the wrapped
+optimizer's learning rates and momentum, and the model's parameters moved to a virtual point and
+back without a trace.
+
+* :func:`within_step` records the closure of the ``MTLOptimizer.step`` call being run, so that a
+  strategy can re-evaluate the training losses of the same batch (:func:`step_closure`).
+* :func:`virtual_point` is ``θ' = θ − η (g + μ m + λ θ)``, the step an SGD optimizer would take
+  (the wrapped optimizer's per-group ``lr``, ``momentum`` buffer and ``weight_decay``).
+* :func:`moved_to` evaluates the model at other parameter values: it swaps each parameter's
+  storage (``p.data``), so autograd graphs built before keep their saved tensors untouched, and
+  restores the storage of every parameter and buffer (BatchNorm statistics) on exit, also after
+  an error. The official code deep-copies the model instead; both hold one more copy of θ.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+_CLOSURE: contextvars.ContextVar[Callable[[], Any] | None] = contextvars.ContextVar(
+    "mtlopt_step_closure", default=None
+)
+
+
+@contextmanager
+def within_step(closure: Callable[[], Any] | None) -> Iterator[None]:
+    """Inside the block, :func:`step_closure` returns ``closure`` (``MTLOptimizer.step`` sets it)."""
+    token = _CLOSURE.set(closure)
+    try:
+        yield
+    finally:
+        _CLOSURE.reset(token)
+
+
+def step_closure() -> Callable[[], Any] | None:
+    """The closure of the ``MTLOptimizer.step`` call being run (``None`` outside one, or when the
+    step was given losses)."""
+    return _CLOSURE.get()
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def step_sizes(
+    params: Sequence[Tensor], optimizer: torch.optim.Optimizer | None
+) -> list[dict[str, Any]]:
+    """Per parameter, the wrapped optimizer's ``lr``, ``weight_decay`` and momentum term ``μ m``
+    (zero without an SGD momentum buffer); parameters it does not train get ``lr = 0``."""
+    groups: dict[int, dict[str, Any]] = {}
+    if optimizer is not None:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                groups[id(p)] = group
+    sizes = []
+    for p in params:
+        group = groups.get(id(p))
+        if group is None:
+            sizes.append({"lr": 0.0, "weight_decay": 0.0, "momentum": None})
+            continue
+        buffer = optimizer.state.get(p, {}).get("momentum_buffer") if optimizer else None
+        momentum = None
+        if buffer is not None and group.get("momentum", 0.0):
+            momentum = buffer * group["momentum"]
+        sizes.append(
+            {
+                "lr": float(group["lr"]),
+                "weight_decay": float(group.get("weight_decay", 0.0) or 0.0),
+                "momentum": momentum,
+            }
+        )
+    return sizes
+
+
+def virtual_point(
+    params: Sequence[Tensor], grads: Sequence[Tensor], sizes: Sequence[dict[str, Any]]
+) -> list[Tensor]:
+    """``θ' = θ − η (g + μ m + λ θ)`` per parameter (the official Auto-λ virtual step)."""
+    moved = []
+    with torch.no_grad():
+        for p, g, size in zip(params, grads, sizes, strict=True):
+            step = g + size["weight_decay"] * p
+            if size["momentum"] is not None:
+                step = step + size["momentum"]
+            moved.append(p - size["lr"] * step)
+    return moved
+
+
+@contextmanager
+def moved_to(model: nn.Module, params: Sequence[Tensor], values: Sequence[Tensor]) -> Iterator[None]:
+    """Within the block ``params`` hold ``values`` (leaves still: gradients are taken with respect
+    to them); on exit their storage and the model's buffers are back as they were."""
+    originals = [p.data for p in params]
+    buffers = [(b, b.data) for b in model.buffers()]
+    try:
+        for b, original in buffers:
+            b.data = original.clone()  # BatchNorm may update its statistics in place
+        for p, v in zip(params, values, strict=True):
+            p.data = v.detach().to(p.dtype)
+        yield
+    finally:
+        for p, original in zip(params, originals, strict=True):
+            p.data = original
+        for b, original in buffers:
+            b.data = original
