@@ -18,6 +18,7 @@ from . import (  # noqa: F401  (importing registers each strategy)
     mgda,
     nash_mtl,
     pcgrad,
+    rep_mtl,
     rlw,
     sparse_mtl,
     stch,
