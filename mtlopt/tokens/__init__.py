@@ -1,6 +1,6 @@
 """Token space: taps on a transformer's blocks, range/null-space conflict diagnostics, DTME-MTL."""
 
-from . import dtme  # noqa: F401  (registers "dtme")
+from . import dtme, recon  # noqa: F401  (registers "dtme" and "recon")
 from .analysis import TokenSpaceAnalysis, analyze_token_conflicts
 from .budget import choose_layers, predicted_multiplier
 from .deploy import load_expanded, plan_from_state_dict
