@@ -47,6 +47,19 @@ FAMILIES = {
         "Token strategies work on a transformer's token activations and leave the combination of "
         "the losses to a base strategy.",
     ),
+    # i18c: structural methods -----------------------------------------------------------------
+    "structural": (
+        "Structural methods",
+        "These methods change the structure of the training step rather than only the weighting: "
+        "a bilevel virtual step on a validation batch (`auto_lambda`: pass the `model` and a "
+        "`validation` closure, and step with a closure), a regulariser on the feature gradients "
+        "∂L_t/∂z back-propagated through the heads (`rep_mtl`: pass the `representation` module), "
+        "a mask on the combined update of any gradient strategy (`sparse_mtl`: `base=`, "
+        "`density=` or `mask=`), and a change of the model's sharing after an analysis "
+        "(`recon`: pass the candidate `layers`; heads read their stream with "
+        "`mtlopt.task_view`, as after DTME). Stepped without what it needs, each method raises "
+        "an error that says what to pass, before anything changes.",
+    ),
 }
 
 

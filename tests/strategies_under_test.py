@@ -8,6 +8,15 @@ import mtlopt
 
 RANDOM = {"pcgrad", "gradvac", "graddrop", "rlw"}
 
+# i18c: strategies that need more than their name (a model, layers, a representation, a
+# validation closure); tests/test_structural.py checks that each refuses clearly without it.
+NEEDS_MORE_THAN_A_NAME = {"dtme", "auto_lambda", "rep_mtl", "recon"}
+
+
+def by_name_only() -> list[str]:
+    """The registered strategies that train given their name alone."""
+    return [n for n in mtlopt.available() if n not in NEEDS_MORE_THAN_A_NAME]
+
 
 def make(name: str, num_tasks: int | None = None, **kwargs) -> mtlopt.Strategy:
     """The strategy with a fixed seed where it draws random numbers."""

@@ -9,11 +9,11 @@ import itertools
 import pytest
 import torch
 from conftest import SharedTrunkNet, make_batch
-from strategies_under_test import make
+from strategies_under_test import by_name_only, make
 
 import mtlopt
 
-NAMES = [n for n in mtlopt.available() if n != "dtme"]
+NAMES = by_name_only()
 STATEFUL = [n for n in NAMES if mtlopt.info(n).stateful]
 
 

@@ -11,12 +11,12 @@ import torch
 from conftest import SharedTrunkNet, losses_of, make_batch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from strategies_under_test import RANDOM
+from strategies_under_test import RANDOM, by_name_only
 from torch import nn
 
 import mtlopt
 
-NAMES = [n for n in mtlopt.available() if n != "dtme"]
+NAMES = by_name_only()
 GRADIENT = [n for n in NAMES if mtlopt.info(n).kind.value == "gradient"]
 
 

@@ -14,11 +14,12 @@ import copy
 import pytest
 import torch
 from conftest import SharedTrunkNet, losses_of, make_batch
+from strategies_under_test import by_name_only
 from token_models import TinyViT, batch, losses
 
 import mtlopt
 
-NAMES = [n for n in mtlopt.available() if n != "dtme"]
+NAMES = by_name_only()
 NONLINEAR_IN_LOSSES = [
     n for n in NAMES if not getattr(mtlopt.create(n, num_tasks=2), "linear_in_losses", True)
 ]

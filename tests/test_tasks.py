@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import SharedTrunkNet, make_batch
-from strategies_under_test import gradient_strategies, make
+from strategies_under_test import by_name_only, gradient_strategies, make
 from torch import nn
 
 import mtlopt
@@ -86,7 +86,7 @@ def test_tasks_argument_fixes_the_names_and_a_list_follows_its_order(net):
 
 
 # Every name is one string -------------------------------------------------------------------------
-@pytest.mark.parametrize("name", [n for n in mtlopt.available() if n != "dtme"])
+@pytest.mark.parametrize("name", by_name_only())
 def test_every_strategy_is_one_string_away(name):
     """No strategy needs more than its name: those sized by the task count are built at the
     first step and their parameters join the wrapped optimizer then."""

@@ -232,4 +232,4 @@ def select_mask(
         top = rows.topk(keep, dim=1).indices
         chosen = torch.zeros_like(rows, dtype=torch.bool).scatter_(1, top, True)
         pieces.append(chosen.reshape(-1))
-    return torch.cat(pieces)
+    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.bool)
