@@ -44,7 +44,13 @@ def setup(seed: int, variant: object, quick: bool, batch_size: int = 128) -> Ins
     torch.manual_seed(seed)
     model = ViT([10, 10])
     return Instance(
-        model=model, batch=batch, losses=losses, evaluate=evaluate, lr=1e-3, blocks=model.blocks
+        model=model,
+        batch=batch,
+        losses=losses,
+        evaluate=evaluate,
+        lr=1e-3,
+        blocks=model.blocks,
+        representation=model.norm,
     )
 
 

@@ -23,6 +23,8 @@ class Instance:
     """The transformer blocks, for token strategies (DTME); ``None`` if the model has none."""
     trace: Callable[[nn.Module], list[float]] | None = None
     """Optional per-step trace (the toy records its parameters)."""
+    representation: nn.Module | None = None
+    """The module whose output is the shared representation (Rep-MTL's saliencies)."""
 
 
 @dataclass

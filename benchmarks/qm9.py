@@ -49,7 +49,13 @@ def setup(seed: int, variant: object, quick: bool, batch_size: int = 64) -> Inst
     torch.manual_seed(seed)
     model = SetTransformer(len(QM9_TARGETS))
     return Instance(
-        model=model, batch=batch, losses=losses, evaluate=evaluate, lr=1e-3, blocks=model.blocks
+        model=model,
+        batch=batch,
+        losses=losses,
+        evaluate=evaluate,
+        lr=1e-3,
+        blocks=model.blocks,
+        representation=model.norm,
     )
 
 

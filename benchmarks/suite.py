@@ -109,7 +109,33 @@ def _strategy(spec: RunSpec, problem: Problem, instance: Instance, tasks: int):
             covariance_steps=max(1, analysis // 10),
             **kwargs,
         )
+    kwargs.update(_structural_kwargs(spec.method, instance, kwargs, spec.steps))
     return mtlopt.create(spec.method, num_tasks=tasks, **kwargs)
+
+
+def _structural_kwargs(
+    method: str, instance: Instance, given: dict[str, Any], steps: int
+) -> dict[str, Any]:
+    """What the structural methods need from the problem (i18c): Auto-λ the model and a
+    validation closure (another training batch per step: the problems hold no validation split
+    the loop could use), Rep-MTL the representation module, Recon the candidate layers (the
+    transformer blocks) and an analysis of a third of the run (at most 100 steps, as DTME's)."""
+    if method == "auto_lambda" and "validation" not in given:
+        draws = iter(range(1_000_000, 2_000_000))
+        model = instance.model
+        return {
+            "model": model,
+            "validation": lambda: instance.losses(model, instance.batch(next(draws))),
+        }
+    if method == "rep_mtl" and "representation" not in given:
+        if instance.representation is None:
+            raise ValueError("rep_mtl needs the problem's representation module")
+        return {"representation": instance.representation}
+    if method == "recon" and "layers" not in given:
+        if instance.blocks is None:
+            raise ValueError("recon needs layers to branch")
+        return {"layers": list(instance.blocks), "analysis_steps": min(100, max(3, steps // 3))}
+    return {}
 
 
 def _train(spec: RunSpec, problem: Problem, instance: Instance, sampler: _PeakMemory) -> dict:

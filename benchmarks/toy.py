@@ -28,6 +28,7 @@ class Point(torch.nn.Module):
     def __init__(self, start: tuple[float, float]) -> None:
         super().__init__()
         self.x = torch.nn.Parameter(torch.tensor(start, dtype=torch.float64))
+        self.rep = torch.nn.Identity()  # the "representation" is the point itself (Rep-MTL)
 
 
 def pareto_distance(x: torch.Tensor) -> float:
@@ -56,10 +57,11 @@ def setup(seed: int, start: int, quick: bool) -> Instance:
     return Instance(
         model=model,
         batch=lambda step: None,
-        losses=lambda m, _: toy_losses(m.x),
+        losses=lambda m, _: toy_losses(m.rep(m.x)),
         evaluate=evaluate,
         lr=1e-2 if quick else 1e-3,
         trace=lambda m: [float(v) for v in m.x.detach()],
+        representation=model.rep,
     )
 
 
@@ -83,6 +85,7 @@ PROBLEM = Problem(
         "gradnorm": "its inverse training rate L_i(t)/L_i(0) needs non-negative losses (the toy's "
         "are negative)",
         "dtme": "no transformer",
+        "recon": "no layers to branch (the toy's only parameter is the point)",
         "imtl_l": "e^s L − s is unbounded below for L < 0",
         "imtl": "e^s L − s is unbounded below for L < 0",
     },

@@ -34,9 +34,30 @@ def branch_layers(layers: Sequence[nn.Module], chosen: Sequence[int], num_tasks:
         copies = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_tasks - 1))
         layer.add_module(COPIES, copies)
         layer.forward = types.MethodType(_branched_forward(type(layer).forward, rank == 0), layer)
+    first = min(chosen) if chosen else len(layers)
+    for index in range(first + 1, len(layers)):
+        if index not in chosen:
+            handles.append(layers[index].register_forward_pre_hook(_widen, with_kwargs=True))
     if layers:
         handles.append(layers[0].register_forward_pre_hook(_reset_streams))
     return handles
+
+
+def _widen(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A shared layer after the branch: its extra tensor arguments of B rows (padding masks) are
+    repeated for the K streams its K·B-row input holds."""
+    if not args or not STREAMS.branched or STREAMS.only is not None:
+        return args, kwargs
+    k, batch = STREAMS.num_tasks, STREAMS.batch
+    if k == 1 or args[0].shape[0] != k * batch:
+        return args, kwargs
+
+    def fit(value: object) -> object:
+        if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == batch:
+            return value.repeat(k, *([1] * (value.dim() - 1)))
+        return value
+
+    return (args[0], *map(fit, args[1:])), {n: fit(v) for n, v in kwargs.items()}
 
 
 def _reset_streams(module: nn.Module, args: tuple) -> None:

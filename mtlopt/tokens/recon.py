@@ -81,7 +81,7 @@ class Recon(TokenStrategy):
         super().__init__(num_tasks)
         if top_k < 1 or analysis_steps < 1 or warmup_steps < 0:
             raise ValueError("top_k and analysis_steps must be positive, warmup_steps >= 0")
-        self.layers = candidate_layers(layers)
+        self.layers, self._layer_params = candidate_layers(layers)
         if self.layers is not None and top_k > len(self.layers):
             raise ValueError(f"top_k={top_k} but there are {len(self.layers)} candidate layers")
         self.base: LossStrategy | GradientStrategy = (
@@ -143,7 +143,7 @@ class Recon(TokenStrategy):
         window = getattr(self._optimizer, "_window", None)
         if window is None or getattr(window, "info", None) is None:
             self._pending = []  # the first backward of a step
-        self._pending.append(conflict_counts(losses, self.layers, self.threshold))
+        self._pending.append(conflict_counts(losses, self._layer_params, self.threshold))
 
     def after_step(self) -> None:
         if self.chosen is not None:
@@ -213,24 +213,31 @@ class Recon(TokenStrategy):
             self._apply()
 
 
-def candidate_layers(layers: nn.Module | Sequence[nn.Module] | None) -> list[nn.Module] | None:
-    """The candidate layers: a list as given, or a module's sub-modules that hold parameters of
-    their own (``Linear``, ``Conv2d``, norms), in registration order."""
+def candidate_layers(
+    layers: nn.Module | Sequence[nn.Module] | None,
+) -> tuple[list[nn.Module] | None, list[list[nn.Parameter]]]:
+    """The candidate layers and the parameters scored for each: a list as given (each layer with
+    all its parameters), or a module's sub-modules that hold parameters of their own (``Linear``,
+    ``Conv2d``, norms; those parameters), in registration order."""
     if layers is None:
-        return None
-    if isinstance(layers, nn.Module) and not isinstance(layers, (nn.ModuleList,)):
+        return None, []
+    if isinstance(layers, nn.Module) and not isinstance(layers, nn.ModuleList):
         found = [m for m in layers.modules() if any(True for _ in m.parameters(recurse=False))]
+        params = [list(m.parameters(recurse=False)) for m in found]
     else:
         found = list(layers)
+        params = [list(m.parameters()) for m in found]
     if not found:
         raise ValueError("recon found no candidate layer with parameters")
-    return found
+    return found, params
 
 
-def conflict_counts(losses: Sequence[Tensor], layers: Sequence[nn.Module], threshold: float) -> np.ndarray:
+def conflict_counts(
+    losses: Sequence[Tensor], layer_params: Sequence[Sequence[Tensor]], threshold: float
+) -> np.ndarray:
     """Per layer, the number of task pairs ``i < j`` whose gradients of the layer's parameters have
     a cosine below ``threshold`` (pairs with a zero gradient are not counted)."""
-    params = [[p for p in layer.parameters(recurse=False) if p.requires_grad] for layer in layers]
+    params = [[p for p in group if p.requires_grad] for group in layer_params]
     flat = [p for group in params for p in group]
     sizes = [sum(p.numel() for p in group) for group in params]
     rows = []
@@ -245,7 +252,7 @@ def conflict_counts(losses: Sequence[Tensor], layers: Sequence[nn.Module], thres
     jacobian = torch.stack(rows)
     t = jacobian.shape[0]
     upper = torch.triu(torch.ones(t, t, dtype=torch.bool), diagonal=1)
-    counts = np.zeros(len(layers))
+    counts = np.zeros(len(params))
     for index, block in enumerate(jacobian.split(sizes, dim=1)):
         gramian = block @ block.T
         norms = gramian.diagonal().clamp_min(0).sqrt()
