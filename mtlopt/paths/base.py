@@ -171,8 +171,6 @@ class PathBase:
                 self._adopt_partition(self._partition, partition, trainable)
             self._reach = reach
         self._partition, self._partition_key = partition, key
-        if features is None and isinstance(self._combiner, GradientStrategy):
-            self._combiner.attach_columns(list(partition.shared))
         return partition
 
     def _new_partition(

@@ -238,15 +238,15 @@ class GradientStrategy(Strategy):
         """Combine without changing the strategy's state; ``commit`` advances it."""
         raise NotImplementedError
 
+    def observe_columns(self, shared: list[Tensor], param_groups: list[dict]) -> None:
+        """Told, before each combination, which shared parameter (in order) holds which columns
+        of ``J`` and the wrapped optimizer's parameter groups; per-group aggregation
+        (:class:`~mtlopt.strategies.grouped.Grouped`) splits ``J`` by them. Ignored by default."""
+
     def remap_columns(self, mapping: Tensor) -> None:
         """The shared parameters changed: new column ``c`` of ``J`` holds what old column
         ``mapping[c]`` held (``-1``: a parameter that was not shared). Strategies whose state is
         indexed by column (DB-MTL's EMA) follow their parameters here."""
-
-    def attach_columns(self, shared: list[Tensor]) -> None:
-        """The shared parameters whose flattened gradients are ``J``'s columns, in order; called
-        each time the partition is found or changes (not in representation mode). Strategies
-        that act per parameter tensor (sparse training's per-neuron masks) read the layout here."""
 
     def aggregate(self, jacobian: Tensor, losses: Tensor | None = None) -> Tensor:
         """Combine the rows of a T×P matrix into one P-vector (advancing any state once).

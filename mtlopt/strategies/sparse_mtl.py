@@ -102,6 +102,7 @@ class SparseMTL(GradientStrategy):
                     )
         self.mask: Tensor | None = None
         self._layout: list[tuple[int, ...]] | None = None
+        self._columns_key: tuple[int, ...] | None = None
 
     def hyperparameters(self) -> dict[str, object]:
         return {"base": self.base.info.name, "density": self.density}
@@ -129,9 +130,13 @@ class SparseMTL(GradientStrategy):
             yield
 
     # Columns -----------------------------------------------------------------------------------
-    def attach_columns(self, shared: list[Tensor]) -> None:
+    def observe_columns(self, shared: list[Tensor], param_groups: list[dict]) -> None:
         if isinstance(self.base, GradientStrategy):
-            self.base.attach_columns(shared)
+            self.base.observe_columns(shared, param_groups)
+        key = tuple(map(id, shared))
+        if key == self._columns_key:
+            return
+        self._columns_key = key
         self._layout = [
             tuple(p.shape) if not p.is_complex() else (columns_of(p),) for p in shared
         ]
