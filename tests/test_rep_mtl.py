@@ -30,7 +30,8 @@ class TokenNet(nn.Module):
 
 
 def _reference_objective(losses, z, tsr, csa, tau, tokens):
-    """Σ L + tsr · mean_{t,b} H(p_tb) + csa · mean_{t≠u} mean_b InfoNCE, with plain loops."""
+    """Σ L + tsr · mean_{t,b} H(p_tb) + csa · mean_{t≠u} mean_b InfoNCE (on the samples' whole
+    signed saliencies), with plain loops."""
     sal = [torch.autograd.grad(loss, z, create_graph=True)[0] for loss in losses]
     maps = []
     for s in sal:
@@ -63,7 +64,10 @@ def _reference_objective(losses, z, tsr, csa, tau, tokens):
                 continue
             pairs += 1
             for b in range(b_count):
-                scores = torch.stack([cos(maps[t][b], maps[u][c]) / tau for c in range(b_count)])
+                scores = torch.stack(
+                    [cos(list(sal[t][b].reshape(-1)), list(sal[u][c].reshape(-1))) / tau
+                     for c in range(b_count)]
+                )
                 nce = nce - torch.log_softmax(scores, dim=0)[b] / b_count
     return sum(losses) + tsr * entropy + csa * nce / pairs
 

@@ -50,6 +50,10 @@ class AutoLambda(LossStrategy):
     instead (T backward passes). λ is stepped by Adam (lr ``weight_lr``), then the step trains on
     ``Σ λ_t L_t`` with the new λ, as the official code.
 
+    Under gradient accumulation every ``backward`` takes its own meta-step from the same λ (on
+    its micro-batch) and the step keeps the last one's; the closure is re-run for the finite
+    difference only by ``step(closure)``.
+
     Where the wrapped optimizer has several parameter groups, each parameter moves by its own
     group's learning rate (the official code reads the first group's); the finite difference then
     runs along ``α ⊙ d``, which is the official ``α d`` for one learning rate.

@@ -21,7 +21,8 @@ from .base import LossStrategy, Scalarized
     "Multi-Task Learning, ICCV 2025",
     conventions="no public code: implemented from the paper's description (our reading): TSR = "
     "mean entropy of each task's per-sample saliency distribution over positions (channel-summed "
-    "|∂L_t/∂z|, normalised to sum 1); CSA = InfoNCE across task pairs, same sample positive; "
+    "|∂L_t/∂z|, normalised to sum 1); CSA = InfoNCE on the cosines of the samples' whole signed "
+    "saliencies across task pairs, same sample positive; "
     "tsr_weight = csa_weight = 0.1, temperature 0.1 (ours); equal weighting of the task losses",
 )
 class RepMTL(LossStrategy):
@@ -37,12 +38,15 @@ class RepMTL(LossStrategy):
 
         L = Σ_t L_t + λ_TSR · mean_{t,b} H(p_{t,b}) + λ_CSA · L_CSA
         H(p) = −Σ_n p(n) log p(n)                      (task-specific saliency regulation)
-        L_CSA = mean_{t≠u} mean_b −log softmax_{b'}( cos(a_{t,b}, a_{u,b'}) / τ )_b
+        L_CSA = mean_{t≠u} mean_b −log softmax_{b'}( cos(S_{t,b}, S_{u,b'}) / τ )_b
                                                         (cross-task saliency alignment)
 
-    The entropy term keeps each task's saliency concentrated (its own patterns sharp, against
-    negative transfer); the InfoNCE term makes the same sample's saliencies agree across tasks
-    (complementary sharing) while samples stay apart. The regularisers are back-propagated through
+    with ``S_{t,b}`` sample b's whole saliency (signed, every position and channel). The entropy
+    term keeps each task's saliency concentrated (its own patterns sharp, against negative
+    transfer); the InfoNCE term makes the same sample's saliencies point the same way across tasks
+    (complementary sharing) while samples stay apart. Heads that pool the positions uniformly
+    before a linear layer (mean-pooled tokens) give every position the same saliency: the entropy
+    term is then constant and only the alignment acts. The regularisers are back-propagated through
     the saliencies, i.e. through the heads (a double backward) and through ``z`` into the trunk.
 
     Layouts of ``z``: ``[B, D]`` (every feature a position, no channel sum), ``[B, N, C]`` (tokens,
@@ -100,11 +104,13 @@ class RepMTL(LossStrategy):
                 "was changed"
             )
         z = self.tap.take()
-        maps = saliency_maps(saliencies(list(losses), z), self.channel_axis)
-        regulariser = self.tsr_weight * saliency_entropy(maps)
-        if maps.shape[0] > 1 and self.csa_weight > 0:
+        stacked = saliencies(list(losses), z)
+        regulariser = self.tsr_weight * saliency_entropy(saliency_maps(stacked, self.channel_axis))
+        if stacked.shape[0] > 1 and self.csa_weight > 0:
+            samples = 1 if z.dim() == 1 else z.shape[0]
+            per_sample = stacked.reshape(stacked.shape[0], samples, -1)
             regulariser = regulariser + self.csa_weight * cross_task_alignment(
-                maps, self.temperature
+                per_sample, self.temperature
             )
         weights = torch.ones_like(losses)
         return Scalarized(loss=losses.sum() + regulariser.to(losses.dtype), weights=weights)
@@ -130,12 +136,13 @@ def saliency_entropy(maps: Tensor, eps: float = 1e-12) -> Tensor:
     return -(p * torch.log(p + eps)).sum(dim=-1).mean()
 
 
-def cross_task_alignment(maps: Tensor, temperature: float, eps: float = 1e-12) -> Tensor:
-    """InfoNCE over samples for every ordered pair of different tasks (same sample: positive)."""
-    t, b = maps.shape[0], maps.shape[1]
-    unit = maps / (maps.norm(dim=-1, keepdim=True) + eps)
+def cross_task_alignment(saliency: Tensor, temperature: float, eps: float = 1e-12) -> Tensor:
+    """InfoNCE over samples for every ordered pair of different tasks (same sample: positive), on
+    the cosines of the ``[T, B, ·]`` per-sample saliencies."""
+    t, b = saliency.shape[0], saliency.shape[1]
+    unit = saliency / (saliency.norm(dim=-1, keepdim=True) + eps)
     logits = torch.einsum("tbn,ucn->tubc", unit, unit) / temperature
-    targets = torch.arange(b, device=maps.device).expand(t, t, b)
+    targets = torch.arange(b, device=saliency.device).expand(t, t, b)
     nll = -torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None]).squeeze(-1)
-    off_diagonal = ~torch.eye(t, dtype=torch.bool, device=maps.device)
+    off_diagonal = ~torch.eye(t, dtype=torch.bool, device=saliency.device)
     return nll[off_diagonal].mean()
