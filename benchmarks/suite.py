@@ -117,12 +117,16 @@ def _structural_kwargs(
     method: str, instance: Instance, given: dict[str, Any], steps: int
 ) -> dict[str, Any]:
     """What the structural methods need from the problem (i18c): Auto-λ the model and a
-    validation closure (another training batch per step: the problems hold no validation split
-    the loop could use), Rep-MTL the representation module, Recon the candidate layers (the
+    validation closure (the problem's validation batches where it has them, else another training
+    batch per step), Rep-MTL the representation module, Recon the candidate layers (the
     transformer blocks) and an analysis of a third of the run (at most 100 steps, as DTME's)."""
     if method == "auto_lambda" and "validation" not in given:
-        draws = iter(range(1_000_000, 2_000_000))
         model = instance.model
+        held_out = getattr(instance, "validation", None)  # the problem's validation batches
+        if held_out is not None:
+            calls = iter(range(2_000_000))
+            return {"model": model, "validation": lambda: held_out(model, next(calls))}
+        draws = iter(range(1_000_000, 2_000_000))
         return {
             "model": model,
             "validation": lambda: instance.losses(model, instance.batch(next(draws))),
