@@ -32,6 +32,11 @@ class Cost(str, enum.Enum):
     TOKEN_STREAMS = "1 + T backward (analysis), then T streams after the branch"
     """DTME-MTL: T extra backward passes to the block inputs per analysis step; after the expansion
     one backward, with every block from the branch on running T streams."""
+    # Strategies that need a hook (mtlopt.hooks, issue 18b) ------------------------------------
+    BATCHES = "2-3 batches × T backward"
+    """MoDo, SDMGrad: per-task gradients of two or three independent batches per step."""
+    PERTURBED = "2T backward + T forward"
+    """F-MTL, SAMO: per-task gradients, then one perturbed forward and backward per task."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,10 @@ class StrategyInfo:
     stateful: bool
     paper: str
     conventions: str = ""
+    hooks: tuple[str, ...] = ()
+    """What the strategy needs beyond ``step(losses)`` (see :mod:`mtlopt.hooks`): ``"batches"``
+    (a closure drawing a new batch per call), ``"closure"`` (a closure re-evaluated at perturbed
+    parameters), ``"validation_losses"`` or ``"scores"`` (``opt.observe(...)``)."""
 
     def as_row(self) -> dict[str, str]:
         return {
@@ -53,6 +62,7 @@ class StrategyInfo:
             "stateful": "yes" if self.stateful else "no",
             "paper": self.paper,
             "conventions": self.conventions,
+            "hooks": ", ".join(self.hooks),
         }
 
 
@@ -69,6 +79,7 @@ def register(
     stateful: bool,
     paper: str,
     conventions: str = "",
+    hooks: tuple[str, ...] = (),
 ) -> Callable[[S], S]:
     """Class decorator that adds a strategy to the registry under a lower-case ``name``."""
     if name != name.lower() or not name.replace("_", "").isalnum():
@@ -77,7 +88,9 @@ def register(
     def decorate(cls: S) -> S:
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise ValueError(f"a strategy named {name!r} is already registered ({_REGISTRY[name]})")
-        cls.info = StrategyInfo(name, Kind(kind), Cost(cost), stateful, paper, conventions)
+        cls.info = StrategyInfo(
+            name, Kind(kind), Cost(cost), stateful, paper, conventions, tuple(hooks)
+        )
         _REGISTRY[name] = cls
         return cls
 
