@@ -67,8 +67,9 @@ class SAMO(Randomized, SharpnessAware):
 
     def directions(self, plain: list[Grads], shared: set[int], probe: Probe) -> list[list[Grads]]:
         count = len(plain)
-        reached = sorted({pid for grads in plain for pid in grads if pid in shared})
-        params = probe.params
+        params = probe.params  # in the optimizer's parameter order: z is drawn in that order
+        touched = {pid for grads in plain for pid in grads if pid in shared}
+        reached = [pid for pid in params if pid in touched]
         mean = {
             pid: sum((g[pid] for g in plain if pid in g), torch.zeros_like(params[pid])) / count
             for pid in reached
