@@ -179,3 +179,16 @@ def test_modo_state_is_saved_and_restored():
     fresh.load_state_dict(saved)
     np.testing.assert_array_equal(fresh.strategy.weights, opt.strategy.weights)
     assert not np.allclose(opt.strategy.weights, 0.5)
+
+
+def test_modo_keeps_an_absent_tasks_weight():
+    model = SharedTrunkNet(tasks=3)
+    opt = mtlopt.MTLOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "modo", gamma=0.5)
+
+    def draw(seed):
+        a, _, c = losses_of(model, *make_batch(tasks=3, seed=seed))
+        return {"a": a, "b": None, "c": c}
+
+    opt.step([draw(0), draw(1), draw(2)])
+    weights = opt.strategy.weights
+    assert np.isnan(weights[1]) and abs(weights[0] + weights[2] - 1) < 1e-12

@@ -197,3 +197,20 @@ def test_sam_with_any_aggregator_is_one_line_and_saves_the_base_state():
         mtlopt.create("fmtl", base="uw")
     with pytest.raises(TypeError, match="hook of its own"):
         mtlopt.create("samo", base="modo")
+
+
+def test_an_absent_task_is_neither_perturbed_nor_updated():
+    torch.manual_seed(0)
+    model = BatchNormNet(tasks=3)
+    x, y = make_batch(tasks=3)
+    opt = mtlopt.MTLOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "fmtl", base="mgda")
+    seen = []
+
+    def closure():
+        seen.append(1)
+        a, _, c = _losses(model, x, y)
+        return {"a": a, "b": None, "c": c}
+
+    info = opt.step(closure)
+    assert len(seen) == 3 and info.present == ["a", "c"]
+    assert all(p.grad is None for p in model.heads[1].parameters())

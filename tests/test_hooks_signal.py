@@ -161,3 +161,14 @@ def test_a_function_is_called_before_every_step():
         opt.zero_grad()
         opt.step(lambda k=k: losses_of(model, *make_batch(seed=k)))
     assert len(calls) == 3 and opt.strategy.observations == 2
+
+
+def test_pivrg_weighs_the_present_tasks_and_keeps_an_absent_tasks_score():
+    model = SharedTrunkNet(tasks=3)
+    _, opt = _opt("pivrg", model, tasks=["a", "b", "c"])
+    opt.observe(scores={"a": 1.0, "b": 30.0, "c": 2.0})
+    x, y = make_batch(tasks=3)
+    a, _, c = losses_of(model, x, y)
+    info = opt.step({"a": a, "b": None, "c": c})
+    assert np.isnan(float(info.weights[1])) and np.isfinite(info.weights[[0, 2]].numpy()).all()
+    np.testing.assert_array_equal(opt.strategy.scores, [1.0, 30.0, 2.0])
