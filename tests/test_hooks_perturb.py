@@ -121,7 +121,7 @@ def test_fmtl_perturbs_each_task_by_rho_along_its_gradient_and_aggregates_as_the
 
 
 def test_samo_with_beta_0_perturbs_along_the_mean_gradient():
-    """β = 0: e_t = g = ∇ mean ℓ for every task; d = Agg(g_1^SAM, g_2^SAM) (Ban et al.)."""
+    """β = 0: e_t = g = ∇ mean ℓ for every task; d = Agg(g_1^SAM, g_2^SAM) (SAMO, ICCV 2025)."""
     torch.manual_seed(0)
     model = BatchNormNet()
     model.eval()

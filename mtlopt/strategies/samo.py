@@ -18,7 +18,7 @@ from .base import Combined, GradientStrategy, Randomized, chain
     kind="gradient",
     cost="2T backward + T forward",
     stateful=True,
-    paper="Ban et al., SAMO: A Lightweight Sharpness-Aware Approach for Multi-Task Optimization "
+    paper="SAMO: A Lightweight Sharpness-Aware Approach for Multi-Task Optimization "
     "with Joint Global-Local Perturbation, ICCV 2025",
     conventions="base='fairgrad' (the authors' script; any gradient strategy); rho=1e-3, "
     "beta=0.5 (authors' script); zeroth-order eps=1e-3 with one Gaussian direction shared by the "
@@ -28,7 +28,7 @@ from .base import Combined, GradientStrategy, Randomized, chain
     hooks=("closure",),
 )
 class SAMO(Randomized, SharpnessAware):
-    """SAMO (Ban et al., ICCV 2025, Algorithm 1).
+    """SAMO (ICCV 2025; official code OptMN-Lab/SAMO).
 
     A global gradient ``g = ∇ (1/T) Σ_t ℓ_t`` and, per task, a zeroth-order local estimate
     ``ĝ_t = (ℓ_t(θ + εz) − ℓ_t(θ − εz)) / (2ε) · z`` with ``z ~ N(0, I)`` on the shared parameters
