@@ -11,11 +11,15 @@ from .problem import Instance, Problem
 
 TRAIN, TEST = 20000, 5000
 QUICK_TRAIN, QUICK_TEST = 4000, 1000
+VALIDATION = 1000
+"""Validation canvases (for CoBa, PIVRG): composed afresh (seed 2) from Fashion-MNIST's training
+items, so new pairs but not new items; the test canvases are never used for training decisions."""
 
 
 def setup(seed: int, variant: object, quick: bool, batch_size: int = 128) -> Instance:
     train = multifashion("train", QUICK_TRAIN if quick else TRAIN, seed=0)
     test = multifashion("test", QUICK_TEST if quick else TEST, seed=1)
+    held_out = multifashion("train", VALIDATION // 2 if quick else VALIDATION, seed=2)
     order = torch.randperm(len(train.images), generator=torch.Generator().manual_seed(seed))
 
     def batch(step: int) -> tuple:
@@ -41,6 +45,11 @@ def setup(seed: int, variant: object, quick: bool, batch_size: int = 128) -> Ins
         n = len(test.images)
         return {"left acc": float(correct[0]) / n, "right acc": float(correct[1]) / n}
 
+    def validation(model: nn.Module, step: int) -> list[torch.Tensor]:
+        start = (step * batch_size) % (len(held_out.images) - batch_size)
+        rows = slice(start, start + batch_size)
+        return losses(model, (held_out.images[rows], held_out.labels[rows, :2]))
+
     torch.manual_seed(seed)
     model = ViT([10, 10])
     return Instance(
@@ -51,6 +60,7 @@ def setup(seed: int, variant: object, quick: bool, batch_size: int = 128) -> Ins
         lr=1e-3,
         blocks=model.blocks,
         representation=model.norm,
+        validation=validation,
     )
 
 

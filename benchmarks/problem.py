@@ -23,6 +23,10 @@ class Instance:
     """The transformer blocks, for token strategies (DTME); ``None`` if the model has none."""
     trace: Callable[[nn.Module], list[float]] | None = None
     """Optional per-step trace (the toy records its parameters)."""
+    validation: Callable[[nn.Module, int], list[torch.Tensor]] | None = None
+    """``validation(model, step)``: the task losses on the step's validation batch (held out from
+    training), for strategies that read a validation signal (CoBa, PIVRG; see the suite's
+    ``_signals``). ``None``: the problem has none and those strategies fail with that error."""
     representation: nn.Module | None = None
     """The module whose output is the shared representation (Rep-MTL's saliencies)."""
 

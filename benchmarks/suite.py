@@ -167,17 +167,32 @@ def _train(spec: RunSpec, problem: Problem, instance: Instance, sampler: _PeakMe
     else:
         strategy = _strategy(spec, problem, instance, tasks if task is None else 1)
         opt = mtlopt.MTLOptimizer(torch.optim.Adam(model.parameters(), lr=instance.lr), strategy)
+        hooks = strategy.info.hooks
+        _signals(opt, hooks, instance, select)
+        draws = iter(())
+
+        def closure(batch: Any) -> list[torch.Tensor]:
+            # Multi-batch strategies (MoDo, SDMGrad) call the closure once per independent batch:
+            # the first call takes the step's batch, the others draw further ones.
+            drawn = next(draws, None)
+            return select(instance.losses(model, batch if drawn is None else drawn))
 
         def train_step(batch: Any) -> tuple[torch.Tensor | None, bool]:
+            nonlocal draws
             opt.zero_grad()
-            info = opt.step(lambda b=batch: select(instance.losses(model, b)))
+            if "batches" in hooks:
+                extra = [instance.batch(spec.steps * (k + 1) + step_of[0]) for k in range(2)]
+                draws = iter([None, *extra])
+            info = opt.step(lambda b=batch: closure(b))
             return (None if info is None else info.losses), bool(info is not None and info.skipped)
 
     every = max(1, spec.steps // 50)
     trace_every = max(1, spec.steps // 400)
     times, curve, trace, skipped = [], [], [], 0
     sampler.start()
+    step_of = [0]
     for step in range(spec.steps):
+        step_of[0] = step
         batch = instance.batch(step)
         began = time.perf_counter()
         losses, was_skipped = train_step(batch)
@@ -202,6 +217,36 @@ def _train(spec: RunSpec, problem: Problem, instance: Instance, sampler: _PeakMe
     if report is not None:
         result["dtme_report"] = report.as_dict()
     return result
+
+
+def _signals(opt: Any, hooks: tuple[str, ...], instance: Instance, select: Any) -> None:
+    """Validation signals for the strategies that read one: the problem's validation losses
+    (evaluated before every step, in eval mode), and as PIVRG's scores each task's validation loss
+    in percent of its first value (higher: the task is behind)."""
+    if not {"validation_losses", "scores"} & set(hooks):
+        return
+    if instance.validation is None:
+        raise ValueError("this problem provides no validation batch (Instance.validation)")
+    model, calls, first = instance.model, [0], []
+
+    def losses() -> list[float]:
+        model.eval()
+        with torch.no_grad():
+            values = [float(v) for v in select(instance.validation(model, calls[0]))]
+        model.train()
+        calls[0] += 1
+        return values
+
+    def scores() -> list[float]:
+        values = losses()
+        if not first:
+            first.extend(values)
+        return [100.0 * v / f if f > 0 else 0.0 for v, f in zip(values, first, strict=True)]
+
+    if "validation_losses" in hooks:
+        opt.observe(validation_losses=losses)
+    if "scores" in hooks:
+        opt.observe(scores=scores)
 
 
 class _PeakMemory:

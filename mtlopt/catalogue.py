@@ -23,8 +23,9 @@ def markdown_table() -> str:
         if not _lookup(name).__module__.startswith("mtlopt."):
             continue  # strategies registered by users are not part of the catalogue
         row = info(name).as_row()
+        cost = row["cost"] + (f"; needs {row['hooks']}" if row["hooks"] else "")
         lines.append(
-            f"| `{name}` | {row['kind']} | {row['cost']} | {row['stateful']} | {row['paper']} | "
+            f"| `{name}` | {row['kind']} | {cost} | {row['stateful']} | {row['paper']} | "
             f"{row['conventions']} | {_lookup(name).absent_tasks} |"
         )
     return "\n".join(lines)
@@ -46,6 +47,30 @@ FAMILIES = {
         "Token space",
         "Token strategies work on a transformer's token activations and leave the combination of "
         "the losses to a base strategy.",
+    ),
+    "hooks": (
+        "Methods that need a hook",
+        "These strategies need more than the step's task losses, and the optimizer gets it through "
+        "one of three hooks (`mtlopt.hooks`); a step without it is refused with an error that says "
+        "what to pass, before anything changes.\n\n"
+        "* **Multi-batch closure** (`modo`, `sdmgrad`): `opt.step(closure)` calls the closure once "
+        "per independent batch (three by default, `batches=2` for the two-batch form), so **each "
+        "call must draw a new batch**; or pass the draws, `opt.step([losses_1, losses_2, "
+        "losses_3])`. The last draw is back-propagated as usual (its gradients reach the heads); "
+        "the others give the extra Jacobians the weights are updated from.\n"
+        "* **Perturb and re-evaluate** (`fmtl`, `samo`): `opt.step(closure)` evaluates the "
+        "closure, takes each task's gradient, moves the parameters the task reaches by its "
+        "sharpness-aware perturbation (shared part and head part each of norm ρ), re-evaluates the "
+        "closure there (**the same batch at every call**), and restores every parameter bit for "
+        "bit, together with the running statistics of the BatchNorm layers the re-evaluations ran "
+        "through. The SAM gradients are then combined by any gradient strategy: "
+        "`mtlopt.create(\"fmtl\", base=\"upgrad\")` is \"SAM + UPGrad\" in one line.\n"
+        "* **Validation signal** (`coba`, `pivrg`): `opt.observe(validation_losses=...)` or "
+        "`opt.observe(scores=...)` records one value per task in the strategy's state (saved by "
+        "`state_dict`, restored by `load_state_dict`); a function instead of a value is called "
+        "before every step.\n\n"
+        "Not supported yet with these strategies: a `GradScaler`, `torch.distributed`, gradient "
+        "accumulation over several `backward` calls (an error says so).",
     ),
     # i18c: structural methods -----------------------------------------------------------------
     "structural": (
@@ -78,7 +103,9 @@ def family_page(kind: str) -> str:
     ]
     for name in available():
         cls = _lookup(name)
-        if info(name).kind.value != kind or not cls.__module__.startswith("mtlopt."):
+        kind_of = info(name).kind.value
+        family = "hooks" if info(name).hooks and kind_of != "structural" else kind_of
+        if family != kind or not cls.__module__.startswith("mtlopt."):
             continue
         lines += [
             f"## `{name}`",

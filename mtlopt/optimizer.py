@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from . import hooks
 from .amp import LossScaling
 from .bilevel import within_step
 from .distributed import ReplicaError, Replicas
@@ -132,6 +133,7 @@ class MTLOptimizer(JacobianPath, RepresentationPath, ScalarizedPath, torch.optim
         self._updates = 0
         self._joined: set[int] = set()
         self._sparse_ids: set[int] = set()
+        self._signal_sources: dict[str, Callable[[], Any]] = {}  # opt.observe(x=function)
 
         # The torch.optim.Optimizer contract, sharing the wrapped optimizer's groups and state.
         delegating_optimizer_init(self, optimizer.defaults)
@@ -234,6 +236,7 @@ class MTLOptimizer(JacobianPath, RepresentationPath, ScalarizedPath, torch.optim
             raise
 
     def _backward(self, losses: Losses, features: Tensor | None) -> StepInfo:
+        hooks.ready(self)  # a closure, other batches or a validation signal the strategy needs
         step = read_losses(losses, self._tasks)
         self.strategy.check_num_tasks(len(step.names))
         if self._window_is_stale():
@@ -311,17 +314,20 @@ class MTLOptimizer(JacobianPath, RepresentationPath, ScalarizedPath, torch.optim
         ``losses`` may also be a closure returning the task losses, as with ``torch.optim``'s
         ``step(closure)`` (also accepted by keyword, ``step(closure=fn)``); it is evaluated with
         gradients enabled.
+
+        Strategies with a closure hook (:mod:`mtlopt.hooks`) call it more than once: MoDo and
+        SDMGrad once per independent batch (each call must draw a new batch; or pass
+        ``step([losses_1, losses_2, losses_3])``), F-MTL and SAMO once more per task at perturbed
+        parameters (each call must compute the same batch's losses).
         """
         if closure is not None:
             if losses is not None:
                 raise TypeError("pass the losses or a closure, not both")
             losses = closure
         closure = losses if callable(losses) else None
-        if closure is not None:
-            with torch.enable_grad():
-                losses = closure()
+        losses, feed = hooks.prepare(self, losses, closure)
         if losses is not None:
-            with within_step(closure):  # i18c: bilevel strategies re-run the closure
+            with hooks.feeding(self._combiner, feed), within_step(closure):  # i18c: Auto-λ
                 self.backward(losses)  # type: ignore[arg-type]
             if self._scaling is not None and self._scaling.enabled:
                 # The scaler unscales, checks for overflow and, unless it finds one, calls step()
@@ -410,6 +416,13 @@ class MTLOptimizer(JacobianPath, RepresentationPath, ScalarizedPath, torch.optim
         with self._combiner.restricted_to(restriction):
             self._combiner.update(after)  # type: ignore[union-attr]
         self._awaiting_update = False
+
+    def observe(self, **signals: Any) -> None:
+        """Feed a validation signal to the strategies that read one (CoBa: ``validation_losses``,
+        PIVRG: ``scores``): one value per task (a dict, a sequence in task order, a vector), kept
+        in the strategy's state; a function instead is called before every step (see
+        :mod:`mtlopt.hooks.signal`)."""
+        hooks.observe(self, signals)
 
     # State --------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

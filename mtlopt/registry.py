@@ -49,6 +49,11 @@ class Cost(str, enum.Enum):
     BRANCHES = "T backward (analysis), then T streams after the branch"
     """Recon: per-task layer gradients during the analysis, then per-task copies of the chosen
     layers."""
+    # Strategies that need a hook (mtlopt.hooks, issue 18b) ------------------------------------
+    BATCHES = "2-3 batches × T backward"
+    """MoDo, SDMGrad: per-task gradients of two or three independent batches per step."""
+    PERTURBED = "2T backward + T forward"
+    """F-MTL, SAMO: per-task gradients, then one perturbed forward and backward per task."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,12 @@ class StrategyInfo:
     stateful: bool
     paper: str
     conventions: str = ""
+    hooks: tuple[str, ...] = ()
+    """What the strategy needs beyond ``step(losses)`` (see :mod:`mtlopt.hooks`): ``"batches"``
+    (a closure drawing a new batch per call), ``"closure"`` (a closure re-evaluated at perturbed
+    parameters), ``"validation_losses"`` or ``"scores"`` (``opt.observe(...)``).
+    Structural methods (i18c) name what they are created with: ``"model"`` and ``"validation"``
+    (Auto-λ), ``"representation"`` (Rep-MTL), ``"layers"`` (Recon)."""
 
     def as_row(self) -> dict[str, str]:
         return {
@@ -70,6 +81,7 @@ class StrategyInfo:
             "stateful": "yes" if self.stateful else "no",
             "paper": self.paper,
             "conventions": self.conventions,
+            "hooks": ", ".join(self.hooks),
         }
 
 
@@ -86,6 +98,7 @@ def register(
     stateful: bool,
     paper: str,
     conventions: str = "",
+    hooks: tuple[str, ...] = (),
 ) -> Callable[[S], S]:
     """Class decorator that adds a strategy to the registry under a lower-case ``name``."""
     if name != name.lower() or not name.replace("_", "").isalnum():
@@ -94,7 +107,9 @@ def register(
     def decorate(cls: S) -> S:
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise ValueError(f"a strategy named {name!r} is already registered ({_REGISTRY[name]})")
-        cls.info = StrategyInfo(name, Kind(kind), Cost(cost), stateful, paper, conventions)
+        cls.info = StrategyInfo(
+            name, Kind(kind), Cost(cost), stateful, paper, conventions, tuple(hooks)
+        )
         _REGISTRY[name] = cls
         return cls
 

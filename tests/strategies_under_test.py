@@ -34,7 +34,43 @@ def aggregate(name: str, jacobian: torch.Tensor, losses=None, **kwargs) -> torch
 
 
 def gradient_strategies() -> list[str]:
-    return [n for n in mtlopt.available() if mtlopt.info(n).kind.value == "gradient" or n == "ew"]
+    """Gradient strategies that ``aggregate`` a plain J (those needing a hook are driven through
+    the optimizer instead: :func:`drive`)."""
+    return [
+        n
+        for n in mtlopt.available()
+        if (mtlopt.info(n).kind.value == "gradient" or n == "ew") and not hooked(n)
+    ]
+
+
+# Strategies that need a hook (mtlopt.hooks, issue 18b) -------------------------------------------
+def hooked(name: str) -> bool:
+    """Whether the strategy needs more than ``step(losses)`` (a closure, other batches, a signal)."""
+    return bool(mtlopt.info(name).hooks)
+
+
+def plain(names: list[str]) -> list[str]:
+    """The names that suites stepping with ``step(losses)`` or ``backward`` can run."""
+    return [n for n in names if not hooked(n)]
+
+
+def drive(opt: mtlopt.MTLOptimizer, closure):
+    """``opt.step(closure)`` for every strategy: a strategy that reads a validation signal gets the
+    current closure's losses (under ``torch.no_grad``, before every step) as its validation losses
+    and scores. Multi-batch strategies call the closure once per draw; a closure over one fixed
+    batch gives the same draw each time, which the generic suites accept."""
+    reads = set(getattr(opt._combiner, "signals", ()))
+    opt._driven = closure  # the signal is re-read from the current step's closure
+    if reads and not opt._signal_sources:
+
+        def values():
+            out = opt._driven()
+            if isinstance(out, dict):
+                return {k: float(v) for k, v in out.items()}
+            return [float(v) for v in out]
+
+        opt.observe(**dict.fromkeys(reads, values))
+    return opt.step(closure)
 
 
 def random_jacobian(

@@ -9,7 +9,7 @@ import itertools
 import pytest
 import torch
 from conftest import SharedTrunkNet, make_batch
-from strategies_under_test import by_name_only, make
+from strategies_under_test import by_name_only, drive, make
 
 import mtlopt
 
@@ -31,7 +31,7 @@ def _trained(name: str, tasks: int = 2, steps: int = 3, seed: int = 0):
             return {f"t{i}": ((p - y[:, i]) ** 2).mean() * (i + 1) for i, p in enumerate(model(x))}
 
         opt.zero_grad()
-        opt.step(closure)
+        drive(opt, closure)
     return model, opt
 
 
@@ -68,7 +68,7 @@ def test_a_failed_load_changes_nothing(name):
     x, y = make_batch(tasks=3, seed=9)
     for m, o in ((model, opt), (twin_model, twin)):
         o.zero_grad()
-        o.step(lambda m=m: {f"t{i}": ((p - y[:, i]) ** 2).mean() for i, p in enumerate(m(x))})
+        drive(o, lambda m=m: {f"t{i}": ((p - y[:, i]) ** 2).mean() for i, p in enumerate(m(x))})
     for a, b in zip(model.parameters(), twin_model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 

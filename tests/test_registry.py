@@ -87,7 +87,7 @@ def test_docs_catalogue_matches_the_registry():
     assert committed == markdown_table(), "run: python -m mtlopt.catalogue --write"
 
 
-@pytest.mark.parametrize("kind", ["loss", "gradient", "token", "structural"])
+@pytest.mark.parametrize("kind", ["loss", "gradient", "token", "hooks", "structural"])
 def test_docs_family_pages_match_the_registry(kind):
     from pathlib import Path
 

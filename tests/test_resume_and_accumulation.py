@@ -14,7 +14,7 @@ import copy
 import pytest
 import torch
 from conftest import SharedTrunkNet, losses_of, make_batch
-from strategies_under_test import by_name_only
+from strategies_under_test import by_name_only, drive, plain
 from token_models import TinyViT, batch, losses
 
 import mtlopt
@@ -38,7 +38,7 @@ def _train(model, opt, steps, seed):
     for s in range(steps):
         x, y = make_batch(seed=seed + s)
         opt.zero_grad()
-        opt.step(lambda x=x, y=y: losses_of(model, x, y))  # FAMO learns from the re-evaluation
+        drive(opt, lambda x=x, y=y: losses_of(model, x, y))  # FAMO learns from the re-evaluation
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -93,7 +93,7 @@ def test_dtme_resume_after_20_steps_continues_bit_for_bit():
         assert torch.equal(p, q)
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if n not in NONLINEAR_IN_LOSSES])
+@pytest.mark.parametrize("name", plain([n for n in NAMES if n not in NONLINEAR_IN_LOSSES]))
 def test_four_micro_batches_of_8_equal_one_batch_of_32(name):
     torch.manual_seed(3)
     one = SharedTrunkNet()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import SharedTrunkNet, make_batch
-from strategies_under_test import by_name_only, gradient_strategies, make
+from strategies_under_test import by_name_only, drive, gradient_strategies, make
 from torch import nn
 
 import mtlopt
@@ -94,7 +94,7 @@ def test_every_strategy_is_one_string_away(name):
     opt = mtlopt.MTLOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), name)
     x, y = make_batch(tasks=3)
     opt.zero_grad()
-    opt.step(lambda: _named_losses(model, x, y))
+    drive(opt, lambda: _named_losses(model, x, y))
     assert opt.task_names == ["a", "b", "c"]
     trained = {id(p) for g in opt.param_groups for p in g["params"]}
     assert all(id(p) in trained for p in opt.strategy.parameters())

@@ -27,6 +27,7 @@ Hypergradient = Literal["finite_difference", "exact"]
 @register(
     "auto_lambda",
     kind="structural",
+    hooks=("model", "validation", "closure"),
     cost="1 backward + virtual step (2 backward, 3 forward)",
     stateful=True,
     paper="Liu et al., Auto-Lambda: Disentangling Dynamic Task Relationships, TMLR 2022",

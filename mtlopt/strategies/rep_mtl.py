@@ -15,6 +15,7 @@ from .base import LossStrategy, Scalarized
 @register(
     "rep_mtl",
     kind="structural",
+    hooks=("representation",),
     cost="1 backward + T to the features, double backward",
     stateful=False,
     paper="Wang, Li & Xu, Rep-MTL: Unleashing the Power of Representation-level Task Saliency for "

@@ -20,6 +20,7 @@ from .streams import STREAMS
 @register(
     "recon",
     kind="structural",
+    hooks=("layers",),
     cost="T backward (analysis), then T streams after the branch",
     stateful=True,
     paper="Shi et al., Recon: Reducing Conflicting Gradients from the Root for Multi-Task "
