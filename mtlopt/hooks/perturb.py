@@ -15,7 +15,7 @@ SAM gradient, by the usual path, at the cost of T dot products instead of T netw
 
 from __future__ import annotations
 
-import math
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar
@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _NormBase
 
 from ..engine import flat_gradient
+from ..finite import finite_tensors
 from ..tasks import Losses, StepTasks, read_losses
 from ..window import detach_losses, with_values
 from .feed import Fed
@@ -148,7 +149,7 @@ def scaled(parts: list[Grads], rho: float) -> Grads:
     for part in parts:
         if not part:
             continue
-        norm = math.sqrt(sum(float(d.double().pow(2).sum()) for d in part.values()))
+        norm = float(torch.stack([d.double().pow(2).sum() for d in part.values()]).sum().sqrt())
         factor = rho / (norm + 1e-12)
         out.update({pid: d * factor for pid, d in part.items()})
     return out
@@ -176,13 +177,13 @@ def sam_losses(
         plain.append({id(p): g for p, g in zip(trainable, grads, strict=True) if g is not None})
     feed = PerturbFeed(optimizer, plain)
     values = detach_losses(step.losses)
-    if not all(bool(torch.isfinite(g).all()) for grads in plain for g in grads.values()):
+    if not finite_tensors([g for grads in plain for g in grads.values()]):
         # Not perturbed: the backward path sees the non-finite gradients and raises or skips.
         return _surrogates(step, values, plain, params), feed
     shared = optimizer._shared_ids
     if shared is None:
-        reached = [pid for grads in plain for pid in grads]
-        shared = {pid for pid in set(reached) if reached.count(pid) > 1}
+        reached = Counter(pid for grads in plain for pid in grads)
+        shared = {pid for pid, tasks in reached.items() if tasks > 1}
     probe = Probe(closure, step, names, params)
     directions = strategy.directions(plain, shared, probe)
     feed.commit = probe.commit
