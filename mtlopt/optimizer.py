@@ -182,6 +182,8 @@ class MTLOptimizer(JacobianPath, RepresentationPath, ScalarizedPath, torch.optim
         self.strategy.build(len(names))
         if isinstance(self.strategy, TokenStrategy):
             self._combiner.build(len(names))
+        for strategy in {id(self.strategy): self.strategy, id(self._combiner): self._combiner}.values():
+            strategy.name_tasks(names)
         self._join_strategy_parameters()
 
     def _join_strategy_parameters(self) -> None:

@@ -62,6 +62,7 @@ class JacobianPath(PathBase):
         jacobian = add_rows(window.jacobian, window.present, jacobian, step.present, present)
         losses_sum = window_losses(window, step, detached)
         restriction = None if len(present) == len(step.names) else present
+        self._combiner.observe_columns(partition.shared, self.param_groups)
         try:
             with self._combiner.restricted_to(restriction):
                 combined = self._combiner.combine(
