@@ -27,6 +27,8 @@ class Constant(GramianStrategy):
     reproduce hand-tuned weights with the same Jacobian path (diagnostics, grouping) as the other
     gradient strategies.
 
+    Reference code: torchjd's ``Constant`` aggregator.
+
     Args:
         weights: one weight per task (default ``None``: every weight 1).
     """

@@ -31,6 +31,8 @@ class COSMOS(LossStrategy):
     which spreads the solutions of different preferences along the Pareto front. The effective
     weights are ``r − λ (r / (‖r‖‖L‖) − (rᵀL) L / (‖r‖‖L‖³))``.
 
+    Reference code: torchjd's ``COSMOS`` scalarizer (the objective only).
+
     Args:
         preference: ``r``, one non-negative value per task (default all 1).
         lambda_: cosine penalty λ ≥ 0 (default 1).

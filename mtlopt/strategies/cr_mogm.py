@@ -36,6 +36,8 @@ class CRMOGM(Wrapping):
     can be the base, given by name (``base_kwargs`` are its hyperparameters) or as an instance.
     The base's own state (PCGrad's generator, GradVac's targets) is saved with the average.
 
+    Reference code: torchjd's ``CRMOGMWeighting`` (the paper has no public code).
+
     Args:
         base: the wrapped strategy (default ``"mgda"``).
         alpha: averaging weight α in [0, 1] (default 0.9; 0 returns the base's weights).

@@ -35,6 +35,9 @@ class ExcessMTL(GradientStrategy):
     sum to T (Eq. 9). The update is ``Σ_i w_i g_i``. ``S`` is a persistent T×P buffer that follows
     each shared parameter when the shared set changes.
 
+    Reference code: yifei-he/ExcessMTL as carried by LibMTL's ``weighting/ExcessMTL.py``;
+    torchjd's ``ExcessMTL``.
+
     Args:
         robust_step_size: η (default 1e-2).
         warmup: steps whose excess risks are averaged into the baseline, with the weights held at

@@ -38,6 +38,8 @@ class GO4Align(LossStrategy):
     The k-means is solved exactly: in one dimension the optimal clusters are contiguous runs of
     the sorted values, found by dynamic programming over the T scalars (in torch, O(G T²)).
 
+    Reference code: autumn9999/GO4Align, ``methods/cluster_methods.py`` (``GO4ALIGN``).
+
     Args:
         num_groups: number of groups G (default 2; capped at the number of tasks).
         robust_step_size: η (default 1e-4).

@@ -33,6 +33,9 @@ class IGB(LossStrategy):
     ``w_i / L_i``. Until the base losses are known (the average of each task's first
     ``base_steps`` losses) every ``w_i = 1``.
 
+    Reference code: YanqiDai/IGB4MTL, ``methods/loss_weight_methods.py``
+    (``ImprovableGapBalancing_v1``).
+
     Args:
         base_steps: steps averaged into each task's base loss (default 25).
         eps: ``ε`` inside the logarithm (default 1e-8).

@@ -31,6 +31,8 @@ class Krum(GramianStrategy):
     A robust-statistics aggregator from federated learning, here for completeness with torchjd:
     in multi-task learning it follows the majority of tasks and ignores the rest.
 
+    Reference code: torchjd's ``Krum`` (``aggregation/_krum.py``).
+
     Args:
         n_byzantine: number ``f`` of rows assumed adversarial (default 0).
         n_selected: rows averaged (default 1).

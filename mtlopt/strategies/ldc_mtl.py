@@ -39,6 +39,9 @@ class LDCMTL(LearnedTaskVector, LossStrategy):
     whose upper level asks the weighted losses to agree (the discrepancies run over consecutive
     tasks in the optimizer's order, as the authors' code).
 
+    Reference code: OptMN-Lab/LDC-MTL, ``experiments/nyuv2/trainer.py`` and the router in
+    ``models.py``.
+
     Args:
         lambda_: discrepancy penalty λ (default 0.05).
         clamp: bounds applied to the softmax weights, or None (default).

@@ -34,9 +34,14 @@ class MoCo(GradientStrategy):
     update is ``Yᵀ λ``. ``Y`` is a persistent T×P buffer (memory like DB-MTL's EMA); when the
     shared parameters change each parameter's columns follow it and a new one starts at zero.
 
+    Reference code: LibMTL's ``weighting/MoCo.py`` (built from the authors' shared code; no
+    public official repository).
+
     Args:
-        beta, beta_sigma: tracking rate β and its decay exponent (defaults 0.5, 0.5).
-        gamma, gamma_sigma: λ step size γ and its decay exponent (defaults 0.1, 0.5).
+        beta: tracking rate β (default 0.5).
+        beta_sigma: decay exponent of β_k (default 0.5).
+        gamma: λ step size γ (default 0.1).
+        gamma_sigma: decay exponent of γ_k (default 0.5).
         rho: ℓ2 regularisation ρ of the λ step (default 0).
         normalize: ``"none"`` (paper: raw gradients) or ``"loss"`` (LibMTL: ``g_i/‖g_i‖ · L_i``).
         projection: ``"simplex"`` (paper: Euclidean projection) or ``"softmax"`` (LibMTL).

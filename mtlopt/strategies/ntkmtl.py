@@ -27,6 +27,9 @@ class NTKMTL(GramianStrategy):
     speeds gives ``w_i = (Σ_j λ_j / λ_i)^{ntk_exp} = (tr G / G_ii)^{ntk_exp}`` and the update
     ``Σ_i w_i g_i``: every task's gradient is rescaled to a common norm ``√tr G``.
 
+    Reference code: jianke0604/NTKMTL, ``methods/weight_methods.py`` (``NTKMTL.ntkgrad``,
+    ``overwrite_grad``, ``backward``).
+
     Args:
         ntk_exp: exponent of the eigenvalue ratio (default 0.5, the authors' value).
         times_tasks: multiply the update by T, as the authors' code (default False).

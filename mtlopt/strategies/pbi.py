@@ -29,6 +29,8 @@ class PBI(LossStrategy):
     ``d₁ = (L − z*)ᵀ ŵ`` (progress along the preference), ``d₂ = ‖L − z* − d₁ ŵ‖`` (distance from
     the preference ray), ``L_PBI = d₁ + θ d₂``. The effective weights are ``ŵ + θ (L − z* − d₁ŵ) / d₂``.
 
+    Reference code: torchjd's ``PBI`` scalarizer.
+
     Args:
         preference: ``w``, one non-negative value per task, not all zero (default all 1).
         theta: penalty θ ≥ 0 on the distance from the ray (default 5).

@@ -39,6 +39,9 @@ class PCD(GramianStrategy):
     solve runs on the T×T Gramian. Special cases: ``g_p = 0`` gives 0; infeasible constraints (two
     opposite secondary tasks) are dropped and the update is ``g_p``.
 
+    Reference code: DaraVaram/priority-constrained-descent (working-set enumeration); torchjd
+    0.18's ``PCD``.
+
     Args:
         primary: the primary task, by name (``"seg"``: resolved against the optimizer's task
             names) or index (default 0: the first task).

@@ -26,6 +26,8 @@ class TrimmedMean(GradientStrategy):
     different tasks), so no task weights exist; a robust-statistics aggregator, here for
     completeness with torchjd.
 
+    Reference code: torchjd's ``TrimmedMean`` (``aggregation/_trimmed_mean.py``).
+
     Args:
         trim_number: entries removed at each end of every coordinate (default 1).
     """
