@@ -209,7 +209,7 @@ def test_primary_task_by_name_in_the_optimizer():
     expected = d * np.linalg.norm(gb) / np.linalg.norm(d)
     got = torch.cat([t.grad.reshape(-1) for t in trunk]).double().numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
-    with pytest.raises(KeyError, match="'seg'.*'a', 'b'"):
+    with pytest.raises(KeyError, match=r"'seg'.*'a', 'b'"):
         resolve_task("seg", ("a", "b"), 2)
     with pytest.raises(ValueError, match="tasks="):
         resolve_task("seg", None, 2)
