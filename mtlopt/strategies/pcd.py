@@ -97,6 +97,11 @@ class PCD(GramianStrategy):
         return taus[[j if j < primary else j - 1 for j in secondary]]
 
     def weigh(self, gramian: np.ndarray, losses: np.ndarray | None) -> tuple[np.ndarray, Commit]:
+        return self.weigh_at_precision(gramian, losses, 0.0)
+
+    def weigh_at_precision(
+        self, gramian: np.ndarray, losses: np.ndarray | None, rounding: float
+    ) -> tuple[np.ndarray, Commit]:
         t = gramian.shape[0]
         squared = np.clip(np.diag(gramian), 0.0, None)
         ema = np.zeros(t) if self._squared_ema is None else self._squared_ema
@@ -117,7 +122,7 @@ class PCD(GramianStrategy):
         full = np.arange(t) if self._present is None else self._present
         taus = self._taus(full[order[1:]])
         normalised = gramian[np.ix_(order, order)] * np.outer(scales[order], scales[order])
-        w = priority_weights(normalised, taus)
+        w = priority_weights(normalised, taus, rounding)
         length = float(w @ normalised @ w)
         rounding = 10 * np.finfo(np.float64).eps * float(np.abs(w) @ np.sqrt(np.diag(normalised))) ** 2
         if length > rounding:
@@ -125,15 +130,17 @@ class PCD(GramianStrategy):
         return weights, commit
 
 
-def priority_weights(gramian: np.ndarray, taus: np.ndarray) -> np.ndarray:
+def priority_weights(gramian: np.ndarray, taus: np.ndarray, rounding: float = 0.0) -> np.ndarray:
     """PCD's QP on a Gramian whose first row is the primary task: ``[1, μ]`` with ``μ ≥ 0`` the
     multipliers of ``min ½‖d − g_1‖²  s.t.  g_jᵀ d ≥ τ_j ‖g_j‖²``, ``d = g_1 + Σ_j μ_j g_j``;
     ``[1, 0, …]`` when the constraints are infeasible.
 
     The dual, ``min_{μ ≥ 0} ½ μᵀ G_s μ − bᵀ μ`` with ``b_j = τ_j G_jj − G_j1``, is solved by the
     Lawson–Hanson active-set method (each iteration solves the passive set's equations) with a
-    ridge of 1e-9 of the scale on ``G_s``; then the primal constraints are checked: an unbounded
-    dual (infeasible primal) fails that check.
+    ridge on ``G_s`` of ``max(1e-9, rounding)`` of the scale (``rounding``: the Gramian's relative
+    rounding level, :func:`~mtlopt.strategies.base.gramian_rounding`, which a float32 Gramian can
+    make indefinite by); then the primal constraints are checked: an unbounded dual (infeasible
+    primal) fails that check.
     """
     m = gramian.shape[0]
     weights = np.zeros(m)
@@ -142,9 +149,10 @@ def priority_weights(gramian: np.ndarray, taus: np.ndarray) -> np.ndarray:
         return weights
     b = taus * np.diag(gramian)[1:] - gramian[1:, 0]
     scale = max(float(np.max(np.diag(gramian))), np.finfo(np.float64).tiny)
-    # A ridge of 1e-9 of the scale makes the dual strictly convex (dependent secondary gradients
-    # have non-unique multipliers), so the active set method terminates; d moves by O(1e-9).
-    hessian = gramian[1:, 1:] + 1e-9 * scale * np.eye(m - 1)
+    # The ridge makes the dual strictly convex (dependent secondary gradients have non-unique
+    # multipliers) and positive definite despite rounding, so the active set method terminates.
+    ridge = max(1e-9, rounding)
+    hessian = gramian[1:, 1:] + ridge * scale * np.eye(m - 1)
     tol = 1e-10 * scale
     mu = np.zeros(m - 1)
     passive = np.zeros(m - 1, dtype=bool)
@@ -167,7 +175,7 @@ def priority_weights(gramian: np.ndarray, taus: np.ndarray) -> np.ndarray:
             passive &= mu > 1e-15 * max(1.0, float(mu.max(initial=0.0)))
             mu[~passive] = 0.0
     slack = gramian[1:, 1:] @ mu - b  # g_jᵀ d − τ_j ‖g_j‖² for d = g_1 + Σ μ_j g_j
-    if np.any(slack < -1e-6 * scale) or not np.all(np.isfinite(mu)):
+    if np.any(slack < -max(1e-6, 100 * ridge) * scale) or not np.all(np.isfinite(mu)):
         return weights
     weights[1:] = mu
     return weights
