@@ -398,3 +398,62 @@ def test_ldc_mtl_objective_ratios_and_logit_gradient():
     np.testing.assert_allclose([float(g) for g in grads],
                                _finite_difference(lambda v: f(v, losses.numpy()), xi), rtol=1e-4,
                                atol=1e-8)
+
+
+# Absent tasks ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("name", "attribute"),
+    [("moco", "y"), ("moco", "lambd"), ("excess_mtl", "squared_sums"), ("excess_mtl", "weights"),
+     ("pcd", "_squared_ema"), ("cr_mogm", "lambd"), ("go4align", "probs"), ("igb", "_sums")],
+)
+def test_an_absent_task_state_is_not_advanced(name, attribute):
+    """Three steps with every task, three without b: b's entries stay as they were, a's move."""
+    model = SharedTrunkNet(tasks=3)
+    opt = mtlopt.MTLOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), name)
+
+    def named(x, y, drop_b=False):
+        losses = {n: ((p - y[:, i]) ** 2).mean() * (4 if n == "b" else 1)
+                  for i, (n, p) in enumerate(zip("abc", model(x), strict=True))}
+        return {**losses, "b": None} if drop_b else losses
+
+    for step in range(3):
+        x, y = make_batch(tasks=3, seed=step)
+        opt.zero_grad()
+        opt.step(named(x, y))
+    before = getattr(opt.strategy, attribute)
+    before = before.clone() if isinstance(before, torch.Tensor) else np.array(before, copy=True)
+    for step in range(3):
+        x, y = make_batch(tasks=3, seed=10 + step)
+        opt.zero_grad()
+        opt.step(named(x, y, drop_b=True))
+    after = getattr(opt.strategy, attribute)
+    as_array = (lambda v: v.numpy()) if isinstance(after, torch.Tensor) else np.asarray
+    np.testing.assert_array_equal(as_array(after)[1], as_array(before)[1])
+    assert not np.array_equal(as_array(after)[0], as_array(before)[0])
+
+
+def test_ldc_mtl_absent_logit_gets_no_gradient():
+    model = SharedTrunkNet(tasks=3)
+    opt = mtlopt.MTLOptimizer(torch.optim.Adam(model.parameters(), lr=0.05), "ldc_mtl")
+    x, y = make_batch(tasks=3)
+    losses = lambda: {n: ((p - y[:, i]) ** 2).mean()  # noqa: E731
+                      for i, (n, p) in enumerate(zip("abc", model(x), strict=True))}
+    for _ in range(2):
+        opt.zero_grad()
+        opt.step(losses())
+    value_b = opt.strategy.parameters()[1].detach().clone()
+    for _ in range(2):
+        opt.zero_grad()
+        opt.step({**losses(), "b": None})
+        assert opt.strategy.parameters()[1].grad is None
+    assert torch.equal(opt.strategy.parameters()[1].detach(), value_b)
+
+
+def test_the_drop_ins_are_registered_and_reach_the_generic_suites():
+    from strategies_under_test import FIELD_DROPINS_18A, gradient_strategies
+
+    assert set(FIELD_DROPINS_18A) <= set(mtlopt.available())
+    gradient = {n for n in FIELD_DROPINS_18A if mtlopt.info(n).kind.value == "gradient"}
+    assert gradient == {"constant", "krum", "trimmed_mean", "ntkmtl", "moco", "excess_mtl", "pcd",
+                        "cr_mogm"}
+    assert gradient <= set(gradient_strategies())
