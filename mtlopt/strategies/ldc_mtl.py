@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..registry import register
 from ._state import TaskAxes, decode, encode
-from .base import LearnedTaskVector, LossStrategy, Scalarized
+from .base import STRATEGY_KEY, LearnedTaskVector, LossStrategy, Scalarized
 
 
 @register(
@@ -117,7 +117,13 @@ class LDCMTL(LearnedTaskVector, LossStrategy):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not isinstance(state, dict) or not {"ratios", "reference"} <= set(state):
+        saved_by = state.get(STRATEGY_KEY) if isinstance(state, dict) else None
+        if saved_by != self.info.name:
+            raise ValueError(
+                f"this state was saved by strategy {saved_by!r}, not {self.info.name!r}; load it "
+                f"into an MTLOptimizer created with strategy={saved_by!r}"
+            )
+        if not {"ratios", "reference"} <= set(state):
             raise KeyError("ldc_mtl state is missing its ratios and reference")
         ratios = decode(state["ratios"])
         if ratios is not None and self.num_tasks is not None and len(ratios) != self.num_tasks:
