@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import zlib
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, Literal
@@ -12,7 +13,7 @@ from torch import Tensor, nn
 
 from ..partition import columns_of
 from ._wrapping import Wrapping, wrapped_strategy
-from .base import STRATEGY_KEY, Combined, GradientStrategy, Strategy, chain
+from .base import STRATEGY_KEY, Combined, GradientStrategy, Randomized, Strategy, chain
 
 GroupBy = Literal["param_group", "module", "tensor"]
 GROUP_BY = ("param_group", "module", "tensor")
@@ -24,8 +25,9 @@ class Grouped(Wrapping):
     The columns of ``J`` are split into blocks, one per parameter group of the wrapped optimizer
     (``"param_group"``), per module (``"module"``: the parameters a module registers itself, as
     GradVac's "all_layer" and LibMTL's per-layer modes) or per parameter tensor (``"tensor"``,
-    GradVac's "all_matrix"); each block gets its own copy of the strategy, with its own state,
-    and the combined update is the concatenation of the blocks' updates. Created by
+    GradVac's "all_matrix"); each block gets its own copy of the strategy, with its own state
+    (a randomized strategy's copy is reseeded from its seed and the group's name), and the
+    combined update is the concatenation of the blocks' updates. Created by
     ``mtlopt.create(name, group_by=...)`` (or ``MTLOptimizer(opt, name, group_by=...)``);
     ``"module"`` needs the model (``modules=model``) to know which module owns which parameter.
 
@@ -82,7 +84,12 @@ class Grouped(Wrapping):
         """The block's strategy, created (a fresh copy of the template) the first time the group
         appears; called outside of any absent-task restriction."""
         if name not in self.blocks:
-            self.blocks[name] = copy.deepcopy(self.template)
+            block = copy.deepcopy(self.template)
+            if isinstance(block, Randomized):
+                # Each group draws its own numbers: a seed from the template's state and the name.
+                state = int(block._rng_state["state"]["state"])
+                block._init_rng((state ^ zlib.crc32(name.encode())) % 2**62)
+            self.blocks[name] = block
         return self.blocks[name]
 
     # The layout of J ----------------------------------------------------------------------------
