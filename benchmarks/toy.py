@@ -93,10 +93,14 @@ PROBLEM = Problem(
         "recon": "no layers to branch (the toy's only parameter is the point)",
         "imtl_l": "e^s L − s is unbounded below for L < 0",
         "imtl": "e^s L − s is unbounded below for L < 0",
+        "igb": "takes log-losses (the toy's are negative)",
+        "go4align": "its scales Σ_j L_j / L_i need positive losses (the toy's are negative)",
+        "ldc_mtl": "its ratios L_i / min_j L_j need positive losses (the toy's are negative)",
     },
     method_kwargs={
         "famo": {"min_losses": list(LOWER), "gamma": 0.0},
         "cagrad": {"c": 0.5},
+        "pbi": {"reference": [-21 * SCALE, -21.0]},
     },
     notes="`distance`: from the final point to the Pareto set (the segment x1 ∈ [−7, 7], "
     "x2 = −8); `pareto` = 1 when it is within 0.5. "

@@ -187,6 +187,9 @@ class MTLOptimizer(JacobianPath, RepresentationPath, ScalarizedPath, torch.optim
         self.strategy.build(len(names))
         if isinstance(self.strategy, TokenStrategy):
             self._combiner.build(len(names))
+        self.strategy.name_tasks(names)
+        if self._combiner is not self.strategy:
+            self._combiner.name_tasks(names)
         self._join_strategy_parameters()
 
     def _join_strategy_parameters(self) -> None:

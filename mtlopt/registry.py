@@ -129,12 +129,34 @@ def create(name: str, **kwargs: Any) -> Strategy:
     """Instantiate the strategy registered as ``name`` with its hyperparameters.
 
     ``"torchjd:<Aggregator>"`` (e.g. ``"torchjd:UPGrad"``) wraps a torchjd aggregator instead (see
-    :mod:`mtlopt.interop.torchjd`)."""
-    if name.lower().startswith("torchjd:"):  # i18c: the torchjd bridge
+    :mod:`mtlopt.interop.torchjd`).
+
+    A gradient strategy also takes ``group_by="param_group" | "module" | "tensor"`` (and
+    ``modules=model`` for ``"module"``): it is then applied to each group of shared parameters on
+    its own (:class:`~mtlopt.strategies.grouped.Grouped`)."""
+    if name.lower().startswith("torchjd:"):
         from .interop.torchjd import from_torchjd
 
         return from_torchjd(name.split(":", 1)[1], **kwargs)
-    return _lookup(name)(**kwargs)
+    cls = _lookup(name)
+    group_by = kwargs.pop("group_by", None)
+    modules = kwargs.pop("modules", None)
+    implied = getattr(cls, "grouping", None)
+    if group_by is None and implied is not None:
+        group_by = implied(kwargs)
+    if group_by is None:
+        if modules is not None:
+            raise TypeError("modules= is only used with group_by='module' or 'tensor'")
+        return cls(**kwargs)
+    from .strategies.base import GradientStrategy
+    from .strategies.grouped import Grouped
+
+    if not issubclass(cls, GradientStrategy):
+        raise TypeError(
+            f"group_by applies to gradient strategies; {name!r} is a {cls.info.kind.value} strategy"
+        )
+    num_tasks = kwargs.pop("num_tasks", None)
+    return Grouped(cls(num_tasks=num_tasks, **kwargs), group_by, modules=modules, num_tasks=num_tasks)
 
 
 def available() -> list[str]:

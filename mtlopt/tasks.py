@@ -147,3 +147,27 @@ def masked_mean(per_sample: Tensor, mask: Tensor) -> Tensor | None:
     kept = torch.where(mask, per_sample, torch.zeros((), dtype=per_sample.dtype,
                                                      device=per_sample.device))
     return kept.sum() / count
+
+
+def resolve_task(task: str | int, names: Sequence[str] | None, count: int | None) -> int:
+    """The index of ``task`` (a name, or an index into the task order) among the optimizer's tasks.
+
+    The one place where an option naming a task (``primary="seg"`` of PCD, Auto-λ's primary
+    tasks) is turned into an index. A name needs the task names (known once the optimizer has
+    fixed them: ``tasks=`` or the first step); an index needs only the count."""
+    if isinstance(task, bool) or not isinstance(task, (str, int, np.integer)):
+        raise TypeError(f"a task is named by a string or an index, got {task!r}")
+    if isinstance(task, str):
+        if names is None:
+            raise ValueError(
+                f"task {task!r} is named before the task names are known: give the optimizer "
+                "tasks=[...], or name the task by its index"
+            )
+        if task not in names:
+            raise KeyError(f"unknown task {task!r}: the tasks are {', '.join(map(repr, names))}")
+        return list(names).index(task)
+    index = int(task)
+    total = len(names) if names is not None else count
+    if index < 0 or (total is not None and index >= total):
+        raise IndexError(f"task index {index} is out of range for {total} tasks")
+    return index

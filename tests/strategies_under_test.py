@@ -78,3 +78,22 @@ def random_jacobian(
 ) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(tasks, dim, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+
+# Issue 18 drop-ins (helper i18a). None draws random numbers; every generic suite reaches them
+# through mtlopt.available() / gradient_strategies().
+FIELD_DROPINS_18A = (
+    "constant",
+    "cosmos",
+    "cr_mogm",
+    "excess_mtl",
+    "go4align",
+    "igb",
+    "krum",
+    "ldc_mtl",
+    "moco",
+    "ntkmtl",
+    "pbi",
+    "pcd",
+    "trimmed_mean",
+)

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ..registry import StrategyInfo
+from ..tasks import resolve_task
 from ._state import TaskAxes, decode, encode, put, take, task_count
 
 Commit = Callable[[], None]
@@ -82,6 +83,26 @@ class Strategy:
             raise ValueError(f"num_tasks must be at least 1, got {num_tasks}")
         self.num_tasks = num_tasks
         self._present: np.ndarray | None = None
+        self.task_names: tuple[str, ...] | None = None
+        """The optimizer's task names (set by :meth:`name_tasks`), for options naming a task."""
+
+    def name_tasks(self, names: tuple[str, ...]) -> None:
+        """Told the task names by the optimizer once it fixes them (options such as
+        ``primary="seg"`` resolve against them)."""
+        self.task_names = tuple(names)
+
+    def task_index(self, task: str | int) -> int:
+        """The index of a task named by the user (``primary="seg"`` or ``primary=0``) in the full
+        task order: :func:`mtlopt.tasks.resolve_task` on this strategy's task names."""
+        return resolve_task(task, self.task_names, self.num_tasks)
+
+    def present_position(self, index: int) -> int | None:
+        """Where task ``index`` (full order) sits among the rows of this step, ``None`` when the
+        task is absent from it."""
+        if self._present is None:
+            return index
+        found = np.nonzero(self._present == index)[0]
+        return int(found[0]) if len(found) else None
 
     def build(self, num_tasks: int) -> None:
         """Fix the number of tasks (called by the optimizer once it knows them); strategies that
@@ -242,6 +263,12 @@ class GradientStrategy(Strategy):
         """Told, before each combination, which shared parameter (in order) holds which columns
         of ``J`` and the wrapped optimizer's parameter groups; per-group aggregation
         (:class:`~mtlopt.strategies.grouped.Grouped`) splits ``J`` by them. Ignored by default."""
+
+    @staticmethod
+    def grouping(options: dict[str, Any]) -> str | None:
+        """A ``group_by`` implied by a strategy's own options (GradVac's ``granularity``); it may
+        pop them from ``options``. None by default."""
+        return None
 
     def remap_columns(self, mapping: Tensor) -> None:
         """The shared parameters changed: new column ``c`` of ``J`` holds what old column

@@ -32,10 +32,33 @@ class GradVac(Randomized, GramianStrategy):
     ``φ̂``; then ``φ̂_ij ← (1−β) φ̂_ij + β φ``. The update is ``Σ_i g_i'``. With targets at 0 the
     first step is PCGrad. Runs on the coefficients ``g_i' = c_iᵀ J`` with the Gramian only.
 
+    The paper keeps targets per layer; ``mtlopt.create("gradvac", granularity=...)`` picks the
+    granularity, as LibMTL's ``GradVac_group_type``: ``"whole_model"`` (default, one target per
+    task pair), ``"all_layer"`` (one GradVac per module that owns parameters, ``modules=model``
+    required) or ``"all_matrix"`` (one per parameter tensor); the last two are
+    ``group_by="module"`` and ``group_by="tensor"`` (:class:`~mtlopt.strategies.grouped.Grouped`),
+    each group with its own targets.
+
     Args:
         beta: EMA rate of the targets (default 0.5).
         seed: seed of the strategy's generator.
     """
+
+    GRANULARITY: ClassVar[dict[str, str | None]] = {
+        "whole_model": None,
+        "all_layer": "module",
+        "all_matrix": "tensor",
+    }
+
+    @staticmethod
+    def grouping(options: dict[str, object]) -> str | None:
+        granularity = options.pop("granularity", "whole_model")
+        if granularity not in GradVac.GRANULARITY:
+            raise ValueError(
+                f"granularity must be one of {', '.join(map(repr, GradVac.GRANULARITY))}, got "
+                f"{granularity!r}"
+            )
+        return GradVac.GRANULARITY[granularity]  # type: ignore[index]
 
     absent_tasks = (
         "present rows, visited in random order among the present tasks; targets between "
