@@ -42,8 +42,7 @@ logger = logging.getLogger("mtlopt")
     "streams from the first modified block; base strategy EW. Cost: K extra token-gradient passes "
     "per step during the analysis only, then the base strategy's cost with K streams after the "
     "branch, c(b) = (b + K(D - b))/D of the block compute for branch b over D blocks (predicted in the "
-    "plan, bounded by budget=); with a gradient base, every task's gradient from one backward through "
-    "the K streams plus K backward passes through the blocks before the branch (stream_gradients)",
+    "plan, bounded by budget=)",
 )
 class DTME(TokenStrategy):
     """DTME-MTL (Jeong & Yoon, ICCV 2025; Alg. 1, Secs. 3.2–3.4, App. B.3).
