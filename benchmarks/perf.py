@@ -235,9 +235,10 @@ def dtme_step(b: Bench, expanded: bool) -> Callable[[], None]:
 
 
 def expanded_dtme(
-    b: Bench, base: str = "ew", budget: float | None = None
+    b: Bench, base: str = "ew", budget: float | None = None, stream_gradients: bool = True
 ) -> tuple[Callable[[], None], mtlopt.tokens.DTME]:
-    """A DTME optimizer taken through a 2-step analysis to its expansion, and its training step."""
+    """A DTME optimizer taken through a 2-step analysis to its expansion (and the first expanded
+    step, which checks the stream gradients once), and its training step."""
     dtme = mtlopt.create(
         "dtme",
         model=b.model,
@@ -246,6 +247,7 @@ def expanded_dtme(
         analysis_steps=2,
         covariance_steps=1,
         budget=budget,
+        stream_gradients=stream_gradients,
     )
     opt = mtlopt.MTLOptimizer(torch.optim.Adam(b.model.parameters(), lr=1e-4), dtme)
 
@@ -258,6 +260,8 @@ def expanded_dtme(
         for _ in range(3):
             step()
     assert dtme.phase == "expanded"
+    expected = "streams" if stream_gradients and base != "ew" else "per task"
+    assert dtme.gradient_path == expected, dtme.gradient_path
     return step, dtme
 
 
@@ -276,48 +280,69 @@ def inference(b: Bench, task: int | None = None) -> Callable[[], None]:
     return run
 
 
-def dtme_table(kind: str, ks: list[int], rounds: int, warmup: int, progress) -> list[str]:
+GRADIENT_BASES = ["pcgrad", "upgrad"]
+
+
+def dtme_table(
+    kind: str, ks: list[int], rounds: int, warmup: int, progress
+) -> tuple[list[str], list[str]]:
     """DTME's cost after the expansion at each K: over EW's step, with the default plan and with
     a budget (2×, or the last block's cost where K makes that more), with a gradient base
     (PCGrad, and PCGrad alone for reference), and inference (all tasks, one task) over the model
-    before the expansion; predicted multipliers beside."""
+    before the expansion; predicted multipliers beside. Second table: each gradient base of
+    :data:`GRADIENT_BASES` over DTME+EW, with one backward per task (``stream_gradients=False``)
+    and with one K-stream backward (the default), in the same interleaved rounds."""
     lines = [
         "| K | plan (branch, predicted) | dtme+ew / ew | budget: plan | budget: dtme+ew / ew | "
-        "dtme+pcgrad / ew | pcgrad / ew | dtme+pcgrad / dtme+ew | inference, all tasks / "
-        "plain | inference, one task / plain |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "dtme+pcgrad / ew | pcgrad / ew | inference, all tasks / plain | "
+        "inference, one task / plain |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    base_lines = [
+        "| K | "
+        + " | ".join(f"dtme+{m} / dtme+ew: per task | {m}: streams" for m in GRADIENT_BASES)
+        + " |",
+        "|---|" + "---|---|" * len(GRADIENT_BASES),
     ]
     for k in ks:
         base = bench(kind, k)
         ew = wrapper_step(base.clone(), "ew")
-        default_b, budget_b, pcgrad_b = base.clone(), base.clone(), base.clone()
+        default_b, budget_b = base.clone(), base.clone()
         default, default_dtme = expanded_dtme(default_b)
         # 2×, or what branching at the last block costs where K makes that more (K=11 on 4
         # blocks: (3 + 11) / 4 = 3.5×).
         depth = len(mtlopt.tokens.find_blocks(base.model))
         budget = max(2.0, (depth - 1 + k) / depth + 0.05)
         budgeted, budget_dtme = expanded_dtme(budget_b, budget=budget)
-        with_pcgrad, _ = expanded_dtme(pcgrad_b, base="pcgrad")
         plain = base.clone()
         pairs = {
             "default": (ew, default),
             "budget": (ew, budgeted),
-            "dtme+pcgrad": (ew, with_pcgrad),
             "pcgrad": (ew, wrapper_step(base.clone(), "pcgrad")),
-            "gradient base": (default, with_pcgrad),
             "all tasks": (inference(plain), inference(default_b)),
             "one task": (inference(plain), inference(default_b, task=0)),
         }
+        for method in GRADIENT_BASES:
+            for streams in (False, True):
+                step, _ = expanded_dtme(base.clone(), base=method, stream_gradients=streams)
+                pairs[method, streams] = (default, step)
+        pairs["dtme+pcgrad"] = (ew, pairs["pcgrad", True][1])
         r = paired(pairs, rounds, warmup)
         lines.append(
             f"| {k} | {_plan(default_dtme)} | {r['default'].ratio:.2f} | "
             f"budget={budget:.2f}: {_plan(budget_dtme)} | "
             f"{r['budget'].ratio:.2f} | {r['dtme+pcgrad'].ratio:.2f} | {r['pcgrad'].ratio:.2f} | "
-            f"{_mark(r['gradient base'].ratio, 1.3)} | {r['all tasks'].ratio:.2f} | "
-            f"{r['one task'].ratio:.2f} |"
+            f"{r['all tasks'].ratio:.2f} | {r['one task'].ratio:.2f} |"
+        )
+        base_lines.append(
+            f"| {k} | "
+            + " | ".join(
+                f"{r[m, False].ratio:.2f} | {_mark(r[m, True].ratio, 1.3)}" for m in GRADIENT_BASES
+            )
+            + " |"
         )
         progress(f"dtme {kind} K={k}")
-    return lines
+    return lines, base_lines
 
 
 def _plan(dtme: mtlopt.tokens.DTME) -> str:
@@ -595,9 +620,20 @@ DTME_SECTION = [
     "compute c(b) = (b + K(D − b))/D plus the task tokens' share (`mtlopt.tokens.budget`), which "
     "counts the blocks only (embedding, heads and the optimizer step are not multiplied), so the "
     "measured step ratio sits below it when the blocks are a part of the step. `budget=2` bounds "
-    "the prediction at 2×. dtme+pcgrad / dtme+ew: the gradient base's extra cost on the expanded "
-    "model (target ≤ 1.3). Inference: one no-grad forward pass over the model before the expansion; "
-    "one task runs only task 0's stream (`mtlopt.tokens.single_task`).",
+    "the prediction at 2×. dtme+pcgrad: DTME with PCGrad as its base, every task's gradient from "
+    "one backward through the K streams (the default). Inference: one no-grad forward pass over "
+    "the model before the expansion; one task runs only task 0's stream "
+    "(`mtlopt.tokens.single_task`).",
+    "",
+]
+
+DTME_BASES_SECTION = [
+    "### A gradient base on the expanded model: one backward per task or one for all",
+    "",
+    "Same plans, same rounds. DTME with a gradient base over DTME with EW (target ≤ 1.3): "
+    "per task, one backward per task through all K streams (`stream_gradients=False`, O(K²)); "
+    "streams, one backward through the K streams plus K passes through the blocks before the "
+    "branch (the default, `mtlopt.tokens.stream_gradients`).",
     "",
 ]
 
@@ -609,7 +645,7 @@ def run_dtme(quick: bool, progress=print) -> str:
     rounds, warmup = (3, 1) if quick else (9, 1)
     ks = [2, 5] if quick else [2, 5, 11]
     start = time.perf_counter()
-    lines = dtme_table("qm9", ks, rounds, warmup, progress)
+    lines, base_lines = dtme_table("qm9", ks, rounds, warmup, progress)
     return "\n".join(
         [
             *DTME_SECTION,
@@ -618,6 +654,9 @@ def run_dtme(quick: bool, progress=print) -> str:
             f"wall {time.perf_counter() - start:.0f} s.",
             "",
             *lines,
+            "",
+            *DTME_BASES_SECTION,
+            *base_lines,
         ]
     )
 
@@ -639,7 +678,9 @@ def run(out: Path, quick: bool, command: str, write_docs: bool, progress=print) 
     floor_lines, medians, own_lines = floor_table(floor_cells, rounds, warmup, progress)
     peer_lines = peer_table(peer_cells, rounds, warmup, progress)
     mode_lines = modes_table(mode_cells, rounds, warmup, progress)
-    dtme_lines = dtme_table("qm9", [2, 5] if quick else [2, 5, 11], rounds, warmup, progress)
+    dtme_lines, dtme_base_lines = dtme_table(
+        "qm9", [2, 5] if quick else [2, 5, 11], rounds, warmup, progress
+    )
     vjp_lines = vjp_table(floor_cells, max(3, rounds // 3), 1, progress)
     solver_lines = solver_table("qm9", 11, medians["qm9", 11], repeats=rounds * 3)
     allocator_lines = (
@@ -716,6 +757,9 @@ def run(out: Path, quick: bool, command: str, write_docs: bool, progress=print) 
             "",
             *DTME_SECTION,
             *dtme_lines,
+            "",
+            *DTME_BASES_SECTION,
+            *dtme_base_lines,
             "",
             "## Batched VJP against sequential per-task gradients",
             "",

@@ -17,7 +17,7 @@ from ..engine import (
 from ..finite import all_finite, check_tasks
 from ..partition import Partition, column_map
 from ..stepinfo import StepInfo
-from ..strategies.base import Combined, GradientStrategy
+from ..strategies.base import Combined, GradientStrategy, TokenStrategy
 from ..tasks import StepTasks
 from ..window import accumulate, add_rows, add_to_sum, union, window_losses
 from .base import PathBase, unreached_loss
@@ -35,7 +35,11 @@ class JacobianPath(PathBase):
         window = self._window
         trainable = self._trainable()
         partition = self._partition_for(step, losses, trainable)
-        grads = task_gradients(losses, trainable, partition)
+        grads = None
+        if isinstance(self.strategy, TokenStrategy):  # DTME's task streams: one backward for all
+            grads = self.strategy.task_gradients(losses, trainable, partition)
+        if grads is None:
+            grads = task_gradients(losses, trainable, partition)
         self._check_reached(step, grads)
         counts = None
         if self._replicas is not None:

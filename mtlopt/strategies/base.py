@@ -505,3 +505,9 @@ class TokenStrategy(Strategy):
     def task_parameters(self) -> list[list[torch.nn.Parameter]]:
         """Parameters owned by one task each (``[task][...]``); empty before any are created."""
         return []
+
+    def task_gradients(self, losses: list[Tensor], trainable: list[Tensor], partition: Any) -> Any:
+        """The per-task gradients (:class:`mtlopt.engine.TaskGradients`) when the strategy knows a
+        cheaper way to them than one backward per task (DTME's task streams); ``None``: take the
+        per-task path."""
+        return None

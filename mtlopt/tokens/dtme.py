@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..engine import TaskGradients, task_gradients
 from ..registry import create, register
 from ..strategies.base import GradientStrategy, LossStrategy, TokenStrategy
 from .analysis import TokenSpaceAnalysis
@@ -19,6 +20,8 @@ from .budget import DEFAULT_PLAN_WARNING, choose_layers
 from .expansion import Expansion, ExpansionPlan, expand
 from .report import ConflictReport
 from .space import SplitRule
+from .stream_calls import take_record
+from .stream_gradients import stream_task_gradients
 from .streams import STREAMS, single_task
 from .taps import disable_nested_tensor, find_blocks
 from .validate import validate_blocks
@@ -91,6 +94,12 @@ class DTME(TokenStrategy):
             ``torch.initial_seed()``); saved in the state, so a restored run draws the same tokens.
         mask_conventions: for boolean masks whose name DTME does not know, whether ``True`` means
             ``"true_attends"`` or ``"true_masks"``, by argument name.
+        stream_gradients: with a gradient base, after the expansion, take every task's gradient
+            from one backward through the K streams plus K passes through the blocks before the
+            branch (:mod:`mtlopt.tokens.stream_gradients`), the blocks after the branch called once
+            per stream; ``False``: one backward per task through all K streams (O(K²)). Checked
+            against the per-task path on its first step; where it does not apply, DTME says why
+            once (a warning) and takes the per-task path. :attr:`gradient_path` tells which ran.
     """
 
     def __init__(
@@ -114,6 +123,7 @@ class DTME(TokenStrategy):
         layers: Sequence[int] | None = None,
         seed: int | None = None,
         mask_conventions: Mapping[str, str] | None = None,
+        stream_gradients: bool = True,
     ) -> None:
         super().__init__(num_tasks)
         if blocks is None:
@@ -166,6 +176,10 @@ class DTME(TokenStrategy):
         self._first: tuple[int, int] | None = None
         self._expansion: Expansion | None = None
         self._optimizer: torch.optim.Optimizer | None = None
+        self.stream_gradients = stream_gradients
+        self.gradient_path = "per task"
+        """``"streams"`` (one K-stream backward), or ``"per task"`` with the reason it was taken."""
+        self._streams_checked = False
 
     def hyperparameters(self) -> dict[str, object]:
         return {
@@ -175,6 +189,7 @@ class DTME(TokenStrategy):
             "tokens_per_task": self.tokens_per_task,
             "analysis_steps": self.analysis_steps,
             "budget": self.budget,
+            "stream_gradients": self.stream_gradients,
         }
 
     def parameters(self) -> list[nn.Parameter]:
@@ -199,6 +214,53 @@ class DTME(TokenStrategy):
         if self.num_tasks is not None and not 0 <= task < self.num_tasks:
             raise IndexError(f"task {task} out of range for {self.num_tasks} tasks")
         return single_task(task)
+
+    def _streams_wanted(self) -> bool:
+        return (
+            self.stream_gradients
+            and isinstance(self.base, GradientStrategy)
+            and (self.num_tasks or 0) > 1
+        )
+
+    def task_gradients(
+        self, losses: list[Tensor], trainable: list[Tensor], partition: Any
+    ) -> TaskGradients | None:
+        """After the expansion with a gradient base: every task's gradient from one backward
+        through the K streams (:mod:`mtlopt.tokens.stream_gradients`); ``None`` before it, with
+        ``stream_gradients=False``, or where that does not apply (said once, in a warning)."""
+        record = take_record()
+        if self._expansion is None or not self._streams_wanted():
+            return None
+        found = stream_task_gradients(losses, trainable, partition, record)
+        if isinstance(found, str):
+            self._per_task(found)
+            return None
+        if not self._streams_checked:  # once: the streams must be separable on this model
+            expected = task_gradients(losses, trainable, partition)
+            if not _same_gradients(found, expected):
+                self._per_task(
+                    "the task gradients from the streams differ from the per-task ones (does a "
+                    "layer after the blocks mix the rows of different streams?)",
+                    permanent=True,
+                )
+                return expected
+            self._streams_checked = True
+        self.gradient_path = "streams"
+        return found
+
+    def _per_task(self, reason: str, permanent: bool = False) -> None:
+        """Fall back on one backward per task for this step (``permanent``: from now on)."""
+        if self.gradient_path != f"per task: {reason}":
+            warnings.warn(
+                f"DTME takes one backward per task through all {self.num_tasks} streams (O(K²)) "
+                f"instead of one for all: {reason}",
+                stacklevel=4,
+            )
+        self.gradient_path = f"per task: {reason}"
+        if permanent:
+            self.stream_gradients = False
+            if self._expansion is not None:
+                self._expansion.call_per_stream(False)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         self._optimizer = optimizer
@@ -319,6 +381,7 @@ class DTME(TokenStrategy):
         block_ids = {id(p) for b in self.blocks for p in b.parameters()}
         generator = torch.Generator().manual_seed(self.seed)
         self._expansion = expand(self.blocks, self.plan, list(dims), generator, self.conventions)
+        self._expansion.call_per_stream(self._streams_wanted())
         if self._analysis is not None:
             self._analysis.close()
             self._analysis = None
@@ -421,6 +484,29 @@ class DTME(TokenStrategy):
             self.plan, self.report = plan, report
             assert report is not None
             self._apply(dims=report.dims)
+
+
+def _same_gradients(found: TaskGradients, expected: TaskGradients) -> bool:
+    """Whether two sets of per-task gradients agree to floating-point tolerance."""
+
+    def close(a: Tensor, b: Tensor) -> bool:
+        if a.shape != b.shape:
+            return False
+        if b.numel() == 0:
+            return True
+        return float((a - b).abs().max()) <= 1e-3 * float(b.abs().max()) + 1e-30
+
+    if not close(found.jacobian, expected.jacobian):
+        return False
+    for mine, theirs in zip(found.own, expected.own, strict=True):
+        for pid, g in theirs.items():
+            other = mine.get(pid)
+            if other is None:
+                if bool(g.any()):
+                    return False
+            elif not close(other, g):
+                return False
+    return True
 
 
 def _merge(pending: list[tuple[str, Any]]) -> tuple[str, Any] | None:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .extras import adapt, argument_names
+from .stream_calls import begin_record, install
 from .streams import STREAMS
 from .taps import batch_axis
 
@@ -110,6 +111,13 @@ class Expansion:
     plan: ExpansionPlan
     modules: dict[str, nn.Module] = field(default_factory=dict)
     handles: list = field(default_factory=list)
+    hooks: list[StreamHooks] = field(default_factory=list)
+
+    def call_per_stream(self, enabled: bool) -> None:
+        """Whether the blocks after the branch run one call per task stream when gradients are
+        recorded (:mod:`mtlopt.tokens.stream_calls`), or one call on the stacked streams."""
+        for hooks in self.hooks:
+            hooks.per_stream = enabled
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for module in self.modules.values() for p in module.parameters()]
@@ -198,6 +206,8 @@ def expand(
         hooks = StreamHooks(k, d == branch, modulation, tokens, conventions, batch_axis(block))
         expansion.handles.append(block.register_forward_pre_hook(hooks.before, with_kwargs=True))
         expansion.handles.append(block.register_forward_hook(hooks.after, with_kwargs=True))
+        expansion.handles.append(install(block, hooks, hooks.axis))
+        expansion.hooks.append(hooks)
     if branch > 0:  # a new forward pass of these blocks: forget the previous pass's streams
         expansion.handles.append(blocks[0].register_forward_pre_hook(_reset_streams))
     return expansion
@@ -232,6 +242,10 @@ class StreamHooks:
         self.conventions = dict(conventions or {})
         self.length = 0
         self.causal: bool | None = None
+        self.per_stream = False
+        """Call the block once per stream when gradients are recorded (set by DTME with a gradient
+        base, :mod:`.stream_calls`)."""
+        self.pending: list[tuple[tuple, dict]] | None = None
 
     def before(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         key = next((n for n in TOKEN_NAMES if n in kwargs), None) if not args else None
@@ -249,29 +263,54 @@ class StreamHooks:
         if only is not None and not 0 <= only < self.k:
             raise IndexError(f"single_task({only}): the model has {self.k} task streams")
         streams = 1 if only is not None else self.k
+        per_stream = self.per_stream and streams > 1 and torch.is_grad_enabled()
         if self.branches:
             STREAMS.start(streams, x.shape[0])
-            if streams > 1:
+            if per_stream:
+                chunks = begin_record(x, streams)
+            elif streams > 1:
                 x = x.repeat(streams, 1, 1)
         elif not STREAMS.branched or x.shape[0] != streams * STREAMS.batch:
             raise RuntimeError(
                 "a block after the DTME branch point received an input that is not the K task "
                 "streams: run the blocks in order in one forward pass"
             )
-        self.length = x.shape[1]
-        if self.modulation is not None:
-            x = self.modulation(x, only)
+        elif per_stream:
+            chunks = list(x.split(STREAMS.batch))
+        self.length = x.shape[-2]
+        names = argument_names(module, args)
         if self.tokens is not None:
-            x = self.tokens(x, only)
+            self._check_causal(module, names, args, kwargs)
+        if per_stream:  # one call per stream, on its own parameter aliases (stream_calls)
+            self.pending = [
+                self._arguments(chunk, task, 1, names, args, kwargs, key)
+                for task, chunk in enumerate(chunks)
+            ]
+            return args, kwargs
+        return self._arguments(x, only, streams, names, args, kwargs, key)
+
+    def _arguments(
+        self,
+        x: Tensor,
+        task: int | None,
+        streams: int,
+        names: list[str],
+        args: tuple,
+        kwargs: dict,
+        key: str | None,
+    ) -> tuple[tuple, dict]:
+        """The block's arguments for ``streams`` stacked streams (task ``task``'s alone when
+        given): tokens modulated and extended, the other inputs fitted to them."""
+        if self.modulation is not None:
+            x = self.modulation(x, task)
+        if self.tokens is not None:
+            x = self.tokens(x, task)
         extra = self.tokens.tokens[0].shape[0] if self.tokens is not None else 0
         batch = STREAMS.batch
-        names = argument_names(module, args)
 
         def fit(name: str, value: object) -> object:
             return adapt(name, value, streams, batch, self.length, extra, self.conventions)
 
-        if extra:
-            self._check_causal(module, names, args, kwargs)
         rest = tuple(fit(n, a) for n, a in zip(names[1:], args[1:], strict=True))
         if self.axis:
             x = x.transpose(0, 1)
