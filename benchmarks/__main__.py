@@ -147,6 +147,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also run LibMTL 1.1.5's implementation of each chosen method it has (rows libmtl:NAME)",
     )
+    run.add_argument(
+        "--sections",
+        help="perf only: comma-separated sections to run alone ("
+        + ",".join(perf.NEW_SECTIONS)
+        + "); printed, and replaced in docs/perf.md on a full run",
+    )
     args = parser.parse_args(argv)
     if args.command == "list":
         print("problems:")
@@ -166,7 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.problem == "perf":
         # The docs page is refreshed by full runs from a checkout (where docs/ exists) only.
         write_docs = not quick and Path("mkdocs.yml").exists() and Path("docs").is_dir()
-        print(perf.run(args.out, quick, command, write_docs, progress=_progress))
+        if args.sections:
+            names = args.sections.split(",")
+            print(perf.run_sections(names, args.out, quick, command, write_docs, _progress))
+        else:
+            print(perf.run(args.out, quick, command, write_docs, progress=_progress))
         print(f"wall time {time.perf_counter() - start:.0f} s; results under {args.out}/perf/")
         return 0
     if args.user_problem:

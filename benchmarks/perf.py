@@ -616,7 +616,69 @@ def run_dtme(quick: bool, progress=print) -> str:
     )
 
 
+NEW_SECTIONS = {
+    "small": "## Small models: the wrapper's fixed cost",
+    "solvers": "## Solvers at many tasks",
+}
+"""Sections ``--sections`` can run alone, by the heading they write in docs/perf.md."""
+
+
+def run_sections(
+    names: list[str], out: Path, quick: bool, command: str, write_docs: bool, progress=print
+) -> str:
+    """Only the named sections (``mtlopt-bench run perf --sections small,solvers``): printed,
+    written to ``OUT/perf/sections.md`` and, on a full run from a checkout, replaced in place in
+    docs/perf.md (appended where the page does not have them yet)."""
+    from . import perf_small, perf_solvers
+
+    unknown = sorted(set(names) - set(NEW_SECTIONS))
+    if unknown:
+        raise SystemExit(f"unknown perf sections {unknown}: choose among {sorted(NEW_SECTIONS)}")
+    pinned = allocator.pin()
+    torch.manual_seed(0)
+    bodies = {}
+    for name in names:
+        start = time.perf_counter()
+        lines = (
+            perf_small.run_small(quick, progress)
+            if name == "small"
+            else perf_solvers.run_solvers(quick, progress)
+        )
+        wall = time.perf_counter() - start
+        lines.insert(
+            2,
+            f"Command: `{command}` ({'quick, ' if quick else ''}torch {torch.__version__}, "
+            f"{torch.get_num_threads()} thread(s), CPU, malloc "
+            f"{'pinned' if pinned else 'not pinned'}; this section's wall time {wall:.0f} s).\n",
+        )
+        bodies[name] = "\n".join(lines)
+    text = "\n".join(bodies.values())
+    target = out / "perf"
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "sections.md").write_text(text)
+    if write_docs:
+        page = Path("docs/perf.md")
+        doc = page.read_text()
+        for name, body in bodies.items():
+            doc = replace_section(doc, NEW_SECTIONS[name], body)
+        page.write_text(doc)
+    return text
+
+
+def replace_section(doc: str, heading: str, body: str) -> str:
+    """``doc`` with the level-2 section under ``heading`` replaced by ``body`` (which starts with
+    that heading), or ``body`` appended."""
+    start = doc.find(heading + "\n")
+    if start < 0:
+        return doc.rstrip("\n") + "\n\n" + body.rstrip("\n") + "\n"
+    following = doc.find("\n## ", start + len(heading))
+    end = len(doc) if following < 0 else following + 1
+    return doc[:start] + body.rstrip("\n") + "\n" + ("\n" if following >= 0 else "") + doc[end:]
+
+
 def run(out: Path, quick: bool, command: str, write_docs: bool, progress=print) -> str:
+    from . import perf_small, perf_solvers
+
     torch.manual_seed(0)
     if quick:
         floor_cells = [("multifashion", 2), ("qm9", 11)]
@@ -636,6 +698,8 @@ def run(out: Path, quick: bool, command: str, write_docs: bool, progress=print) 
     dtme_lines = dtme_table("qm9", [2, 5] if quick else [2, 5, 11], rounds, warmup, progress)
     vjp_lines = vjp_table(floor_cells, max(3, rounds // 3), 1, progress)
     solver_lines = solver_table("qm9", 11, medians["qm9", 11], repeats=rounds * 3)
+    small_lines = perf_small.run_small(quick, progress)
+    solvers_lines = perf_solvers.run_solvers(quick, progress)
     allocator_lines = (
         ["Full run only (`mtlopt-bench run perf`)."]
         if quick
@@ -731,6 +795,8 @@ def run(out: Path, quick: bool, command: str, write_docs: bool, progress=print) 
             "",
             *solver_lines,
             "",
+            *small_lines,
+            *solvers_lines,
             "## The C allocator",
             "",
             "glibc adapts its `mmap` threshold to the block sizes a process frees and gives the "
