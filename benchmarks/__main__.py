@@ -5,6 +5,7 @@
     mtlopt-bench run qm9 --methods all --seeds 3 --out bench-results
     mtlopt-bench run toy --methods ew,mgda,pcgrad,cagrad,nash_mtl,famo --steps 35000
     mtlopt-bench run perf                  # step-time ratios (floor, LibMTL, modes, solvers)
+    mtlopt-bench run perf --sections small,solvers  # only those sections of the page
     mtlopt-bench run --problem my_pkg.my_module:problem --seeds 3   # your own problem
 
 Finished runs are cached under OUT/runs and reused; results go to OUT/<problem>/results.{json,csv,md}

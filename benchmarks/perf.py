@@ -19,7 +19,15 @@ models alive at a time.
 4. **Solver share**: the time of the strategy's ``combine`` (Gramian, solver, ``wᵀJ``) and of its
    solver alone on the T×T Gramian, as shares of the strategy's median step, at T = 11.
 
-The many-task cost curve (time and memory against K up to 100) is the ``scaling`` problem.
+5. **Small models** (:mod:`mtlopt_bench.perf_small`): every strategy over its floor on a 790 k
+   parameter MLP at T = 2, 5, 11, and the overhead per step in microseconds on a tiny MLP.
+6. **Solvers at many tasks** (:mod:`mtlopt_bench.perf_solvers`): each Gramian strategy's solver
+   alone at T = 10 to 1000.
+
+Sections 5 and 6 also run alone: ``mtlopt-bench run perf --sections small,solvers`` prints them,
+writes them to ``OUT/perf/sections.md`` and, on a full run from a checkout, replaces them in
+docs/perf.md. The many-task cost curve (time and memory against K up to 100) is the ``scaling``
+problem.
 """
 
 from __future__ import annotations
