@@ -154,6 +154,32 @@ def small_tables(
     return table(floor_ratios, gradient, "floor step"), table(plain_ratios, loss, "plain step"), tiny
 
 
+def vjp_lines(tasks: list[int], rounds: int, warmup: int) -> list[str]:
+    """The MLP's T×P shared gradients (forward included): one ``autograd.grad`` per task against
+    one batched VJP over the T cotangents (``is_grads_batched=True``, vmap)."""
+    lines = [
+        "| MLP | sequential (ms), median | batched (ms), median | batched / sequential |",
+        "|---|---|---|---|",
+    ]
+    for t in tasks:
+        b = mlp_bench(t)
+
+        def sequential(b=b, t=t):
+            losses = b.losses(b.model)
+            for i, loss in enumerate(losses):
+                torch.autograd.grad(loss, b.shared, retain_graph=i < t - 1)
+
+        def batched(b=b, t=t):
+            losses = torch.stack(b.losses(b.model))
+            torch.autograd.grad(losses, b.shared, grad_outputs=torch.eye(t), is_grads_batched=True)
+
+        r = paired({"batched": (sequential, batched)}, rounds, warmup)["batched"]
+        lines.append(
+            f"| T={t} | {1e3 * r.reference_seconds:.1f} | {1e3 * r.seconds:.1f} | {_cell(r)} |"
+        )
+    return lines
+
+
 def tiny_overhead(tasks: list[int], methods: list[str], rounds: int, warmup: int) -> list[str]:
     """Median over rounds of (wrapper step − its reference step) in µs on a 16-wide MLP, batch 32:
     the reference is the T-backward floor for a gradient strategy, plain training for a loss
@@ -220,10 +246,22 @@ TINY_SECTION = [
 ]
 
 
+VJP_SECTION = [
+    "### Batched VJP on the MLP",
+    "",
+    "The MLP's T×P matrix of shared gradients (forward included), one `autograd.grad` per task "
+    "(the engine's path) against one batched VJP over the T cotangents "
+    "(`is_grads_batched=True`), as in the benchmark models' table above; with the thread count "
+    "of the run.",
+    "",
+]
+
+
 def run_small(quick: bool, progress=print) -> list[str]:
     rounds, warmup = (3, 1) if quick else (9, 1)
     tasks = [2, 11] if quick else [2, 5, 11]
     gradient, loss, tiny = small_tables(tasks, rounds, warmup, progress)
+    vjp = vjp_lines(tasks, max(3, rounds // 3), 1)
     return [
         *SMALL_SECTION,
         *gradient,
@@ -232,5 +270,8 @@ def run_small(quick: bool, progress=print) -> list[str]:
         "",
         *TINY_SECTION,
         *tiny,
+        "",
+        *VJP_SECTION,
+        *vjp,
         "",
     ]
