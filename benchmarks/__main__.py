@@ -5,6 +5,7 @@
     mtlopt-bench run qm9 --methods all --seeds 3 --out bench-results
     mtlopt-bench run toy --methods ew,mgda,pcgrad,cagrad,nash_mtl,famo --steps 35000
     mtlopt-bench run perf                  # step-time ratios (floor, LibMTL, modes, solvers)
+    mtlopt-bench run perf --sections small,solvers  # only those sections of the page
     mtlopt-bench run --problem my_pkg.my_module:problem --seeds 3   # your own problem
 
 Finished runs are cached under OUT/runs and reused; results go to OUT/<problem>/results.{json,csv,md}
@@ -147,6 +148,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also run LibMTL 1.1.5's implementation of each chosen method it has (rows libmtl:NAME)",
     )
+    run.add_argument(
+        "--sections",
+        help="perf only: comma-separated sections to run alone ("
+        + ",".join(perf.NEW_SECTIONS)
+        + "); printed, and replaced in docs/perf.md on a full run",
+    )
     args = parser.parse_args(argv)
     if args.command == "list":
         print("problems:")
@@ -166,7 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.problem == "perf":
         # The docs page is refreshed by full runs from a checkout (where docs/ exists) only.
         write_docs = not quick and Path("mkdocs.yml").exists() and Path("docs").is_dir()
-        print(perf.run(args.out, quick, command, write_docs, progress=_progress))
+        if args.sections:
+            names = args.sections.split(",")
+            print(perf.run_sections(names, args.out, quick, command, write_docs, _progress))
+        else:
+            print(perf.run(args.out, quick, command, write_docs, progress=_progress))
         print(f"wall time {time.perf_counter() - start:.0f} s; results under {args.out}/perf/")
         return 0
     if args.user_problem:

@@ -19,7 +19,15 @@ models alive at a time.
 4. **Solver share**: the time of the strategy's ``combine`` (Gramian, solver, ``wᵀJ``) and of its
    solver alone on the T×T Gramian, as shares of the strategy's median step, at T = 11.
 
-The many-task cost curve (time and memory against K up to 100) is the ``scaling`` problem.
+5. **Small models** (:mod:`mtlopt_bench.perf_small`): every strategy over its floor on a 790 k
+   parameter MLP at T = 2, 5, 11, and the overhead per step in microseconds on a tiny MLP.
+6. **Solvers at many tasks** (:mod:`mtlopt_bench.perf_solvers`): each Gramian strategy's solver
+   alone at T = 10 to 1000.
+
+Sections 5 and 6 also run alone: ``mtlopt-bench run perf --sections small,solvers`` prints them,
+writes them to ``OUT/perf/sections.md`` and, on a full run from a checkout, replaces them in
+docs/perf.md. The many-task cost curve (time and memory against K up to 100) is the ``scaling``
+problem.
 """
 
 from __future__ import annotations
@@ -661,7 +669,69 @@ def run_dtme(quick: bool, progress=print) -> str:
     )
 
 
+NEW_SECTIONS = {
+    "small": "## Small models: the wrapper's fixed cost",
+    "solvers": "## Solvers at many tasks",
+}
+"""Sections ``--sections`` can run alone, by the heading they write in docs/perf.md."""
+
+
+def run_sections(
+    names: list[str], out: Path, quick: bool, command: str, write_docs: bool, progress=print
+) -> str:
+    """Only the named sections (``mtlopt-bench run perf --sections small,solvers``): printed,
+    written to ``OUT/perf/sections.md`` and, on a full run from a checkout, replaced in place in
+    docs/perf.md (appended where the page does not have them yet)."""
+    from . import perf_small, perf_solvers
+
+    unknown = sorted(set(names) - set(NEW_SECTIONS))
+    if unknown:
+        raise SystemExit(f"unknown perf sections {unknown}: choose among {sorted(NEW_SECTIONS)}")
+    pinned = allocator.pin()
+    torch.manual_seed(0)
+    bodies = {}
+    for name in names:
+        start = time.perf_counter()
+        lines = (
+            perf_small.run_small(quick, progress)
+            if name == "small"
+            else perf_solvers.run_solvers(quick, progress)
+        )
+        wall = time.perf_counter() - start
+        lines.insert(
+            2,
+            f"Command: `{command}` ({'quick, ' if quick else ''}torch {torch.__version__}, "
+            f"{torch.get_num_threads()} thread(s), CPU, malloc "
+            f"{'pinned' if pinned else 'not pinned'}; this section's wall time {wall:.0f} s).\n",
+        )
+        bodies[name] = "\n".join(lines)
+    text = "\n".join(bodies.values())
+    target = out / "perf"
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "sections.md").write_text(text)
+    if write_docs:
+        page = Path("docs/perf.md")
+        doc = page.read_text()
+        for name, body in bodies.items():
+            doc = replace_section(doc, NEW_SECTIONS[name], body)
+        page.write_text(doc)
+    return text
+
+
+def replace_section(doc: str, heading: str, body: str) -> str:
+    """``doc`` with the level-2 section under ``heading`` replaced by ``body`` (which starts with
+    that heading), or ``body`` appended."""
+    start = doc.find(heading + "\n")
+    if start < 0:
+        return doc.rstrip("\n") + "\n\n" + body.rstrip("\n") + "\n"
+    following = doc.find("\n## ", start + len(heading))
+    end = len(doc) if following < 0 else following + 1
+    return doc[:start] + body.rstrip("\n") + "\n" + ("\n" if following >= 0 else "") + doc[end:]
+
+
 def run(out: Path, quick: bool, command: str, write_docs: bool, progress=print) -> str:
+    from . import perf_small, perf_solvers
+
     torch.manual_seed(0)
     if quick:
         floor_cells = [("multifashion", 2), ("qm9", 11)]
@@ -683,6 +753,8 @@ def run(out: Path, quick: bool, command: str, write_docs: bool, progress=print) 
     )
     vjp_lines = vjp_table(floor_cells, max(3, rounds // 3), 1, progress)
     solver_lines = solver_table("qm9", 11, medians["qm9", 11], repeats=rounds * 3)
+    small_lines = perf_small.run_small(quick, progress)
+    solvers_lines = perf_solvers.run_solvers(quick, progress)
     allocator_lines = (
         ["Full run only (`mtlopt-bench run perf`)."]
         if quick
@@ -781,6 +853,8 @@ def run(out: Path, quick: bool, command: str, write_docs: bool, progress=print) 
             "",
             *solver_lines,
             "",
+            *small_lines,
+            *solvers_lines,
             "## The C allocator",
             "",
             "glibc adapts its `mmap` threshold to the block sizes a process frees and gives the "

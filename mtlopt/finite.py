@@ -12,6 +12,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -23,11 +24,20 @@ class TaskCheck:
     """Every gradient entry of the task is exactly zero."""
 
 
-def check_tasks(jacobian: Tensor, own: Sequence[Sequence[Tensor | None]]) -> list[TaskCheck]:
+def check_tasks(
+    jacobian: Tensor,
+    own: Sequence[Sequence[Tensor | None]],
+    row_squares: Sequence[float] | None = None,
+) -> list[TaskCheck]:
     """For each task (a row of ``J`` and the gradients of its own parameters): whether all its
-    gradients are finite and whether they are all zero, with one transfer to the host."""
+    gradients are finite and whether they are all zero, with one transfer to the host.
+
+    ``row_squares``: the rows' squared norms when already known (the diagonal of ``J Jᵀ``, which
+    is non-finite if a row has a NaN or an infinity): ``J`` is then not read again."""
     num_tasks = jacobian.shape[0]
-    if jacobian.shape[1] > 0:
+    if row_squares is not None:
+        rows = torch.tensor(np.asarray(row_squares, dtype=np.float64)).clamp_min(0).sqrt()
+    elif jacobian.shape[1] > 0:
         rows = torch.linalg.vector_norm(jacobian, dim=1).double()
     else:
         rows = torch.zeros(num_tasks, dtype=torch.float64, device=jacobian.device)

@@ -230,3 +230,18 @@ def test_plot_styles_tell_two_hundred_methods_apart():
 
     styles = {(_style(n, plt)["color"], _style(n, plt)["marker"]) for n in range(200)}
     assert len(styles) == 200
+
+
+def test_perf_small_and_solver_sections_run_and_replace_their_part_of_the_page():
+    from mtlopt_bench import perf, perf_small, perf_solvers
+
+    gradient, loss, tiny = perf_small.small_tables([2], 1, 0, lambda m: None, ["mgda", "ew"])
+    assert gradient[3].startswith("| mgda |") and loss[3].startswith("| ew |")
+    assert [line.split(" |")[0] for line in tiny[3:]] == ["| mgda", "| ew"]
+    solvers = perf_solvers.solver_scaling_table([4, 400], 1e-9, lambda m: None)
+    assert len(solvers) == 2 + len(perf_solvers.gramian_methods())
+    assert all("T³ extrapolation" in line for line in solvers[2:])  # the cap stops every row
+    page = "# P\n\n## A\n\nold\n\n## B\n\nkept\n"
+    replaced = perf.replace_section(page, "## A", "## A\n\nnew\n")
+    assert replaced == "# P\n\n## A\n\nnew\n\n## B\n\nkept\n"
+    assert perf.replace_section(page, "## C", "## C\n\nx\n").endswith("kept\n\n## C\n\nx\n")

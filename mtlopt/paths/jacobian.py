@@ -3,6 +3,8 @@ combination of its rows written to the shared parameters."""
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -11,13 +13,21 @@ from ..engine import (
     TaskGradients,
     flat_gradient,
     rebuild_jacobian,
+    reusable_buffer,
     task_gradients,
     unflatten,
 )
 from ..finite import all_finite, check_tasks
 from ..partition import Partition, column_map
 from ..stepinfo import StepInfo
-from ..strategies.base import Combined, GradientStrategy, TokenStrategy
+from ..strategies.base import (
+    Combined,
+    GradientStrategy,
+    GramianStrategy,
+    TokenStrategy,
+    gramian_of,
+    known_gramian,
+)
 from ..tasks import StepTasks
 from ..window import accumulate, add_rows, add_to_sum, union, window_losses
 from .base import PathBase, unreached_loss
@@ -28,6 +38,9 @@ class JacobianPath(PathBase):
     reaches), the strategy's combination of the present rows written to the shared parameters, and
     each task's own gradients to its own parameters."""
 
+    _jacobian_buffer: Tensor | None = None
+    """``J``'s memory, written again on the next step that starts a window."""
+
     def _backward_jacobian(
         self, step: StepTasks, losses: list[Tensor], detached: Tensor, scale: float
     ) -> StepInfo:
@@ -35,11 +48,14 @@ class JacobianPath(PathBase):
         window = self._window
         trainable = self._trainable()
         partition = self._partition_for(step, losses, trainable)
+        # J's memory from the last step, unless this window already holds rows (accumulation).
+        buffer = self._jacobian_buffer if window.jacobian is None else None
+        self._jacobian_buffer = None
         grads = None
         if isinstance(self.strategy, TokenStrategy):  # DTME's task streams: one backward for all
             grads = self.strategy.task_gradients(losses, trainable, partition)
         if grads is None:
-            grads = task_gradients(losses, trainable, partition)
+            grads = task_gradients(losses, trainable, partition, buffer)
         self._check_reached(step, grads)
         counts = None
         if self._replicas is not None:
@@ -56,14 +72,45 @@ class JacobianPath(PathBase):
                 return self._nonfinite_loss(step, detached)
         sparse_grads = [[own.get(i) for i in grads.sparse] for own in grads.own]  # by id
         checked = [[*s, *g] for s, g in zip(specific, sparse_grads, strict=True)]
-        checks = check_tasks(jacobian, checked)
+        # G = J Jᵀ once, for the strategy, the diagnostics and the finiteness check (its diagonal
+        # holds the rows' squared norms).
+        gramian = None
+        if jacobian.shape[1] > 0 and (
+            self.diagnostics or isinstance(self._combiner, GramianStrategy)
+        ):
+            gramian = gramian_of(jacobian)
+        checks = check_tasks(jacobian, checked, None if gramian is None else gramian.diagonal())
         for name, check in zip(step.present_names, checks, strict=True):
             if not check.finite:
                 return self._bad_gradient(step, detached, f"non-finite gradient for task {name!r}")
         self._warn_zero_tasks(step, checks)
 
         present = union(window.present, step.present)
+        rows = jacobian
         jacobian = add_rows(window.jacobian, window.present, jacobian, step.present, present)
+        known = (
+            known_gramian(jacobian, gramian)
+            if gramian is not None and jacobian is rows
+            else contextlib.nullcontext()
+        )
+        with known:
+            return self._combine_and_write(
+                step, grads, partition, specific, detached, scale, present, jacobian
+            )
+
+    def _combine_and_write(
+        self,
+        step: StepTasks,
+        grads: TaskGradients,
+        partition: Partition,
+        specific: list[list[Tensor | None]],
+        detached: Tensor,
+        scale: float,
+        present: np.ndarray,
+        jacobian: Tensor,
+    ) -> StepInfo:
+        assert isinstance(self._combiner, GradientStrategy)
+        window = self._window
         losses_sum = window_losses(window, step, detached)
         restriction = None if len(present) == len(step.names) else present
         self._combiner.observe_columns(partition.shared, self.param_groups)
@@ -107,6 +154,7 @@ class JacobianPath(PathBase):
         window.commit = self._combiner.commit_restricted(restriction, combined.commit)
         window.marker = partition.shared[0] if partition.shared else None
         window.info = self._gradient_info(step, losses_sum, present, jacobian, combined)
+        self._jacobian_buffer = reusable_buffer(jacobian)
         return window.info
 
     def _warn_weighted_heads_accumulation(self) -> None:

@@ -83,14 +83,16 @@ class DBMTL(GradientStrategy):
         if losses is None:
             raise ValueError("db_mtl needs the task losses: pass losses= to aggregate()")
         step = self._step + 1
-        log_grads = jacobian / (losses.to(jacobian) + self.eps)[:, None]
         beta = self.beta / step**self.beta_sigma
-        previous = torch.zeros_like(jacobian) if self.ema is None else self.ema.to(jacobian)
-        if previous.shape != jacobian.shape:
+        previous = None if self.ema is None else self.ema.to(jacobian)
+        if previous is not None and previous.shape != jacobian.shape:
             raise ValueError(
                 f"db_mtl's EMA has shape {tuple(previous.shape)}, J has {tuple(jacobian.shape)}"
             )
-        ema = beta * previous + (1 - beta) * log_grads
+        # ema = β·previous + (1 − β)·∇log L, with ∇log L_i = g_i / (L_i + ε): one T×P tensor.
+        ema = jacobian * ((1 - beta) / (losses.to(jacobian) + self.eps))[:, None]
+        if previous is not None:
+            ema.add_(previous, alpha=beta)
         norms = ema.norm(dim=1)
         scale = torch.where(norms > 0, norms.max() / norms.clamp_min(1e-300), 0.0)
         direction = scale @ ema

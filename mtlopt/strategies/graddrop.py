@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ..registry import register
-from .base import Combined, GradientStrategy, Randomized
+from .base import Combined, GradientStrategy, Randomized, column_abs_sum
 
 
 @register(
@@ -60,17 +60,25 @@ class GradDrop(Randomized, GradientStrategy):
         rng, commit = self._step_rng()
         generator = torch.Generator(device=jacobian.device)
         generator.manual_seed(int(rng.integers(0, 2**62)))
+        # Column sums of J and of |J| give the sums of the positive and of the negative entries:
+        # the update needs nothing else, so no T×P temporary is formed, and the P-vectors are
+        # reused in place (each fresh one is a mapping page-faulted anew on the host).
         total = jacobian.sum(dim=0)
-        magnitude = jacobian.abs().sum(dim=0)
-        purity = 0.5 * (1 + torch.where(magnitude > 0, total / magnitude.clamp_min(1e-300), 0.0))
+        magnitude = column_abs_sum(jacobian)
+        purity = torch.div(total, magnitude).nan_to_num_(0.0)  # 0/0 only where the column is 0
+        purity.add_(1).mul_(0.5)
         # Drawn in float32 whatever J's dtype: the same seed then drops the same signs in
         # float32 and float64 (and half-precision draws would be too coarse).
         uniform = torch.rand(
             purity.shape, generator=generator, device=jacobian.device, dtype=torch.float32
         )
-        keep = ((purity > uniform) & (jacobian > 0)) | ((purity < uniform) & (jacobian < 0))
-        mask = self.leak + (1 - self.leak) * keep.to(jacobian.dtype)
-        direction = (mask * jacobian).sum(dim=0)
+        # Mask M_ij = leak + (1 − leak)·[sign kept], so Σ_i M_ij J_ij = leak·Σ_i J_ij + (1 − leak)
+        # × (the positive entries' sum where purity > U, the negative ones' where purity < U).
+        drop_positive, drop_negative = purity <= uniform, purity >= uniform
+        kept = torch.add(total, magnitude).mul_(0.5).masked_fill_(drop_positive, 0.0)
+        negative = torch.sub(total, magnitude, out=magnitude).mul_(0.5)
+        kept.add_(negative.masked_fill_(drop_negative, 0.0))
+        direction = kept if self.leak == 0.0 else kept.mul_(1 - self.leak).add_(total, alpha=self.leak)
         if self.keep_gradnorm_constant:
             norm = direction.norm()
             direction = torch.where(norm > 0, direction * (total.norm() / norm), direction)

@@ -1,0 +1,76 @@
+"""The many-task section of ``mtlopt-bench run perf``: each Gramian strategy's solver against T.
+
+The solver (``weigh_at_precision`` on the T×T Gramian, float64 on the host) is timed alone, on
+the Gramian of a random Gaussian T × 2T matrix (gradients in general position, about half of the
+pairs conflicting: the hard case for the projection solvers). A cell whose T³ extrapolation from the
+previous one passes the time cap is not run; it shows the extrapolation.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+import mtlopt
+from mtlopt.strategies.base import GramianStrategy, gramian_rounding
+
+TARGET_SECONDS = 1.0
+
+
+def gramian_methods() -> list[str]:
+    names = [n for n in mtlopt.available() if mtlopt.info(n).kind.value == "gradient"]
+    return [n for n in names if isinstance(mtlopt.create(n, num_tasks=2), GramianStrategy)]
+
+
+def solver_seconds(method: str, tasks: int, seed: int = 0) -> float:
+    rng = np.random.default_rng(seed)
+    jacobian = rng.standard_normal((tasks, 2 * tasks))
+    gramian, losses = jacobian @ jacobian.T, rng.uniform(0.5, 2.0, tasks)
+    strategy = mtlopt.create(method, num_tasks=tasks)
+    assert isinstance(strategy, GramianStrategy)
+    rounding = gramian_rounding(torch.float32, tasks, 2 * tasks)
+    start = time.perf_counter()
+    strategy.weigh_at_precision(gramian, losses, rounding)
+    return time.perf_counter() - start
+
+
+def solver_scaling_table(tasks: list[int], cap: float, progress) -> list[str]:
+    lines = [
+        "| strategy | " + " | ".join(f"T={t} (s)" for t in tasks) + " |",
+        "|---|" + "---|" * len(tasks),
+    ]
+    for m in gramian_methods():
+        cells: list[str] = []
+        last: tuple[int, float] | None = None
+        for t in tasks:
+            if last is not None and last[1] * (t / last[0]) ** 3 > cap:
+                # Not run: a T³ extrapolation from the last cell passes the cap.
+                cells.append(f"**> {cap:.0f}** (T³ extrapolation: {last[1] * (t / last[0]) ** 3:.0f})")
+                last = (t, last[1] * (t / last[0]) ** 3)
+                continue
+            seconds = solver_seconds(m, t)
+            text = f"{seconds:.3f}" if seconds < 10 else f"{seconds:.0f}"
+            cells.append(text if seconds <= TARGET_SECONDS else f"**{text}**")
+            last = (t, seconds)
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        progress(f"solvers {m}")
+    return lines
+
+
+SOLVERS_SECTION = [
+    "## Solvers at many tasks",
+    "",
+    "Each Gramian strategy's solver alone (its weights from the T×T Gramian, float64 on the host, "
+    "one call, first step: no warm start) on the Gramian of a random Gaussian T × 2T matrix. "
+    "Target: ≤ 1 s at T = 1000; bold above it. A cell whose T³ extrapolation from the previous "
+    "one passes the time cap is not run and shows that extrapolation.",
+    "",
+]
+
+
+def run_solvers(quick: bool, progress=print) -> list[str]:
+    tasks = [10, 100] if quick else [10, 100, 300, 1000]
+    cap = 2.0 if quick else 30.0
+    return [*SOLVERS_SECTION, *solver_scaling_table(tasks, cap, progress), ""]

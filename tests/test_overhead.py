@@ -1,0 +1,123 @@
+"""The small-model fast paths give the same results as the plain computations they replace: the
+blocked Gramian, the column sums of |J|, the finiteness check read from G's diagonal, J's memory
+reused across steps, the Gramian computed once per step."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import mtlopt
+import mtlopt.engine
+import mtlopt.paths.jacobian
+from mtlopt.finite import check_tasks
+from mtlopt.strategies.base import _GRAM_BLOCK, _gram, column_abs_sum, gramian_of, known_gramian
+
+
+@pytest.mark.parametrize("tasks", [2, 3, 11, 16])
+@pytest.mark.parametrize("width", [5 * _GRAM_BLOCK, 5 * _GRAM_BLOCK + 37, 100])
+def test_blocked_gramian_is_j_jt(tasks, width):
+    jacobian = torch.randn(tasks, width, generator=torch.Generator().manual_seed(tasks + width))
+    wide = jacobian.double()
+    expected = np.einsum("ip,jp->ij", wide.numpy(), wide.numpy())  # float64 reference
+    scale = float(np.max(np.diag(expected)))
+    got = _gram(jacobian).double().numpy()
+    assert np.max(np.abs(got - expected)) <= 1e-5 * scale
+    assert np.allclose(_gram(wide).numpy(), expected, rtol=1e-12, atol=1e-10 * scale)
+
+
+@pytest.mark.parametrize("width", [7, 3 * _GRAM_BLOCK + 5])
+def test_column_abs_sum(width):
+    jacobian = torch.randn(5, width, dtype=torch.float64)
+    expected = sum(row.abs() for row in jacobian)
+    assert torch.allclose(column_abs_sum(jacobian), expected, rtol=1e-14, atol=0)
+
+
+def test_finiteness_from_the_gramians_diagonal():
+    jacobian = torch.randn(5, 300)
+    jacobian[1, 7] = math.nan
+    jacobian[2, 3] = math.inf
+    jacobian[3] = 0.0
+    jacobian[4] = 1e-30  # squares underflow in float32: not zero all the same
+    gramian = gramian_of(jacobian)
+    checks = check_tasks(jacobian, [[]] * 5, gramian.diagonal())
+    assert [c.finite for c in checks] == [True, False, False, True, True]
+    assert [c.zero for c in checks] == [False, False, False, True, False]
+    assert checks == check_tasks(jacobian, [[]] * 5)
+
+
+def test_known_gramian_is_used_only_for_that_unchanged_matrix():
+    jacobian = torch.randn(3, 10, dtype=torch.float64)
+    fake = np.full((3, 3), 7.0)
+    with known_gramian(jacobian, fake):
+        first = gramian_of(jacobian)
+        first[0, 0] = -1.0  # a copy: the strategy may write into it
+        assert np.all(gramian_of(jacobian) == 7.0)
+        assert not np.all(gramian_of(jacobian.clone()) == 7.0)
+        jacobian.mul_(2.0)
+        assert np.allclose(gramian_of(jacobian), (jacobian @ jacobian.T).numpy())
+    assert np.allclose(gramian_of(jacobian), (jacobian @ jacobian.T).numpy())
+
+
+class _Net(nn.Module):
+    def __init__(self, tasks: int) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16))
+        self.heads = nn.ModuleList(nn.Linear(16, 1) for _ in range(tasks))
+
+    def forward(self, x):
+        z = self.trunk(x)
+        return [h(z).squeeze(-1) for h in self.heads]
+
+
+RANDOMIZED = ("pcgrad", "graddrop")
+
+
+def _train(model, method, batches, micro, monkeypatch=None):
+    opt = mtlopt.MTLOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        mtlopt.create(method, num_tasks=3, **({"seed": 0} if method in RANDOMIZED else {})),
+    )
+    pointers = []
+    for x, y in batches:
+        opt.zero_grad()
+        for part_x, part_y in zip(x.chunk(micro), y.chunk(micro), strict=True):
+            losses = [((o - part_y[:, i]) ** 2).mean() for i, o in enumerate(model(part_x))]
+            opt.backward(losses)
+        opt.step()
+        buffer = opt._jacobian_buffer
+        pointers.append(None if buffer is None else buffer.data_ptr())
+    return pointers
+
+
+@pytest.mark.parametrize("method", ["mgda", "upgrad", "pcgrad", "graddrop", "db_mtl", "cagrad"])
+@pytest.mark.parametrize("micro", [1, 2])
+def test_reused_jacobian_memory_gives_the_same_steps(method, micro, monkeypatch):
+    torch.manual_seed(0)
+    model = _Net(3)
+    batches = [(torch.randn(8, 8), torch.randn(8, 3)) for _ in range(4)]
+    reused, fresh = copy.deepcopy(model), copy.deepcopy(model)
+    pointers = _train(reused, method, batches, micro)
+    if micro == 1:  # one block for every step (under accumulation, the window's sum is new)
+        assert pointers[0] is not None and len(set(pointers)) == 1
+    monkeypatch.setattr(mtlopt.paths.jacobian, "reusable_buffer", lambda jacobian: None)
+    assert _train(fresh, method, batches, micro) == [None] * 4
+    for a, b in zip(reused.parameters(), fresh.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_gramian_computed_once_per_step(monkeypatch):
+    calls = []
+    original = mtlopt.strategies.base._gram
+    monkeypatch.setattr(
+        mtlopt.strategies.base, "_gram", lambda j: calls.append(1) or original(j)
+    )
+    torch.manual_seed(0)
+    model = _Net(3)
+    _train(model, "upgrad", [(torch.randn(8, 8), torch.randn(8, 3))], 1)
+    assert len(calls) == 1  # the check, the strategy and the diagnostics share it
