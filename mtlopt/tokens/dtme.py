@@ -17,6 +17,7 @@ from ..strategies.base import GradientStrategy, LossStrategy, TokenStrategy
 from .analysis import TokenSpaceAnalysis
 from .budget import DEFAULT_PLAN_WARNING, choose_layers
 from .expansion import Expansion, ExpansionPlan, expand
+from .plan import TokenPlan
 from .report import ConflictReport
 from .space import SplitRule
 from .streams import STREAMS, single_task
@@ -91,6 +92,14 @@ class DTME(TokenStrategy):
             ``torch.initial_seed()``); saved in the state, so a restored run draws the same tokens.
         mask_conventions: for boolean masks whose name DTME does not know, whether ``True`` means
             ``"true_attends"`` or ``"true_masks"``, by argument name.
+        plan: a :class:`~mtlopt.tokens.TokenPlan` (from :func:`~mtlopt.tokens.plan_expansion`, the
+            paper's offline analysis at iteration 0, or explicit) or an
+            :class:`~mtlopt.tokens.ExpansionPlan`: the model is expanded at construction, with
+            the modules present from step 0, and no analysis runs during training.
+        gated_tokens: the task tokens' contribution passes through a per-task gate initialised
+            closed (:class:`~mtlopt.tokens.TokenGate`), so the expanded model starts exactly, bit
+            for bit, at the current one (default); ``False`` gives the paper's ungated tokens.
+            With ``plan=``, the plan's own setting is used.
     """
 
     def __init__(
@@ -114,7 +123,14 @@ class DTME(TokenStrategy):
         layers: Sequence[int] | None = None,
         seed: int | None = None,
         mask_conventions: Mapping[str, str] | None = None,
+        plan: TokenPlan | ExpansionPlan | None = None,
+        gated_tokens: bool = True,
     ) -> None:
+        if plan is not None:
+            given = plan.num_tasks
+            if num_tasks is not None and num_tasks != given:
+                raise ValueError(f"num_tasks={num_tasks} but the plan is of {given} tasks")
+            num_tasks = given
         super().__init__(num_tasks)
         if blocks is None:
             if model is None:
@@ -152,20 +168,57 @@ class DTME(TokenStrategy):
         self.covariance_steps = covariance_steps
         self.budget = budget
         self.layers = None if layers is None else sorted(set(layers))
+        self.gated_tokens = gated_tokens
         self.seed = int(torch.initial_seed() % 2**62) if seed is None else int(seed)
         self.steps = 0
         self.sequence_length = 0
         self.validated = False
         self.report: ConflictReport | None = None
         self.plan: ExpansionPlan | None = None
-        self._analysis: TokenSpaceAnalysis | None = TokenSpaceAnalysis(
-            self.blocks, num_tasks, r, split_rule, mask_conventions=self.conventions
-        )
-        self._analysis.taps.keep_calls = True
+        self.token_plan: TokenPlan | None = None
         self._pending: list[tuple[str, Any]] = []
         self._first: tuple[int, int] | None = None
         self._expansion: Expansion | None = None
         self._optimizer: torch.optim.Optimizer | None = None
+        self._groups_added = False
+        self._analysis: TokenSpaceAnalysis | None = None
+        if plan is not None:
+            self._apply_given(plan)
+            return
+        self._analysis = TokenSpaceAnalysis(
+            self.blocks, num_tasks, r, split_rule, mask_conventions=self.conventions
+        )
+        self._analysis.taps.keep_calls = True
+
+    def _apply_given(self, given: TokenPlan | ExpansionPlan) -> None:
+        """Expand now by a plan made before training (the paper's iteration-0 protocol)."""
+        depth = len(self.blocks)
+        token_plan = (
+            given
+            if isinstance(given, TokenPlan)
+            else TokenPlan(given, depth, None, 0, None, None, "explicit")
+        )
+        plan = token_plan.expansion
+        if token_plan.depth != depth:
+            raise ValueError(f"the plan is for {token_plan.depth} blocks; this model has {depth}")
+        chosen = [*plan.modulation_layers, *plan.expansion_layers]
+        if any(not 0 <= d < depth for d in chosen):
+            raise ValueError(f"the plan's layers must lie in [0, {depth}), got {sorted(chosen)}")
+        dims = token_plan.dims or [_width(block, d) for d, block in enumerate(self.blocks)]
+        self.token_plan, self.plan = token_plan, plan
+        self.sequence_length = token_plan.sequence_length
+        self.validated = True
+        report = copy.deepcopy(token_plan.report) or ConflictReport(
+            range_rates=[], null_rates=[], range_ranks=[], dims=list(dims), tokens_seen=[]
+        )
+        report.dims = list(dims)
+        report.parameters_before = self._parameter_count()
+        self._apply(dims=dims)
+        report.modulation_layers = list(plan.modulation_layers)
+        report.expansion_layers = list(plan.expansion_layers)
+        report.predicted_multiplier = plan.predicted_multiplier
+        report.parameters_added = sum(p.numel() for p in self._expansion.parameters())  # type: ignore[union-attr]
+        self.report = report
 
     def hyperparameters(self) -> dict[str, object]:
         return {
@@ -175,6 +228,8 @@ class DTME(TokenStrategy):
             "tokens_per_task": self.tokens_per_task,
             "analysis_steps": self.analysis_steps,
             "budget": self.budget,
+            "gated_tokens": self.gated_tokens if self.plan is None else self.plan.gated,
+            "plan": None if self.token_plan is None else self.token_plan.selection,
         }
 
     def parameters(self) -> list[nn.Parameter]:
@@ -202,6 +257,8 @@ class DTME(TokenStrategy):
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         self._optimizer = optimizer
+        if self._expansion is not None:
+            self._add_param_groups()
 
     def check_num_tasks(self, num_tasks: int) -> None:
         if self.num_tasks is None:
@@ -296,6 +353,7 @@ class DTME(TokenStrategy):
             expansion=self.expansion,
             budget=self.budget,
             layers=self.layers,
+            gated=self.gated_tokens,
         )
         report.parameters_before = self._parameter_count()
         self._apply(dims=report.dims)
@@ -316,26 +374,13 @@ class DTME(TokenStrategy):
 
     def _apply(self, dims: Sequence[int]) -> None:
         assert self.plan is not None
-        block_ids = {id(p) for b in self.blocks for p in b.parameters()}
         generator = torch.Generator().manual_seed(self.seed)
         self._expansion = expand(self.blocks, self.plan, list(dims), generator, self.conventions)
         if self._analysis is not None:
             self._analysis.close()
             self._analysis = None
         if self._optimizer is not None:
-            groups = self._optimizer.param_groups
-            home = next(
-                (g for g in groups if any(id(p) in block_ids for p in g["params"])), groups[0]
-            )
-            hyper = {k: v for k, v in home.items() if k != "params"}
-            modulation = self._expansion.modulation_parameters()
-            tokens = self._expansion.token_parameters()
-            if modulation:
-                self._optimizer.add_param_group(
-                    {**hyper, "params": modulation, "weight_decay": 0.0}
-                )
-            if tokens:
-                self._optimizer.add_param_group({**hyper, "params": tokens})
+            self._add_param_groups()
         if self.model is not None:
             # Scope the stream context to this model's forward pass, so that task_view in another
             # model's forward (or after this one) never sees this model's streams.
@@ -345,6 +390,28 @@ class DTME(TokenStrategy):
                 ),
                 self.model.register_forward_hook(_check_task_view),
             ]
+
+    def _add_param_groups(self) -> None:
+        """The new parameters join the wrapped optimizer with the hyperparameters of the group
+        that holds the blocks: the modulation (decay would pull W towards 0, not the identity)
+        and the gates (decay would close them again) without weight decay, the tokens as they
+        are."""
+        assert self._optimizer is not None and self._expansion is not None
+        if self._groups_added:
+            return
+        block_ids = {id(p) for b in self.blocks for p in b.parameters()}
+        groups = self._optimizer.param_groups
+        home = next(
+            (g for g in groups if any(id(p) in block_ids for p in g["params"])), groups[0]
+        )
+        hyper = {k: v for k, v in home.items() if k != "params"}
+        modulation = self._expansion.modulation_parameters() + self._expansion.gate_parameters()
+        tokens = self._expansion.token_parameters()
+        if modulation:
+            self._optimizer.add_param_group({**hyper, "params": modulation, "weight_decay": 0.0})
+        if tokens:
+            self._optimizer.add_param_group({**hyper, "params": tokens})
+        self._groups_added = True
 
     def _parameter_count(self) -> int:
         if self.model is not None:
@@ -397,15 +464,18 @@ class DTME(TokenStrategy):
             raise ValueError(
                 f"the checkpoint's model has {state['num_blocks']} blocks; this one {len(self.blocks)}"
             )
-        if state["plan"] is not None and self._expansion is not None:
-            raise RuntimeError("this DTME has already expanded its model; load into a fresh one")
         plan = report = None
         if state["plan"] is not None:
-            plan = ExpansionPlan(**state["plan"])
+            plan = ExpansionPlan(**{"gated": False, **state["plan"]})  # older states: ungated
             fields = {f for f in ConflictReport.__dataclass_fields__}
             report = ConflictReport(**{k2: v for k2, v in state["report"].items() if k2 in fields})
             if len(report.dims) != len(self.blocks):
                 raise ValueError("the checkpoint's report does not match this model's blocks")
+        if plan is not None and self._expansion is not None and plan != self.plan:
+            raise RuntimeError(
+                "this DTME has already expanded its model by another plan; load into a fresh one "
+                "(created without plan=, or with the checkpoint's plan)"
+            )
         copy.deepcopy(self.base).load_state_dict(state["base"])  # raises before any change
         if plan is None and state["analysis"] is not None and self._analysis is not None:
             self._analysis.load_state_dict(state["analysis"])  # validates, then loads
@@ -417,10 +487,24 @@ class DTME(TokenStrategy):
         self._pending = []
         if self._analysis is not None and self.validated:
             self._analysis.taps.keep_calls = False
-        if plan is not None:
+        if plan is not None and self._expansion is None:
             self.plan, self.report = plan, report
             assert report is not None
             self._apply(dims=report.dims)
+
+
+def _width(block: nn.Module, index: int) -> int:
+    """A block's token width, read from its first LayerNorm (or its first Linear's input)."""
+    for module in block.modules():
+        if isinstance(module, nn.LayerNorm):
+            return int(module.normalized_shape[-1])
+    for module in block.modules():
+        if isinstance(module, nn.Linear):
+            return int(module.in_features)
+    raise ValueError(
+        f"cannot read the token width of block {index} ({type(block).__name__}); give the plan "
+        "its widths (TokenPlan.explicit(..., dims=[...]))"
+    )
 
 
 def _merge(pending: list[tuple[str, Any]]) -> tuple[str, Any] | None:
