@@ -23,6 +23,10 @@ class Instance:
     """The transformer blocks, for token strategies (DTME); ``None`` if the model has none."""
     trace: Callable[[nn.Module], list[float]] | None = None
     """Optional per-step trace (the toy records its parameters)."""
+    plan_batches: list[Any] | None = None
+    """A fixed set of batches for DTME's offline analysis at iteration 0 (the paper's protocol:
+    the plan is made before training and the modules are present from step 0); ``None``: DTME
+    analyses the first training steps instead."""
 
 
 @dataclass

@@ -295,3 +295,21 @@ def test_a_plan_for_another_model_is_refused():
         mtlopt.create("dtme", model=model, plan=TokenPlan.explicit(2, 3, [0], []))
     with pytest.raises(ValueError, match="tasks"):
         mtlopt.create("dtme", model=model, num_tasks=3, plan=TokenPlan.explicit(2, 4, [0], []))
+
+
+def test_an_optimizer_built_after_the_plan_gives_the_new_parameters_their_groups():
+    """Was: 'some parameters appear in more than one parameter group' (the expanded blocks hold
+    the new parameters, so model.parameters() already included them)."""
+    torch.manual_seed(0)
+    model = TinyViT()
+    dtme = mtlopt.create("dtme", model=model, plan=TokenPlan.explicit(2, 4, [1], [2]))
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    opt = mtlopt.MTLOptimizer(inner, dtme)
+    new = {id(p) for p in dtme._expansion.parameters()}
+    assert not new & {id(p) for p in opt.param_groups[0]["params"]}
+    modulation, tokens = opt.param_groups[-2], opt.param_groups[-1]
+    assert modulation["weight_decay"] == 0.0 and tokens["weight_decay"] == 0.1
+    assert {id(p) for g in opt.param_groups[1:] for p in g["params"]} == new
+    x, y = batch()
+    opt.zero_grad()
+    opt.step(losses(model, x, y))

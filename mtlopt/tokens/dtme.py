@@ -399,14 +399,25 @@ class DTME(TokenStrategy):
         assert self._optimizer is not None and self._expansion is not None
         if self._groups_added:
             return
-        block_ids = {id(p) for b in self.blocks for p in b.parameters()}
+        modulation = self._expansion.modulation_parameters() + self._expansion.gate_parameters()
+        tokens = self._expansion.token_parameters()
+        new = {id(p) for p in modulation + tokens}
+        block_ids = {id(p) for b in self.blocks for p in b.parameters()} - new
         groups = self._optimizer.param_groups
         home = next(
             (g for g in groups if any(id(p) in block_ids for p in g["params"])), groups[0]
         )
         hyper = {k: v for k, v in home.items() if k != "params"}
-        modulation = self._expansion.modulation_parameters() + self._expansion.gate_parameters()
-        tokens = self._expansion.token_parameters()
+        # With plan=, an optimizer built after the strategy already holds the new parameters
+        # (they are sub-modules of the blocks): they move to their own groups.
+        state = self._optimizer.state
+        if any(id(p) in new and p in state for g in groups for p in g["params"]):
+            raise RuntimeError(
+                "the optimizer already has state for DTME's new parameters; build the optimizer "
+                "and the DTME strategy before the first step"
+            )
+        for group in groups:
+            group["params"] = [p for p in group["params"] if id(p) not in new]
         if modulation:
             self._optimizer.add_param_group({**hyper, "params": modulation, "weight_decay": 0.0})
         if tokens:
