@@ -148,20 +148,21 @@ def train_arm(
     else:
         strategy = mtlopt.create("ew")
     opt = mtlopt.MTLOptimizer(torch.optim.Adam(model.parameters(), lr=inst.lr), strategy)
-    times, warm = [], None
-    start = time.perf_counter()
+    times, cpu, warm = [], [], None
+    start, start_cpu = time.perf_counter(), time.process_time()
     for step in range(steps):
         if warm_probe and step == warm_probe:  # the analysis after a short warm-up (diagnostic)
             warm = plan_expansion(
                 model, inst.plan_batches, lambda b: vf.losses(model, b), bootstrap=100, seed=seed
             ).as_dict()
         batch = inst.batch(step)
-        began = time.perf_counter()
+        began, began_cpu = time.perf_counter(), time.process_time()
         opt.zero_grad()
         values = inst.losses(model, batch)
         opt.step(values if task is None else [values[task]])
         times.append(time.perf_counter() - began)
-    seconds = time.perf_counter() - start
+        cpu.append(time.process_time() - began_cpu)
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
     metrics = inst.evaluate(model)
     if task is not None:
         metrics = {k: v for k, v in metrics.items() if vf.PROBLEM.metric_task[k] == task}
@@ -171,7 +172,10 @@ def train_arm(
         "steps": steps,
         "metrics": metrics,
         "train_seconds": seconds,
+        "train_cpu_seconds": cpu_seconds,
         "median_step_ms": 1e3 * statistics.median(times[min(5, len(times) - 1) :]),
+        # CPU time of this process: on a shared machine far steadier than wall time
+        "median_step_cpu_ms": 1e3 * statistics.median(cpu[min(5, len(cpu) - 1) :]),
         "plan": None if plan is None else plan.as_dict(),
     }
     if warm is not None:
@@ -193,6 +197,7 @@ def run(
     analysis: int,
     bootstrap: int,
     command: str,
+    summarise_only: bool = False,
 ) -> dict[str, Any]:
     from tqdm import tqdm
 
@@ -204,6 +209,17 @@ def run(
         "mtlopt": mtlopt.__version__,
     }
     key = _fingerprint(config)
+    if summarise_only:  # the runs finished so far (of a run still going, or interrupted)
+        results = []
+        for path in sorted((out / "runs").glob("seed*/*.json")):
+            saved = json.loads(path.read_text())
+            if saved.get("fingerprint") == key and saved["arm"] in [*arms, "stl-0", "stl-1", "stl-2"]:
+                results.append(saved)
+        summary = summarise(results, arms, config, command, math.nan, setting)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps({"summary": summary, "runs": results}))
+        (out / "results.md").write_text(summary["markdown"])
+        return summary
     start = time.perf_counter()
     trunk_seconds = time.perf_counter()
     vf.pretrained_trunk(setting.pretraining, progress=True)
@@ -233,7 +249,7 @@ def run(
         if arm == "ew_compute":
             mine = {r["arm"]: r for r in results if r["seed"] == seed}
             if "dtme" in mine and "ew" in mine:
-                ratio = mine["dtme"]["median_step_ms"] / mine["ew"]["median_step_ms"]
+                ratio = mine["dtme"]["median_step_cpu_ms"] / mine["ew"]["median_step_cpu_ms"]
             else:
                 ratio = 1.0
             arm_steps = max(steps, round(steps * ratio))
@@ -302,7 +318,7 @@ def summarise(
         {m: statistics.fmean(s[m] for s in stl.values()) for m in METRICS} if stl else None
     )
     rows = []
-    ew_ms = {s: by[(s, "ew")]["median_step_ms"] for s in seeds if (s, "ew") in by}
+    ew_ms = {s: by[(s, "ew")]["median_step_cpu_ms"] for s in seeds if (s, "ew") in by}
     for arm in arms:
         done = [s for s in seeds if (s, arm) in by]
         if not done:
@@ -328,7 +344,7 @@ def summarise(
             for s in done
             if by[(s, arm)]["plan"]
         )
-        ratio = [by[(s, arm)]["median_step_ms"] / ew_ms[s] for s in done if s in ew_ms]
+        ratio = [by[(s, arm)]["median_step_cpu_ms"] / ew_ms[s] for s in done if s in ew_ms]
         metrics = {
             m: statistics.fmean(by[(s, arm)]["metrics"][m] for s in done) for m in METRICS
         }
@@ -342,6 +358,9 @@ def summarise(
                 "dtme_gain_over_arm": vs_dtme,
                 "step_time_vs_ew": statistics.fmean(ratio) if ratio else math.nan,
                 "train_seconds": statistics.fmean(by[(s, arm)]["train_seconds"] for s in done),
+                "train_cpu_seconds": statistics.fmean(
+                    by[(s, arm)]["train_cpu_seconds"] for s in done
+                ),
                 "steps": statistics.fmean(by[(s, arm)]["steps"] for s in done),
                 "plans": {f"TM {list(k[0])} TE {list(k[1])}": n for k, n in plans_seen.items()},
                 "predicted": statistics.fmean(
@@ -406,17 +425,26 @@ def markdown(summary: dict[str, Any]) -> str:
     c = summary["config"]
     trunk = summary["trunk"]
     lines = [
-        f"Command: `{summary['command']}`; wall time {summary['wall_seconds']:.0f} s; "
+        f"Command: `{summary['command']}`; wall time "
+        + (
+            "not known (tabulated from the finished runs)"
+            if math.isnan(summary["wall_seconds"])
+            else f"{summary['wall_seconds']:.0f} s"
+        )
+        + "; "
         f"{c['steps']} fine-tuning steps × batch {c['setting']['batch']}; analysis on "
         f"{c['analysis_batches']} fixed batches of 128 at iteration 0 (eval mode); trunk pretrained "
         f"{trunk.get('steps', '?')} steps × {trunk.get('batch', '?')}, source accuracy "
         f"{trunk.get('source_accuracy', float('nan')):.3f}.",
         "",
         "Gains in %, positive = better: the mean over the three metrics of the relative change "
-        "(the paper's sign of Δm); [95 % Student-t interval over the paired seeds].",
+        "(the paper's sign of Δm); [95 % Student-t interval over the paired seeds]. Step / EW: "
+        "median step CPU time of this process over EW's, same seed (CPU time, not wall time: "
+        "the machine is shared); predicted: the plan's block-compute multiplier; CPU s: "
+        "training CPU seconds per run.",
         "",
         "| arm | seeds | left acc | right acc | parts mIoU | vs EW | Δm vs single-task | "
-        "DTME over this arm | step / EW | predicted | train s |",
+        "DTME over this arm | step / EW | predicted | CPU s |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in summary["rows"]:
@@ -426,7 +454,7 @@ def markdown(summary: dict[str, Any]) -> str:
             f"{m['right acc']:.4f} | {m['parts mIoU']:.4f} | {_cell(row['gain_vs_ew'])} | "
             f"{_cell(row['delta_m_vs_stl'])} | {_cell(row['dtme_gain_over_arm'])} | "
             f"{row['step_time_vs_ew']:.2f} | {row['predicted']:.2f} | "
-            f"{row['train_seconds']:.0f} |"
+            f"{row['train_cpu_seconds']:.0f} |"
         )
     lines += ["", "Plans (the most common across seeds):", "", "| arm | TM / TE layers |", "|---|---|"]
     for row in summary["rows"]:
@@ -483,9 +511,10 @@ def markdown(summary: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--train", type=int, default=vf.TRAIN)
+    parser.add_argument("--test", type=int, default=vf.TEST)
     parser.add_argument("--stl-seeds", type=int, help="seeds with single-task runs (default all)")
     parser.add_argument("--analysis-batches", type=int, default=8, help="of 128 images")
     parser.add_argument("--bootstrap", type=int, default=200)
@@ -493,6 +522,9 @@ def main(argv: list[str] | None = None) -> int:
                         f"{','.join(OPTIONAL_ARMS)})")
     parser.add_argument("--quick", action="store_true", help="tiny pretraining, 2 seeds, 20 steps")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--summarise", action="store_true", help="only tabulate the runs finished so far"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench-results/dtme_placement"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -508,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
         setting = vf.Setting(vf.QUICK_PRETRAINING, vf.QUICK_TRAIN, vf.QUICK_TEST, 32)
         seeds, steps, analysis, bootstrap = 2, 20, 4, 20
     else:
-        setting = vf.Setting(vf.FULL_PRETRAINING, args.train, vf.TEST, args.batch)
+        setting = vf.Setting(vf.FULL_PRETRAINING, args.train, args.test, args.batch)
         seeds, steps, analysis, bootstrap = (
             args.seeds,
             args.steps,
@@ -528,6 +560,7 @@ def main(argv: list[str] | None = None) -> int:
         analysis,
         bootstrap,
         command.strip(),
+        args.summarise,
     )
     print(summary["markdown"])
     print(f"results under {args.out}/")

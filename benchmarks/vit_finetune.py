@@ -38,7 +38,7 @@ INK = 2.0
 """A patch whose two items each put less than this much ink (pixel sum, of 36 pixels in [0, 1])
 is background."""
 TRAIN, TEST = 20000, 2000
-QUICK_TRAIN, QUICK_TEST = 2000, 500
+QUICK_TRAIN, QUICK_TEST = 1000, 300
 
 
 @dataclass(frozen=True)
@@ -230,7 +230,7 @@ class Setting:
 
 
 FULL = Setting(FULL_PRETRAINING, TRAIN, TEST, 128)
-QUICK = Setting(QUICK_PRETRAINING, QUICK_TRAIN, QUICK_TEST, 64)
+QUICK = Setting(QUICK_PRETRAINING, QUICK_TRAIN, QUICK_TEST, 32)
 
 
 def analysis_batches(data: Target, batch: int, count: int) -> list[tuple]:
@@ -279,7 +279,7 @@ def instance(
 
 
 def setup(seed: int, variant: object, quick: bool) -> Instance:
-    return instance(QUICK if quick else FULL, seed, 4 if quick else 8, 64 if quick else 128)
+    return instance(QUICK if quick else FULL, seed, 2 if quick else 8, 64 if quick else 128)
 
 
 PROBLEM = Problem(
@@ -288,14 +288,14 @@ PROBLEM = Problem(
     f"position on a 36×36 canvas ({FULL_PRETRAINING.steps} steps × {FULL_PRETRAINING.batch}, "
     f"cached), fine-tuned with fresh heads on left class, right class and per-patch parts; "
     f"batch 128, Adam 1e-3; train {TRAIN} / test {TEST} (quick: pretraining "
-    f"{QUICK_PRETRAINING.steps} × {QUICK_PRETRAINING.batch}, batch 64, {QUICK_TRAIN} / "
+    f"{QUICK_PRETRAINING.steps} × {QUICK_PRETRAINING.batch}, batch 32, {QUICK_TRAIN} / "
     f"{QUICK_TEST}); DTME plans at iteration 0 from an offline analysis",
     tasks=["left", "right", "parts"],
     metrics={"left acc": False, "right acc": False, "parts mIoU": False},
     metric_task={"left acc": 0, "right acc": 1, "parts mIoU": 2},
     setup=setup,
     steps=300,
-    quick_steps=20,
+    quick_steps=10,
     quick_methods=["ew", "dtme"],
     notes="The placement study (random, reverse, swapped, TM/TE only, compute-matched EW, "
     "budgeted DTME, DTME+UPGrad): python -m mtlopt_bench.dtme_placement",
