@@ -307,8 +307,13 @@ def summarise(
     wall: float,
     setting: vf.Setting,
 ) -> dict[str, Any]:
+    started = sorted({r["seed"] for r in results})
+    # Paired statistics over the seeds where every arm finished (a partial run's last seed is not
+    # mixed in).
+    seeds = [s for s in started if all(any(r["seed"] == s and r["arm"] == a for r in results)
+                                       for a in arms)]
+    results = [r for r in results if r["seed"] in seeds]
     by = {(r["seed"], r["arm"]): r for r in results}
-    seeds = sorted({r["seed"] for r in results})
     stl: dict[int, dict[str, float]] = {}
     for seed in seeds:
         parts = [by.get((seed, f"stl-{t}")) for t in range(3)]
@@ -401,6 +406,8 @@ def summarise(
             }
         )
     summary = {
+        "complete_seeds": seeds,
+        "started_seeds": started,
         "config": config,
         "command": command,
         "wall_seconds": wall,
@@ -435,7 +442,8 @@ def markdown(summary: dict[str, Any]) -> str:
         f"{c['steps']} fine-tuning steps × batch {c['setting']['batch']}; analysis on "
         f"{c['analysis_batches']} fixed batches of 128 at iteration 0 (eval mode); trunk pretrained "
         f"{trunk.get('steps', '?')} steps × {trunk.get('batch', '?')}, source accuracy "
-        f"{trunk.get('source_accuracy', float('nan')):.3f}.",
+        f"{trunk.get('source_accuracy', float('nan')):.3f}; seeds with every arm finished: "
+        f"{len(summary['complete_seeds'])} of {len(summary['started_seeds'])} started.",
         "",
         "Gains in %, positive = better: the mean over the three metrics of the relative change "
         "(the paper's sign of Δm); [95 % Student-t interval over the paired seeds]. Step / EW: "
@@ -569,3 +577,45 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def docs_tables(summary: dict[str, Any]) -> str:
+    """The tables of the docs page: narrower than :func:`markdown`'s (one idea per table)."""
+    rows = summary["rows"]
+    out = [
+        "| arm | seeds | vs EW, % | DTME over the arm, % | Δm vs single-task, % | step / EW |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        out.append(
+            f"| {LABELS.get(row['arm'], row['arm'])} | {row['seeds']} | "
+            f"{_cell(row['gain_vs_ew'])} | {_cell(row['dtme_gain_over_arm'])} | "
+            f"{_cell(row['delta_m_vs_stl'])} | {row['step_time_vs_ew']:.2f} |"
+        )
+    out += ["", "| arm | left acc | right acc | parts mIoU | plan (most seeds) |", "|---|---|---|---|---|"]
+    for row in rows:
+        m = row["metrics"]
+        out.append(
+            f"| {LABELS.get(row['arm'], row['arm'])} | {m['left acc']:.4f} | "
+            f"{m['right acc']:.4f} | {m['parts mIoU']:.4f} | {_layers(row['plans'])} |"
+        )
+    if summary["stability"]:
+        out += [
+            "",
+            "| seed | TM / TE at iteration 0 | same plan | TM margin [95 %] | TE margin [95 %] | "
+            "TM / TE after warm-up |",
+            "|---|---|---|---|---|---|",
+        ]
+        for s in summary["stability"]:
+            def margin(m):
+                if not m or m[0] is None or (isinstance(m[0], float) and math.isnan(m[0])):
+                    return "–"
+                return f"{m[0]:+.3f} [{m[1]:+.3f}, {m[2]:+.3f}]"
+
+            warm = "–" if s["warm"] is None else f"{s['warm']['tm']} / {s['warm']['te']}"
+            agreement = "–" if s["agreement"] is None else f"{100 * s['agreement']:.0f} %"
+            out.append(
+                f"| {s['seed']} | {s['tm']} / {s['te']} | {agreement} | {margin(s['tm_margin'])} "
+                f"| {margin(s['te_margin'])} | {warm} |"
+            )
+    return "\n".join(out)
