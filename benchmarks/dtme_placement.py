@@ -20,7 +20,7 @@ seed (paired):
   time over EW's, per seed);
 - ``dtme_budget``: the plan under ``budget=2.0`` (branch in the last layers);
 - ``dtme_upgrad``: the plan with UPGrad as the base;
-- ``dtme_ungated``: the plan with the paper's ungated task tokens (optional arm);
+- ``dtme_ungated``: the plan with the paper's ungated task tokens;
 - ``stl-0..2``: single-task fine-tunes from the same trunk, for Δm.
 
 Every finished (seed, arm) is written at once to ``OUT/runs/seed<k>/<arm>.json`` and reused by a
@@ -62,8 +62,9 @@ ARMS = [
     "te_only",
     "dtme_budget",
     "dtme_upgrad",
+    "dtme_ungated",
 ]
-OPTIONAL_ARMS = ["dtme_ungated"]
+OPTIONAL_ARMS: list[str] = []
 BUDGET = 2.0
 METRICS = vf.PROBLEM.metrics
 LABELS = {
@@ -108,9 +109,18 @@ def plans(setting: vf.Setting, seed: int, analysis: int, bootstrap: int) -> dict
     )
     budget_plan = plan.with_layers(budgeted.modulation_layers, budgeted.expansion_layers)
     budget_plan.selection = f"conflict, budget={BUDGET}"
-    ungated = plan.with_layers(plan.modulation_layers, plan.expansion_layers)
-    ungated.expansion.gated = False
-    ungated.selection = "conflict, ungated"
+    ungated = TokenPlan.explicit(
+        plan.num_tasks,
+        plan.depth,
+        plan.modulation_layers,
+        plan.expansion_layers,
+        tokens_per_task=plan.expansion.tokens_per_task,
+        sequence_length=plan.sequence_length,
+        gated=False,
+        dims=plan.dims,
+        selection="conflict, ungated",
+    )
+    ungated.report = plan.report
     return {
         "dtme": plan,
         "dtme_upgrad": plan,
@@ -526,8 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stl-seeds", type=int, help="seeds with single-task runs (default all)")
     parser.add_argument("--analysis-batches", type=int, default=8, help="of 128 images")
     parser.add_argument("--bootstrap", type=int, default=200)
-    parser.add_argument("--arms", help=f"comma-separated (default {','.join(ARMS)}; also "
-                        f"{','.join(OPTIONAL_ARMS)})")
+    parser.add_argument("--arms", help=f"comma-separated (default {','.join(ARMS)})")
     parser.add_argument("--quick", action="store_true", help="tiny pretraining, 2 seeds, 20 steps")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
