@@ -24,14 +24,21 @@ import torch
 
 import mtlopt
 
-from . import multifashion, perf, qm9, scaling, toy, user_problem
+from . import multifashion, perf, qm9, scaling, toy, user_problem, vit_finetune
 from .data import DataMissing
 from .problem import Problem
 from .report import write
 from .suite import LIBMTL_PREFIX, RunSpec, cached, execute
 
 PROBLEMS: dict[str, Problem] = {
-    p.name: p for p in (toy.PROBLEM, multifashion.PROBLEM, qm9.PROBLEM, scaling.PROBLEM)
+    p.name: p
+    for p in (
+        toy.PROBLEM,
+        multifashion.PROBLEM,
+        qm9.PROBLEM,
+        scaling.PROBLEM,
+        vit_finetune.PROBLEM,
+    )
 }
 
 

@@ -29,6 +29,10 @@ class Instance:
     ``_signals``). ``None``: the problem has none and those strategies fail with that error."""
     representation: nn.Module | None = None
     """The module whose output is the shared representation (Rep-MTL's saliencies)."""
+    plan_batches: list[Any] | None = None
+    """A fixed set of batches for DTME's offline analysis at iteration 0 (the paper's protocol:
+    the plan is made before training and the modules are present from step 0); ``None``: DTME
+    analyses the first training steps instead."""
 
 
 @dataclass

@@ -99,6 +99,21 @@ def _strategy(spec: RunSpec, problem: Problem, instance: Instance, tasks: int):
     if spec.method == "dtme":
         if instance.blocks is None:
             raise ValueError("dtme needs a transformer")
+        if instance.plan_batches is not None:  # the paper's protocol: plan at iteration 0
+            from mtlopt.tokens import plan_expansion
+
+            model = instance.model
+            plan = plan_expansion(
+                model,
+                instance.plan_batches,
+                lambda b: instance.losses(model, b),
+                blocks=instance.blocks,
+                num_tasks=tasks,
+                bootstrap=0,
+            )
+            return mtlopt.create(
+                "dtme", blocks=instance.blocks, model=model, plan=plan, seed=spec.seed, **kwargs
+            )
         analysis = min(100, max(3, spec.steps // 3))
         return mtlopt.create(
             "dtme",

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 def _require(problem: str) -> None:
     try:
-        if problem == "multifashion":
+        if problem in ("multifashion", "vit_finetune"):
             data.fashion_mnist("test")
         elif problem == "qm9":
             data._qm9_files()
@@ -33,6 +33,7 @@ def _require(problem: str) -> None:
         ("scaling", "ew,mgda"),
         ("multifashion", "ew,dtme"),
         ("qm9", "ew,pcgrad"),
+        ("vit_finetune", "ew,dtme"),
     ],
 )
 def test_smoke_run_writes_every_output(problem, methods, tmp_path, capsys):
@@ -245,3 +246,92 @@ def test_perf_small_and_solver_sections_run_and_replace_their_part_of_the_page()
     replaced = perf.replace_section(page, "## A", "## A\n\nnew\n")
     assert replaced == "# P\n\n## A\n\nnew\n\n## B\n\nkept\n"
     assert perf.replace_section(page, "## C", "## C\n\nx\n").endswith("kept\n\n## C\n\nx\n")
+
+
+def test_vit_finetune_trunk_is_pretrained_once_into_the_cache(tmp_path, monkeypatch):
+    _require("vit_finetune")
+    from mtlopt_bench import vit_finetune as vf
+
+    monkeypatch.setenv("MTLOPT_CACHE", str(tmp_path / "cache"))
+    tiny = vf.Pretraining(steps=2, batch=8)
+    trunk = vf.pretrained_trunk(tiny)
+    files = list((tmp_path / "cache" / "vit_finetune").glob("trunk-*.pt"))
+    assert len(files) == 1 and files[0].name == f"trunk-{tiny.key()}.pt"
+    assert set(vf.trunk_info(tiny)) >= {"steps", "source_accuracy"}
+    # the second call reads the cache (no training): the same tensors
+    again = vf.pretrained_trunk(tiny)
+    assert all(torch_equal(trunk[k], again[k]) for k in trunk)
+    # fine-tuning models share the trunk and, within a seed, the heads
+    a, b = vf.build_model(trunk, tiny, seed=3), vf.build_model(trunk, tiny, seed=3)
+    c = vf.build_model(trunk, tiny, seed=4)
+    assert torch_equal(a.parts.weight, b.parts.weight)
+    assert not torch_equal(a.parts.weight, c.parts.weight)
+    assert torch_equal(a.blocks[0].mlp[0].weight, c.blocks[0].mlp[0].weight)
+
+
+def test_vit_finetune_targets_label_each_patch_by_the_item_covering_it_most():
+    _require("vit_finetune")
+    from mtlopt_bench import vit_finetune as vf
+
+    t = vf.target("test", 50, seed=0)
+    assert t.images.shape == (50, 36, 36) and t.parts.shape == (50, 36)
+    # brute force on one canvas: rebuild the two items' ink per 6×6 patch
+    images, labels = vf.items("test")
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    left, right = rng.choice(len(images), 50), rng.choice(len(images), 50)
+    rows_a, cols_a = rng.integers(0, 19, 50), rng.integers(0, 7, 50)
+    rows_b, cols_b = rng.integers(0, 19, 50), rng.integers(12, 19, 50)
+    for i in (0, 7, 31):
+        a = np.zeros((36, 36))
+        b = np.zeros((36, 36))
+        a[rows_a[i] : rows_a[i] + 18, cols_a[i] : cols_a[i] + 18] = images[left[i]].numpy()
+        b[rows_b[i] : rows_b[i] + 18, cols_b[i] : cols_b[i] + 18] = images[right[i]].numpy()
+        for p in range(36):
+            r, c = divmod(p, 6)
+            ia = a[6 * r : 6 * r + 6, 6 * c : 6 * c + 6].sum()
+            ib = b[6 * r : 6 * r + 6, 6 * c : 6 * c + 6].sum()
+            expected = 0 if max(ia, ib) < vf.INK else (1 if ia >= ib else 2)
+            assert int(t.parts[i, p]) == expected
+        assert int(t.classes[i, 0]) == int(labels[left[i]])
+        assert np.allclose(t.images[i].numpy(), np.maximum(a, b))
+
+
+def test_dtme_placement_runs_every_arm_paired_and_resumes(tmp_path, monkeypatch):
+    _require("vit_finetune")
+    from mtlopt_bench import dtme_placement as study
+    from mtlopt_bench import vit_finetune as vf
+
+    monkeypatch.setenv("MTLOPT_CACHE", str(tmp_path / "cache"))
+    setting = vf.Setting(vf.Pretraining(steps=2, batch=8), 300, 60, 8)
+    arms = ["ew", "dtme", "ew_compute", "random", "reverse", "swapped", "tm_only", "te_only",
+            "dtme_budget", "dtme_upgrad"]
+    args = (tmp_path / "out", 2, 3, setting, arms, 1, 2, 5, "test")
+    summary = study.run(*args)
+    rows = {r["arm"]: r for r in summary["rows"]}
+    assert set(rows) == set(arms) and all(r["seeds"] == 2 for r in rows.values())
+    assert len(rows["dtme"]["gain_vs_ew"]) == 2 and len(rows["dtme"]["delta_m_vs_stl"]) == 2
+    # EW given DTME's compute ran more steps than EW
+    assert rows["ew_compute"]["steps"] >= rows["ew"]["steps"]
+    # random keeps the plan's counts and branch; swapped exchanges the layers
+    runs = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
+    by = {(r["seed"], r["arm"]): r["plan"] for r in runs}
+    for seed in (0, 1):
+        plan, random = by[(seed, "dtme")], by[(seed, "random")]
+        assert len(random["modulation_layers"]) == len(plan["modulation_layers"])
+        assert random["branch_layer"] == plan["branch_layer"]
+        swapped = by[(seed, "swapped")]
+        assert swapped["modulation_layers"] == plan["expansion_layers"]
+        assert plan["stability"]["resamples"] == 5
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "random placement" in md and "Plan stability" in md
+    # a rerun reuses every finished run
+    monkeypatch.setattr(study, "train_arm", lambda *a, **k: pytest.fail("retrained"))
+    study.run(*args)
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)

@@ -127,12 +127,13 @@ def test_schedule_analysis_then_one_expansion(name):
     assert sorted(ranked) == report.modulation_layers or (
         sorted(report.range_rates)[-2] == sorted(report.range_rates)[-3]
     )
-    expected = 2 * 2 * 16 * len(report.modulation_layers) + 2 * 6 * 16 * len(
+    # per task: W and b (2·p) per modulation layer; 6 tokens (6·p) and one gate per token layer
+    expected = 2 * 2 * 16 * len(report.modulation_layers) + 2 * (6 * 16 + 1) * len(
         report.expansion_layers
     )
     assert report.parameters_added == expected
     assert report.parameters_before == sum(p.numel() for p in model.parameters()) - expected
-    assert len(opt.param_groups) == groups + 2  # modulation (no weight decay), then tokens
+    assert len(opt.param_groups) == groups + 2  # modulation and gates (no decay), then tokens
     assert all(g["lr"] == opt.param_groups[0]["lr"] for g in opt.param_groups[-2:])
     new = opt.param_groups[-2]["params"] + opt.param_groups[-1]["params"]
     before = [p.detach().clone() for p in new]

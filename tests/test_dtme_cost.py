@@ -118,6 +118,7 @@ def test_new_parameters_get_their_own_groups():
     assert modulation["weight_decay"] == 0.0 and modulation["lr"] == 5e-4
     assert tokens["weight_decay"] == 0.1 and tokens["lr"] == 5e-4
     mods = {id(p) for p in dtme._expansion.modulation_parameters()}
+    mods |= {id(p) for p in dtme._expansion.gate_parameters()}  # a decayed gate would close
     assert {id(p) for p in modulation["params"]} == mods
 
 

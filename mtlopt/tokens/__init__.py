@@ -5,7 +5,8 @@ from .analysis import TokenSpaceAnalysis, analyze_token_conflicts
 from .budget import choose_layers, predicted_multiplier
 from .deploy import load_expanded, plan_from_state_dict
 from .dtme import DTME
-from .expansion import ExpansionPlan, TaskTokens, TokenModulation, expand
+from .expansion import ExpansionPlan, TaskTokens, TokenGate, TokenModulation, expand
+from .plan import PlanStability, TokenPlan, plan_expansion
 from .report import ConflictReport
 from .space import ConflictCounts, CovarianceAccumulator, TokenSpace, split_rank
 from .streams import is_streamed, single_task, stream_count, task_view
@@ -17,8 +18,11 @@ __all__ = [
     "ConflictReport",
     "CovarianceAccumulator",
     "ExpansionPlan",
+    "PlanStability",
     "TaskTokens",
+    "TokenGate",
     "TokenModulation",
+    "TokenPlan",
     "TokenSpace",
     "TokenSpaceAnalysis",
     "TokenTaps",
@@ -28,6 +32,7 @@ __all__ = [
     "find_blocks",
     "is_streamed",
     "load_expanded",
+    "plan_expansion",
     "plan_from_state_dict",
     "predicted_multiplier",
     "single_task",

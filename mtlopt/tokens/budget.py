@@ -33,9 +33,11 @@ def predicted_multiplier(
     expansion_layers: Sequence[int],
     tokens_per_task: int,
     sequence_length: int,
+    gated: bool = False,
 ) -> float:
     """Predicted block compute of the expanded model over the original one (forward and backward
-    alike): ``c(b)`` plus ``K·n/N / D`` per layer with task tokens."""
+    alike): ``c(b)`` plus ``K·n/N / D`` per layer with task tokens, plus ``K / D`` per such layer
+    when the tokens are gated (the gate runs the block once more without them)."""
     chosen = set(modulation_layers) | set(expansion_layers)
     if not chosen:
         return 1.0
@@ -44,6 +46,8 @@ def predicted_multiplier(
     if tokens_per_task and sequence_length:
         share = num_tasks * tokens_per_task / sequence_length / depth
         cost += share * len(set(expansion_layers))
+    if gated and tokens_per_task:
+        cost += num_tasks / depth * len(set(expansion_layers))
     return float(cost)
 
 
@@ -59,6 +63,7 @@ def choose_layers(
     expansion: bool = True,
     budget: float | None = None,
     layers: Sequence[int] | None = None,
+    gated: bool = False,
 ) -> ExpansionPlan:
     """The expansion plan, ranked by conflict rate (ties to the earlier layer) inside the layers
     the budget and the candidate ``layers`` allow; raises if no layer fits the budget."""
@@ -87,14 +92,14 @@ def choose_layers(
 
     def cost(te_layers: list[int]) -> float:
         return predicted_multiplier(
-            depth, num_tasks, tm, te_layers, tokens_per_task, sequence_length
+            depth, num_tasks, tm, te_layers, tokens_per_task, sequence_length, gated
         )
 
     if budget is not None:
         by_rate = sorted(te, key=lambda d: (null_rates[d], -d))
         while te and cost(te) > budget:
             te.remove(by_rate.pop(0))
-    return ExpansionPlan(num_tasks, tm, te, tokens_per_task, cost(te))
+    return ExpansionPlan(num_tasks, tm, te, tokens_per_task, cost(te), gated)
 
 
 def _top(rates: Sequence[float], candidates: Sequence[int], count: int) -> list[int]:

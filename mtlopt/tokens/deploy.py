@@ -48,7 +48,8 @@ def plan_from_state_dict(
         raise ValueError("the state dict holds no DTME modules (no '*.dtme_*' keys)")
     if len(ks) != 1:
         raise ValueError(f"inconsistent task counts in the state dict: {sorted(ks)}")
-    plan = ExpansionPlan(ks.pop(), sorted(modulation), sorted(tokens), count)
+    gated = any(".dtme_gate." in f".{key}" for key in state_dict)
+    plan = ExpansionPlan(ks.pop(), sorted(modulation), sorted(tokens), count, gated=gated)
     return plan, [d or 1 for d in dims]
 
 
@@ -69,7 +70,7 @@ def load_expanded(
     except RuntimeError:
         expansion.remove()
         for block in chosen:
-            for name in ("dtme_modulation", "dtme_tokens"):
+            for name in ("dtme_modulation", "dtme_tokens", "dtme_gate"):
                 if hasattr(block, name):
                     delattr(block, name)
         raise

@@ -18,6 +18,7 @@ from ..strategies.base import GradientStrategy, LossStrategy, TokenStrategy
 from .analysis import TokenSpaceAnalysis
 from .budget import DEFAULT_PLAN_WARNING, choose_layers
 from .expansion import Expansion, ExpansionPlan, expand
+from .plan import TokenPlan
 from .report import ConflictReport
 from .space import SplitRule
 from .stream_calls import take_record
@@ -100,6 +101,14 @@ class DTME(TokenStrategy):
             per stream; ``False``: one backward per task through all K streams (O(K²)). Checked
             against the per-task path on its first step; where it does not apply, DTME says why
             once (a warning) and takes the per-task path. :attr:`gradient_path` tells which ran.
+        plan: a :class:`~mtlopt.tokens.TokenPlan` (from :func:`~mtlopt.tokens.plan_expansion`, the
+            paper's offline analysis at iteration 0, or explicit) or an
+            :class:`~mtlopt.tokens.ExpansionPlan`: the model is expanded at construction, with
+            the modules present from step 0, and no analysis runs during training.
+        gated_tokens: the task tokens' contribution passes through a per-task gate initialised
+            closed (:class:`~mtlopt.tokens.TokenGate`), so the expanded model starts exactly, bit
+            for bit, at the current one (default); ``False`` gives the paper's ungated tokens.
+            With ``plan=``, the plan's own setting is used.
     """
 
     def __init__(
@@ -124,7 +133,14 @@ class DTME(TokenStrategy):
         seed: int | None = None,
         mask_conventions: Mapping[str, str] | None = None,
         stream_gradients: bool = True,
+        plan: TokenPlan | ExpansionPlan | None = None,
+        gated_tokens: bool = True,
     ) -> None:
+        if plan is not None:
+            given = plan.num_tasks
+            if num_tasks is not None and num_tasks != given:
+                raise ValueError(f"num_tasks={num_tasks} but the plan is of {given} tasks")
+            num_tasks = given
         super().__init__(num_tasks)
         if blocks is None:
             if model is None:
@@ -162,16 +178,14 @@ class DTME(TokenStrategy):
         self.covariance_steps = covariance_steps
         self.budget = budget
         self.layers = None if layers is None else sorted(set(layers))
+        self.gated_tokens = gated_tokens
         self.seed = int(torch.initial_seed() % 2**62) if seed is None else int(seed)
         self.steps = 0
         self.sequence_length = 0
         self.validated = False
         self.report: ConflictReport | None = None
         self.plan: ExpansionPlan | None = None
-        self._analysis: TokenSpaceAnalysis | None = TokenSpaceAnalysis(
-            self.blocks, num_tasks, r, split_rule, mask_conventions=self.conventions
-        )
-        self._analysis.taps.keep_calls = True
+        self.token_plan: TokenPlan | None = None
         self._pending: list[tuple[str, Any]] = []
         self._first: tuple[int, int] | None = None
         self._expansion: Expansion | None = None
@@ -180,6 +194,45 @@ class DTME(TokenStrategy):
         self.gradient_path = "per task"
         """``"streams"`` (one K-stream backward), or ``"per task"`` with the reason it was taken."""
         self._streams_checked = False
+        self._groups_added = False
+        self._analysis: TokenSpaceAnalysis | None = None
+        if plan is not None:
+            self._apply_given(plan)
+            return
+        self._analysis = TokenSpaceAnalysis(
+            self.blocks, num_tasks, r, split_rule, mask_conventions=self.conventions
+        )
+        self._analysis.taps.keep_calls = True
+
+    def _apply_given(self, given: TokenPlan | ExpansionPlan) -> None:
+        """Expand now by a plan made before training (the paper's iteration-0 protocol)."""
+        depth = len(self.blocks)
+        token_plan = (
+            given
+            if isinstance(given, TokenPlan)
+            else TokenPlan(given, depth, None, 0, None, None, "explicit")
+        )
+        plan = token_plan.expansion
+        if token_plan.depth != depth:
+            raise ValueError(f"the plan is for {token_plan.depth} blocks; this model has {depth}")
+        chosen = [*plan.modulation_layers, *plan.expansion_layers]
+        if any(not 0 <= d < depth for d in chosen):
+            raise ValueError(f"the plan's layers must lie in [0, {depth}), got {sorted(chosen)}")
+        dims = token_plan.dims or [_width(block, d) for d, block in enumerate(self.blocks)]
+        self.token_plan, self.plan = token_plan, plan
+        self.sequence_length = token_plan.sequence_length
+        self.validated = True
+        report = copy.deepcopy(token_plan.report) or ConflictReport(
+            range_rates=[], null_rates=[], range_ranks=[], dims=list(dims), tokens_seen=[]
+        )
+        report.dims = list(dims)
+        report.parameters_before = self._parameter_count()
+        self._apply(dims=dims)
+        report.modulation_layers = list(plan.modulation_layers)
+        report.expansion_layers = list(plan.expansion_layers)
+        report.predicted_multiplier = plan.predicted_multiplier
+        report.parameters_added = sum(p.numel() for p in self._expansion.parameters())  # type: ignore[union-attr]
+        self.report = report
 
     def hyperparameters(self) -> dict[str, object]:
         return {
@@ -190,6 +243,8 @@ class DTME(TokenStrategy):
             "analysis_steps": self.analysis_steps,
             "budget": self.budget,
             "stream_gradients": self.stream_gradients,
+            "gated_tokens": self.gated_tokens if self.plan is None else self.plan.gated,
+            "plan": None if self.token_plan is None else self.token_plan.selection,
         }
 
     def parameters(self) -> list[nn.Parameter]:
@@ -264,6 +319,8 @@ class DTME(TokenStrategy):
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         self._optimizer = optimizer
+        if self._expansion is not None:
+            self._add_param_groups()
 
     def check_num_tasks(self, num_tasks: int) -> None:
         if self.num_tasks is None:
@@ -358,6 +415,7 @@ class DTME(TokenStrategy):
             expansion=self.expansion,
             budget=self.budget,
             layers=self.layers,
+            gated=self.gated_tokens,
         )
         report.parameters_before = self._parameter_count()
         self._apply(dims=report.dims)
@@ -378,7 +436,6 @@ class DTME(TokenStrategy):
 
     def _apply(self, dims: Sequence[int]) -> None:
         assert self.plan is not None
-        block_ids = {id(p) for b in self.blocks for p in b.parameters()}
         generator = torch.Generator().manual_seed(self.seed)
         self._expansion = expand(self.blocks, self.plan, list(dims), generator, self.conventions)
         self._expansion.call_per_stream(self._streams_wanted())
@@ -386,19 +443,7 @@ class DTME(TokenStrategy):
             self._analysis.close()
             self._analysis = None
         if self._optimizer is not None:
-            groups = self._optimizer.param_groups
-            home = next(
-                (g for g in groups if any(id(p) in block_ids for p in g["params"])), groups[0]
-            )
-            hyper = {k: v for k, v in home.items() if k != "params"}
-            modulation = self._expansion.modulation_parameters()
-            tokens = self._expansion.token_parameters()
-            if modulation:
-                self._optimizer.add_param_group(
-                    {**hyper, "params": modulation, "weight_decay": 0.0}
-                )
-            if tokens:
-                self._optimizer.add_param_group({**hyper, "params": tokens})
+            self._add_param_groups()
         if self.model is not None:
             # Scope the stream context to this model's forward pass, so that task_view in another
             # model's forward (or after this one) never sees this model's streams.
@@ -408,6 +453,39 @@ class DTME(TokenStrategy):
                 ),
                 self.model.register_forward_hook(_check_task_view),
             ]
+
+    def _add_param_groups(self) -> None:
+        """The new parameters join the wrapped optimizer with the hyperparameters of the group
+        that holds the blocks: the modulation (decay would pull W towards 0, not the identity)
+        and the gates (decay would close them again) without weight decay, the tokens as they
+        are."""
+        assert self._optimizer is not None and self._expansion is not None
+        if self._groups_added:
+            return
+        modulation = self._expansion.modulation_parameters() + self._expansion.gate_parameters()
+        tokens = self._expansion.token_parameters()
+        new = {id(p) for p in modulation + tokens}
+        block_ids = {id(p) for b in self.blocks for p in b.parameters()} - new
+        groups = self._optimizer.param_groups
+        home = next(
+            (g for g in groups if any(id(p) in block_ids for p in g["params"])), groups[0]
+        )
+        hyper = {k: v for k, v in home.items() if k != "params"}
+        # With plan=, an optimizer built after the strategy already holds the new parameters
+        # (they are sub-modules of the blocks): they move to their own groups.
+        state = self._optimizer.state
+        if any(id(p) in new and p in state for g in groups for p in g["params"]):
+            raise RuntimeError(
+                "the optimizer already has state for DTME's new parameters; build the optimizer "
+                "and the DTME strategy before the first step"
+            )
+        for group in groups:
+            group["params"] = [p for p in group["params"] if id(p) not in new]
+        if modulation:
+            self._optimizer.add_param_group({**hyper, "params": modulation, "weight_decay": 0.0})
+        if tokens:
+            self._optimizer.add_param_group({**hyper, "params": tokens})
+        self._groups_added = True
 
     def _parameter_count(self) -> int:
         if self.model is not None:
@@ -460,15 +538,18 @@ class DTME(TokenStrategy):
             raise ValueError(
                 f"the checkpoint's model has {state['num_blocks']} blocks; this one {len(self.blocks)}"
             )
-        if state["plan"] is not None and self._expansion is not None:
-            raise RuntimeError("this DTME has already expanded its model; load into a fresh one")
         plan = report = None
         if state["plan"] is not None:
-            plan = ExpansionPlan(**state["plan"])
+            plan = ExpansionPlan(**{"gated": False, **state["plan"]})  # older states: ungated
             fields = {f for f in ConflictReport.__dataclass_fields__}
             report = ConflictReport(**{k2: v for k2, v in state["report"].items() if k2 in fields})
             if len(report.dims) != len(self.blocks):
                 raise ValueError("the checkpoint's report does not match this model's blocks")
+        if plan is not None and self._expansion is not None and plan != self.plan:
+            raise RuntimeError(
+                "this DTME has already expanded its model by another plan; load into a fresh one "
+                "(created without plan=, or with the checkpoint's plan)"
+            )
         copy.deepcopy(self.base).load_state_dict(state["base"])  # raises before any change
         if plan is None and state["analysis"] is not None and self._analysis is not None:
             self._analysis.load_state_dict(state["analysis"])  # validates, then loads
@@ -480,7 +561,7 @@ class DTME(TokenStrategy):
         self._pending = []
         if self._analysis is not None and self.validated:
             self._analysis.taps.keep_calls = False
-        if plan is not None:
+        if plan is not None and self._expansion is None:
             self.plan, self.report = plan, report
             assert report is not None
             self._apply(dims=report.dims)
@@ -507,6 +588,20 @@ def _same_gradients(found: TaskGradients, expected: TaskGradients) -> bool:
             elif not close(other, g):
                 return False
     return True
+
+
+def _width(block: nn.Module, index: int) -> int:
+    """A block's token width, read from its first LayerNorm (or its first Linear's input)."""
+    for module in block.modules():
+        if isinstance(module, nn.LayerNorm):
+            return int(module.normalized_shape[-1])
+    for module in block.modules():
+        if isinstance(module, nn.Linear):
+            return int(module.in_features)
+    raise ValueError(
+        f"cannot read the token width of block {index} ({type(block).__name__}); give the plan "
+        "its widths (TokenPlan.explicit(..., dims=[...]))"
+    )
 
 
 def _merge(pending: list[tuple[str, Any]]) -> tuple[str, Any] | None:

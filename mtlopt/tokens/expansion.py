@@ -84,16 +84,42 @@ class TaskTokens(nn.Module):
         return torch.cat([streams, tokens], dim=2).view(k * batch, -1, x.shape[-1])
 
 
+class TokenGate(nn.Module):
+    """One learnable scalar per task that blends an expanded block's output between the block
+    without task tokens (gate 0) and with them (gate 1): ``y = f(x) + g_i · (f([x; T_i])[:N] − f(x))``
+    on stream i. Initialised closed (g = 0), so the expanded model computes exactly, bit for bit,
+    what the model before the expansion computed (``0 · d = 0`` and ``f(x) + 0 = f(x)``); the gate
+    receives a gradient at once and the tokens from the step after it opens (the zero-initialised
+    factor of LoRA and ReZero). Costs one more pass of the block (without its task tokens)."""
+
+    def __init__(
+        self, num_tasks: int, dtype: torch.dtype | None = None, device: Any = None
+    ) -> None:
+        super().__init__()
+        self.gate = nn.ParameterList(
+            nn.Parameter(torch.zeros((), dtype=dtype, device=device)) for _ in range(num_tasks)
+        )
+
+    def values(self, task: int | None = None) -> Tensor:
+        """``[S]``: the gate of each stream run (all K, or ``task``'s alone)."""
+        if task is not None:
+            return self.gate[task].reshape(1)
+        return torch.stack(list(self.gate))
+
+
 @dataclass
 class ExpansionPlan:
     """Which layers get token modulation (TM) and which get task tokens (TE), and what the plan is
-    predicted to cost (:mod:`mtlopt.tokens.budget`)."""
+    predicted to cost (:mod:`mtlopt.tokens.budget`). ``gated``: the task tokens' contribution
+    passes through a :class:`TokenGate` initialised closed (function-preserving expansion);
+    ``False`` is the paper's ungated task tokens."""
 
     num_tasks: int
     modulation_layers: list[int]
     expansion_layers: list[int]
     tokens_per_task: int = 6
     predicted_multiplier: float = 1.0
+    gated: bool = False
 
     @property
     def branch_layer(self) -> int | None:
@@ -135,15 +161,21 @@ class Expansion:
             p for m in self.modules.values() if isinstance(m, TaskTokens) for p in m.parameters()
         ]
 
+    def gate_parameters(self) -> list[nn.Parameter]:
+        return [
+            p for m in self.modules.values() if isinstance(m, TokenGate) for p in m.parameters()
+        ]
+
     def task_parameters(self) -> list[list[nn.Parameter]]:
         """``[task][...]``: the parameters each task owns (its modulation and its tokens)."""
         owned: list[list[nn.Parameter]] = [[] for _ in range(self.plan.num_tasks)]
         for module in self.modules.values():
-            lists = (
-                [module.weight, module.bias]
-                if isinstance(module, TokenModulation)
-                else [module.tokens]
-            )
+            if isinstance(module, TokenModulation):
+                lists = [module.weight, module.bias]
+            elif isinstance(module, TokenGate):
+                lists = [module.gate]
+            else:
+                lists = [module.tokens]
             for plist in lists:
                 for task, parameter in enumerate(plist):
                     owned[task].append(parameter)
@@ -192,7 +224,7 @@ def expand(
                 "forward calls it"
             )
         dtype, device = block_layout(block, dims[d])
-        modulation = tokens = None
+        modulation = tokens = gate = None
         if d in plan.modulation_layers:
             modulation = TokenModulation(k, dims[d], dtype, device)
             block.add_module("dtme_modulation", modulation)
@@ -203,7 +235,13 @@ def expand(
             )
             block.add_module("dtme_tokens", tokens)
             expansion.modules[f"{d}.tokens"] = tokens
-        hooks = StreamHooks(k, d == branch, modulation, tokens, conventions, batch_axis(block))
+            if plan.gated:
+                gate = TokenGate(k, dtype, device)
+                block.add_module("dtme_gate", gate)
+                expansion.modules[f"{d}.gate"] = gate
+        hooks = StreamHooks(
+            k, d == branch, modulation, tokens, conventions, batch_axis(block), gate
+        )
         expansion.handles.append(block.register_forward_pre_hook(hooks.before, with_kwargs=True))
         expansion.handles.append(block.register_forward_hook(hooks.after, with_kwargs=True))
         expansion.handles.append(install(block, hooks, hooks.axis))
@@ -231,8 +269,12 @@ class StreamHooks:
         tokens: TaskTokens | None,
         conventions: Mapping[str, bool] | None = None,
         axis: int = 0,
+        gate: TokenGate | None = None,
     ) -> None:
         self.axis = axis
+        self.gate = gate if tokens is not None else None
+        self.plain: tuple[tuple, dict] | None = None
+        self.only: int | None = None
         self.k, self.branches, self.modulation, self.tokens = (
             num_tasks,
             branches,
@@ -246,6 +288,10 @@ class StreamHooks:
         """Call the block once per stream when gradients are recorded (set by DTME with a gradient
         base, :mod:`.stream_calls`)."""
         self.pending: list[tuple[tuple, dict]] | None = None
+        self.pending_plain: list[tuple[tuple, dict]] | None = None
+        """With a gate, the per-stream calls without the task tokens."""
+        self.plain_output: Tensor | None = None
+        """The per-stream calls' output without the task tokens, stacked (for the gate)."""
 
     def before(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         key = next((n for n in TOKEN_NAMES if n in kwargs), None) if not args else None
@@ -282,12 +328,17 @@ class StreamHooks:
         if self.tokens is not None:
             self._check_causal(module, names, args, kwargs)
         if per_stream:  # one call per stream, on its own parameter aliases (stream_calls)
-            self.pending = [
+            calls = [
                 self._arguments(chunk, task, 1, names, args, kwargs, key)
                 for task, chunk in enumerate(chunks)
             ]
+            self.pending = [call for call, _ in calls]
+            self.pending_plain = None if self.gate is None else [plain for _, plain in calls]
+            self.only, self.plain = None, None
             return args, kwargs
-        return self._arguments(x, only, streams, names, args, kwargs, key)
+        call, self.plain = self._arguments(x, only, streams, names, args, kwargs, key)
+        self.only = only
+        return call
 
     def _arguments(
         self,
@@ -298,15 +349,34 @@ class StreamHooks:
         args: tuple,
         kwargs: dict,
         key: str | None,
-    ) -> tuple[tuple, dict]:
+    ) -> tuple[tuple[tuple, dict], tuple[tuple, dict] | None]:
         """The block's arguments for ``streams`` stacked streams (task ``task``'s alone when
-        given): tokens modulated and extended, the other inputs fitted to them."""
+        given): tokens modulated and extended, the other inputs fitted to them; and, where a
+        :class:`TokenGate` blends the outputs, the arguments without the task tokens."""
         if self.modulation is not None:
             x = self.modulation(x, task)
+        plain = x
         if self.tokens is not None:
             x = self.tokens(x, task)
         extra = self.tokens.tokens[0].shape[0] if self.tokens is not None else 0
         batch = STREAMS.batch
+        call = self._call(x, key, names, args, kwargs, streams, batch, extra)
+        if self.gate is None:
+            return call, None
+        return call, self._call(plain, key, names, args, kwargs, streams, batch, 0)
+
+    def _call(
+        self,
+        x: Tensor,
+        key: str | None,
+        names: list[str],
+        args: tuple,
+        kwargs: dict,
+        streams: int,
+        batch: int,
+        extra: int,
+    ) -> tuple[tuple, dict]:
+        """The block's arguments for the stacked streams ``x`` followed by ``extra`` task tokens."""
 
         def fit(name: str, value: object) -> object:
             return adapt(name, value, streams, batch, self.length, extra, self.conventions)
@@ -341,16 +411,35 @@ class StreamHooks:
     def after(self, module: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
         if self.tokens is None:
             return output
+        plain, self.plain_output = self.plain_output, None
+        if self.plain is not None:
+            plain_args, plain_kwargs = self.plain
+            self.plain = None
+            plain = module.forward(*plain_args, **plain_kwargs)  # not __call__: no hooks again
+            plain = plain if isinstance(plain, Tensor) else plain[0]
         if isinstance(output, Tensor):
-            return self._drop_tokens(output)
+            return self._finish(output, plain)
         if isinstance(output, tuple) and output and isinstance(output[0], Tensor):
-            return (self._drop_tokens(output[0]), *output[1:])
+            return (self._finish(output[0], plain), *output[1:])
         raise TypeError(
             f"{type(module).__name__} returned {type(output).__name__}; expected tokens"
         )
 
-    def _drop_tokens(self, output: Tensor) -> Tensor:
-        return output[: self.length] if self.axis else output[:, : self.length]
+    def _finish(self, output: Tensor, plain: Tensor | None) -> Tensor:
+        """Drop the task tokens' output positions; blend with the plain output through the gate."""
+        tokens = output[: self.length] if self.axis else output[:, : self.length]
+        if plain is None or self.gate is None:
+            return tokens
+        gate = self.gate.values(self.only).to(tokens.dtype)
+        streams = gate.shape[0]
+        if self.axis:  # [N, S·B, p]
+            shape = (tokens.shape[0], streams, -1, tokens.shape[-1])
+            gate = gate[None, :, None, None]
+        else:  # [S·B, N, p]
+            shape = (streams, -1, *tokens.shape[1:])
+            gate = gate[:, None, None, None]
+        plain, tokens_ = plain.reshape(shape), tokens.reshape(shape)
+        return (plain + gate * (tokens_ - plain)).reshape(tokens.shape)
 
 
 def _not_tokens(module: nn.Module, x: object) -> ValueError:

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-EXPANSION_MODULES = ("dtme_modulation", "dtme_tokens")
+EXPANSION_MODULES = ("dtme_modulation", "dtme_tokens", "dtme_gate")
 
 
 @dataclass
@@ -91,10 +91,11 @@ class StreamForward:
         calls = self.hooks.pending
         if calls is None:
             return self._original(*args, **kwargs)
-        self.hooks.pending = None
+        plains = self.hooks.pending_plain  # a TokenGate's calls without the task tokens
+        self.hooks.pending = self.hooks.pending_plain = None
         record = CURRENT.record
         slots = self._parameter_slots()
-        outputs = []
+        outputs, plain_outputs = [], []
         for task, (call_args, call_kwargs) in enumerate(calls):
             saved = [m._parameters[name] for m, name in slots]
             try:
@@ -104,9 +105,15 @@ class StreamForward:
                     if record is not None:
                         record.add(parameter, task, alias)  # type: ignore[arg-type]
                 outputs.append(self._original(*call_args, **call_kwargs))
+                if plains is not None:
+                    plain_args, plain_kwargs = plains[task]
+                    plain_outputs.append(self._original(*plain_args, **plain_kwargs))
             finally:
                 for (module, name), parameter in zip(slots, saved, strict=True):
                     module._parameters[name] = parameter
+        if plains is not None:
+            plain = stack_outputs(plain_outputs, self.axis)
+            self.hooks.plain_output = plain if isinstance(plain, Tensor) else plain[0]
         return stack_outputs(outputs, self.axis)
 
     def _original(self, *args: Any, **kwargs: Any) -> Any:
