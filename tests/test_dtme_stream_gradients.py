@@ -292,3 +292,38 @@ def test_ew_base_keeps_the_stacked_call():
     opt.step(_losses(model, data(5), 5, 3))
     assert dtme.gradient_path == "per task"
     assert take_record() is None
+
+
+@pytest.mark.parametrize("name", ["vit", "torch_encoder"])
+def test_open_token_gates_give_the_per_task_gradients_on_the_streams(name):
+    """The TokenGate blends each block's output with and without the task tokens: on the stream
+    path both calls run per stream on the same parameter aliases, and the gates (task-specific)
+    keep their own gradients."""
+    tasks = 3
+    model, opt, dtme, data = _expanded(name, tasks, [0, 2])
+    gates = dtme._expansion.gate_parameters()
+    assert gates, "the default plan's task tokens are gated"
+    with torch.no_grad():
+        for i, gate in enumerate(gates):
+            gate.fill_(0.3 + 0.1 * (i % 3))
+    model.eval()
+    trainable = opt._trainable()
+    partition = opt._partition
+    batch = data(60)
+    dtme._expansion.call_per_stream(False)
+    expected = _per_task_brute_force(model, _losses(model, batch, 60, tasks), trainable)
+    dtme._expansion.call_per_stream(True)
+    found = stream_task_gradients(
+        _losses(model, batch, 60, tasks), trainable, partition, take_record()
+    )
+    assert not isinstance(found, str), found
+    got = _full(found, trainable, partition)
+    index = {id(p): i for i, p in enumerate(trainable)}
+    for k in range(tasks):
+        for p in trainable:
+            want = expected[k][index[id(p)]]
+            want = torch.zeros_like(p) if want is None else want
+            torch.testing.assert_close(
+                got[k][index[id(p)]], want, rtol=1e-5, atol=1e-6 * (float(want.abs().max()) + 1e-12)
+            )
+        assert any(float(expected[k][index[id(g)]].abs()) > 0 for g in gates if id(g) in index)
