@@ -24,10 +24,10 @@ models alive at a time.
 6. **Solvers at many tasks** (:mod:`mtlopt_bench.perf_solvers`): each Gramian strategy's solver
    alone at T = 10 to 1000.
 
-Sections 5 and 6 also run alone: ``mtlopt-bench run perf --sections small,solvers`` prints them,
-writes them to ``OUT/perf/sections.md`` and, on a full run from a checkout, replaces them in
-docs/perf.md. The many-task cost curve (time and memory against K up to 100) is the ``scaling``
-problem.
+DTME's section and sections 5 and 6 also run alone:
+``mtlopt-bench run perf --sections dtme,small,solvers`` prints them, writes them to
+``OUT/perf/sections.md`` and, on a full run from a checkout, replaces them in docs/perf.md.
+The many-task cost curve (time and memory against K up to 100) is the ``scaling`` problem.
 """
 
 from __future__ import annotations
@@ -670,6 +670,7 @@ def run_dtme(quick: bool, progress=print) -> str:
 
 
 NEW_SECTIONS = {
+    "dtme": DTME_SECTION[0],
     "small": "## Small models: the wrapper's fixed cost",
     "solvers": "## Solvers at many tasks",
 }
@@ -692,11 +693,12 @@ def run_sections(
     bodies = {}
     for name in names:
         start = time.perf_counter()
-        lines = (
-            perf_small.run_small(quick, progress)
-            if name == "small"
-            else perf_solvers.run_solvers(quick, progress)
-        )
+        runners = {
+            "dtme": lambda: run_dtme(quick, progress).split("\n"),
+            "small": lambda: perf_small.run_small(quick, progress),
+            "solvers": lambda: perf_solvers.run_solvers(quick, progress),
+        }
+        lines = runners[name]()
         wall = time.perf_counter() - start
         lines.insert(
             2,
