@@ -111,7 +111,13 @@ def wrapper(b: Bench, method: str) -> Callable[[], None]:
 
 
 def loss_methods() -> list[str]:
-    return [n for n in mtlopt.available() if mtlopt.info(n).kind.value == "loss"]
+    """Loss strategies stepped with ``step(losses)`` (those that need a validation signal are
+    left to the suite, as in :func:`~mtlopt_bench.perf.gradient_methods`)."""
+    return [
+        n
+        for n in mtlopt.available()
+        if mtlopt.info(n).kind.value == "loss" and not mtlopt.info(n).hooks
+    ]
 
 
 def small_tables(
