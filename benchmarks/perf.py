@@ -127,8 +127,14 @@ def bench(kind: str, tasks: int, batch: int | None = None) -> Bench:
     return Bench(model, losses, features, *_split(model))
 
 
-def floor_step(b: Bench) -> Callable[[], None]:
-    opt = torch.optim.Adam(b.model.parameters(), lr=1e-4)
+def _adam(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.Adam(model.parameters(), lr=1e-4)
+
+
+def floor_step(b: Bench, inner: Callable[[nn.Module], torch.optim.Optimizer] = _adam) -> Callable[[], None]:
+    """The T-backward floor: one forward, one ``autograd.grad`` per task (shared parameters and
+    the task's head), the gradients summed into ``.grad``, one step of ``inner`` (Adam here)."""
+    opt = inner(b.model)
 
     def step() -> None:
         opt.zero_grad()
@@ -143,10 +149,10 @@ def floor_step(b: Bench) -> Callable[[], None]:
     return step
 
 
-def plain_step(b: Bench) -> Callable[[], None]:
+def plain_step(b: Bench, inner: Callable[[nn.Module], torch.optim.Optimizer] = _adam) -> Callable[[], None]:
     """Plain training, the floor of a loss weighting: one forward, one backward of the summed
-    losses, one Adam step."""
-    opt = torch.optim.Adam(b.model.parameters(), lr=1e-4)
+    losses, one step of ``inner`` (Adam here)."""
+    opt = inner(b.model)
 
     def step() -> None:
         opt.zero_grad()

@@ -25,7 +25,7 @@ from torch import nn
 
 import mtlopt
 
-from .perf import Bench, _cell, _split, gradient_methods, paired
+from .perf import Bench, _cell, _split, floor_step, gradient_methods, paired, plain_step
 
 
 class MLP(nn.Module):
@@ -72,32 +72,13 @@ def _sgd(model: nn.Module) -> torch.optim.Optimizer:
 
 
 def floor(b: Bench) -> Callable[[], None]:
-    """One forward, one ``autograd.grad`` per task (shared parameters and the task's head), the
-    gradients summed into ``.grad``, one SGD step."""
-    opt = _sgd(b.model)
-
-    def step() -> None:
-        opt.zero_grad()
-        losses = b.losses(b.model)
-        for i, (loss, head) in enumerate(zip(losses, b.heads, strict=True)):
-            params = [*b.shared, *head]
-            grads = torch.autograd.grad(loss, params, retain_graph=i < len(losses) - 1)
-            for p, g in zip(params, grads, strict=True):
-                p.grad = g if p.grad is None else p.grad.add_(g)
-        opt.step()
-
-    return step
+    """The T-backward floor with the SGD step this section uses (:func:`perf.floor_step`)."""
+    return floor_step(b, _sgd)
 
 
 def plain(b: Bench) -> Callable[[], None]:
-    opt = _sgd(b.model)
-
-    def step() -> None:
-        opt.zero_grad()
-        torch.stack(b.losses(b.model)).sum().backward()
-        opt.step()
-
-    return step
+    """Plain training with SGD (:func:`perf.plain_step`)."""
+    return plain_step(b, _sgd)
 
 
 def wrapper(b: Bench, method: str) -> Callable[[], None]:
