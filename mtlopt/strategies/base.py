@@ -132,15 +132,20 @@ class Strategy:
         for name, value in decoded.items():
             setattr(self, name, value)
 
-    def _checked_state(self, state: dict[str, Any]) -> dict[str, Any]:
-        if not isinstance(state, dict):
-            raise TypeError(f"a strategy state must be a dict, got {type(state).__name__}")
-        saved_by = state.get(STRATEGY_KEY)
+    def _refuse_other_strategy(self, state: object) -> None:
+        """A state saved by another strategy (or not a strategy's state at all) is a ValueError
+        naming the strategy to load it into."""
+        saved_by = state.get(STRATEGY_KEY) if isinstance(state, dict) else None
         if saved_by != self.info.name:
             raise ValueError(
                 f"this state was saved by strategy {saved_by!r}, not {self.info.name!r}; load it "
                 f"into an MTLOptimizer created with strategy={saved_by!r}"
             )
+
+    def _checked_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        if not isinstance(state, dict):
+            raise TypeError(f"a strategy state must be a dict, got {type(state).__name__}")
+        self._refuse_other_strategy(state)
         expected = set(self._state_attrs) | {STRATEGY_KEY}
         if set(state) != expected:
             missing, extra = expected - set(state), set(state) - expected
@@ -477,12 +482,7 @@ class LearnedTaskVector:
         return {STRATEGY_KEY: self.info.name, self.learned_name: values}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        saved_by = state.get(STRATEGY_KEY) if isinstance(state, dict) else None
-        if saved_by != self.info.name:
-            raise ValueError(
-                f"this state was saved by strategy {saved_by!r}, not {self.info.name!r}; load it "
-                f"into an MTLOptimizer created with strategy={saved_by!r}"
-            )
+        self._refuse_other_strategy(state)
         if self.learned_name not in state:
             raise KeyError(f"{self.info.name} state is missing {self.learned_name!r}")
         values = state[self.learned_name]

@@ -103,12 +103,7 @@ class CRMOGM(Wrapping):
         return {STRATEGY_KEY: self.info.name, "lambd": encode(self.lambd), "base": self.base.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not isinstance(state, dict) or state.get(STRATEGY_KEY) != self.info.name:
-            saved_by = state.get(STRATEGY_KEY) if isinstance(state, dict) else None
-            raise ValueError(
-                f"this state was saved by strategy {saved_by!r}, not {self.info.name!r}; load it "
-                f"into an MTLOptimizer created with strategy={saved_by!r}"
-            )
+        self._refuse_other_strategy(state)
         if set(state) != {STRATEGY_KEY, "lambd", "base"}:
             raise KeyError(f"cr_mogm state needs lambd and base, got {sorted(state)}")
         lambd = decode(state["lambd"])

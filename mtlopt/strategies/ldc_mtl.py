@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..registry import register
 from ._state import TaskAxes, decode, encode
-from .base import STRATEGY_KEY, LearnedTaskVector, LossStrategy, Scalarized
+from .base import LearnedTaskVector, LossStrategy, Scalarized
 
 
 @register(
@@ -117,12 +117,7 @@ class LDCMTL(LearnedTaskVector, LossStrategy):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        saved_by = state.get(STRATEGY_KEY) if isinstance(state, dict) else None
-        if saved_by != self.info.name:
-            raise ValueError(
-                f"this state was saved by strategy {saved_by!r}, not {self.info.name!r}; load it "
-                f"into an MTLOptimizer created with strategy={saved_by!r}"
-            )
+        self._refuse_other_strategy(state)
         if not {"ratios", "reference"} <= set(state):
             raise KeyError("ldc_mtl state is missing its ratios and reference")
         ratios = decode(state["ratios"])

@@ -195,12 +195,7 @@ class SparseMTL(GradientStrategy):
         return {STRATEGY_KEY: self.info.name, "mask": mask, "base": self.base.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        saved_by = state.get(STRATEGY_KEY) if isinstance(state, dict) else None
-        if saved_by != self.info.name:
-            raise ValueError(
-                f"this state was saved by strategy {saved_by!r}, not {self.info.name!r}; load it "
-                f"into an MTLOptimizer created with strategy={saved_by!r}"
-            )
+        self._refuse_other_strategy(state)
         if set(state) != {STRATEGY_KEY, "mask", "base"}:
             raise KeyError(f"sparse_mtl state needs mask and base, got {sorted(state)}")
         mask = state["mask"]
