@@ -39,7 +39,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -374,6 +374,8 @@ class Paired:
     low: float = 0.0
     high: float = 0.0
     """Smallest and largest per-round ratio."""
+    rounds: list[tuple[float, float]] = field(default_factory=list)
+    """``(contender's seconds, reference's seconds)`` of each measured round."""
 
     @property
     def noisy(self) -> bool:
@@ -413,6 +415,7 @@ def paired(
             statistics.median(ref[name]),
             min(ratios[name]),
             max(ratios[name]),
+            list(zip(own[name], ref[name], strict=True)),
         )
         for name in pairs
     }

@@ -17,7 +17,6 @@ the wrapper's step back to back, in alternating order.
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
@@ -183,21 +182,10 @@ def tiny_overhead(tasks: list[int], methods: list[str], rounds: int, warmup: int
         for m in methods:
             reference = floor(base.clone()) if m in gradient else plain(base.clone())
             step = wrapper(base.clone(), m)
-            differences = []
-            for r in range(warmup + rounds):
-                first, second = (reference, step) if r % 2 == 0 else (step, reference)
-                start = time.perf_counter()
-                first()
-                middle = time.perf_counter()
-                second()
-                end = time.perf_counter()
-                ref_s, own_s = (
-                    (middle - start, end - middle) if r % 2 == 0 else (end - middle, middle - start)
-                )
-                if r >= warmup:
-                    differences.append(own_s - ref_s)
-                    if m in gradient:
-                        references[t].append(ref_s)
+            measured = paired({m: (reference, step)}, rounds, warmup)[m].rounds
+            differences = [own_s - ref_s for own_s, ref_s in measured]
+            if m in gradient:
+                references[t].extend(ref_s for _, ref_s in measured)
             cells[m, t] = statistics.median(differences)
     lines.append(
         "| T-backward floor step (µs) | "
