@@ -331,6 +331,34 @@ def test_dtme_placement_runs_every_arm_paired_and_resumes(tmp_path, monkeypatch)
     study.run(*args)
 
 
+def test_dtme_placement_shards_split_seeds_and_run_the_placement_arms_first(tmp_path, monkeypatch):
+    _require("vit_finetune")
+    from mtlopt_bench import dtme_placement as study
+    from mtlopt_bench import vit_finetune as vf
+
+    monkeypatch.setenv("MTLOPT_CACHE", str(tmp_path / "cache"))
+    setting = vf.Setting(vf.Pretraining(steps=2, batch=8), 300, 60, 8)
+    order: list[tuple[int, str]] = []
+    real = study.train_arm
+
+    def recorded(setting, seed, arm, *rest, **kw):
+        order.append((seed, arm))
+        return real(setting, seed, arm, 2, *rest[1:], **kw)
+
+    monkeypatch.setattr(study, "train_arm", recorded)
+    arms = ["ew", "dtme", "tm_only", "random"]
+    for shard in ((0, 2), (1, 2)):
+        study.run(tmp_path / "out", 4, 2, setting, arms, 0, 2, 5, "test", shard=shard)
+    assert sorted(order) == sorted((s, a) for s in range(4) for a in arms)
+    # each shard ran its own seeds, the placement arms of every seed before the other arms
+    assert order[:8] == [(0, "ew"), (0, "dtme"), (0, "random"), (2, "ew"), (2, "dtme"),
+                         (2, "random"), (0, "tm_only"), (2, "tm_only")]
+    assert {s for s, _ in order[8:]} == {1, 3}
+    summary = study.run(tmp_path / "out", 4, 2, setting, arms, 0, 2, 5, "test",
+                        summarise_only=True)
+    assert {r["arm"]: r["seeds"] for r in summary["rows"]} == {a: 4 for a in arms}
+
+
 def torch_equal(a, b) -> bool:
     import torch
 
