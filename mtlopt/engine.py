@@ -7,7 +7,7 @@ cost, and a parameter a task reaches is never left out of its gradient.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -41,12 +41,31 @@ def task_gradients(
     ``buffer`` when its shape, dtype and device fit, see :func:`reusable_buffer`); its other
     gradients are kept by parameter index (they are what the partition needs if this step makes a
     parameter shared)."""
+    count = len(losses)
+    per_task = (
+        torch.autograd.grad(loss, trainable, retain_graph=k < count - 1, allow_unused=True)
+        for k, loss in enumerate(losses)
+    )
+    return collect_task_gradients(per_task, trainable, partition, buffer, count)
+
+
+def collect_task_gradients(
+    per_task: Iterable[Sequence[Tensor | None]],
+    trainable: Sequence[Tensor],
+    partition: Partition,
+    buffer: Tensor | None = None,
+    num_tasks: int | None = None,
+) -> TaskGradients:
+    """:class:`TaskGradients` from each task's gradients of every trainable parameter (``None``:
+    not reached), consumed one task at a time."""
     shared_ids = {id(p) for p in partition.shared}
     shared_index = [i for i, p in enumerate(trainable) if id(p) in shared_ids]
     shared_set = set(shared_index)
-    num_tasks = len(losses)
+    if num_tasks is None:
+        per_task = list(per_task)
+        num_tasks = len(per_task)
     dtype = _real_dtype(partition.shared) if partition.shared else torch.get_default_dtype()
-    device = partition.shared[0].device if partition.shared else losses[0].device
+    device = partition.shared[0].device if partition.shared else trainable[0].device
     shape = (num_tasks, partition.num_shared)
     fits = buffer is not None and (buffer.shape, buffer.dtype, buffer.device) == (
         shape,
@@ -57,10 +76,7 @@ def task_gradients(
     own: list[dict[int, Tensor]] = []
     reached: list[tuple[bool, ...]] = []
     sparse: set[int] = set()
-    for k, loss in enumerate(losses):
-        grads = torch.autograd.grad(
-            loss, trainable, retain_graph=k < num_tasks - 1, allow_unused=True
-        )
+    for k, grads in enumerate(per_task):
         reached.append(tuple(g is not None for g in grads))
         found = {i for i in shared_index if grads[i] is not None and grads[i].is_sparse}
         if shared_index:

@@ -12,12 +12,14 @@ from torch import Tensor, nn
 
 from . import hooks
 from .amp import LossScaling
+from .autogram import LinearRecorder, engine_serves, gramian_engine_strategies
 from .bilevel import within_step
 from .distributed import ReplicaError, Replicas
 from .finite import all_finite
 from .multi import OptimizerChain, delegating_optimizer_init
 from .partition import Partition, Reach
 from .paths import JacobianPath, RepresentationPath, ScalarizedPath
+from .paths.gramian import ENGINES
 from .registry import create
 from .stepinfo import StepInfo
 from .strategies.base import (
@@ -32,6 +34,7 @@ from .window import Window, detach_losses, window_losses, with_values
 __all__ = ["MTLOptimizer", "StepInfo"]
 
 NonFinite = Literal["raise", "skip"]
+Engine = Literal["auto", "jacobian", "gramian"]
 _SAVED = ("optimizer", "strategy", "strategy_name", "task_names")
 
 
@@ -88,6 +91,8 @@ class MTLOptimizer(JacobianPath, RepresentationPath, ScalarizedPath, torch.optim
         diagnostics: bool = True,
         scaler: torch.amp.GradScaler | None = None,
         process_group: Any = None,
+        model: nn.Module | None = None,
+        engine: Engine = "auto",
         **strategy_kwargs: Any,
     ) -> None:
         if isinstance(optimizer, (list, tuple)):
@@ -96,6 +101,10 @@ class MTLOptimizer(JacobianPath, RepresentationPath, ScalarizedPath, torch.optim
             raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, MTLOptimizer):
             raise TypeError("the optimizer is already an MTLOptimizer")
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
         names = check_names(tasks) if tasks is not None else None
@@ -134,6 +143,9 @@ class MTLOptimizer(JacobianPath, RepresentationPath, ScalarizedPath, torch.optim
         self._joined: set[int] = set()
         self._sparse_ids: set[int] = set()
         self._signal_sources: dict[str, Callable[[], Any]] = {}  # opt.observe(x=function)
+        self.engine = engine
+        self._recorder = self._engine_recorder(engine, model, shared)
+        self._recorded_calls = {}
 
         # The torch.optim.Optimizer contract, sharing the wrapped optimizer's groups and state.
         delegating_optimizer_init(self, optimizer.defaults)
@@ -145,6 +157,29 @@ class MTLOptimizer(JacobianPath, RepresentationPath, ScalarizedPath, torch.optim
             strategy.attach(self)
         if hasattr(self._combiner, "bind_optimizer"):  # i18c: Auto-λ's virtual step reads the lr
             self._combiner.bind_optimizer(optimizer)
+
+    def _engine_recorder(
+        self, engine: str, model: nn.Module | None, shared: object
+    ) -> LinearRecorder | None:
+        """The Gramian engine's forward hooks, on the linear layers of ``model`` (or of
+        ``shared`` when it is a module), where the engine can serve the strategy."""
+        serves = engine_serves(self._combiner)
+        module = model if model is not None else shared if isinstance(shared, nn.Module) else None
+        if engine == "gramian":
+            if not serves:
+                raise ValueError(
+                    f"engine='gramian' serves strategies whose weights come from the Gramian "
+                    f"G = J Jᵀ alone ({', '.join(gramian_engine_strategies())}); "
+                    f"{self._combiner.info.name} reads J itself: use engine='jacobian'"
+                )
+            if module is None:
+                raise ValueError(
+                    "engine='gramian' records the model's linear layers: pass the model, "
+                    "MTLOptimizer(optimizer, strategy, model=model)"
+                )
+        if engine == "jacobian" or module is None or not serves:
+            return None
+        return LinearRecorder(module)
 
     # torch.optim.Optimizer views ------------------------------------------------------------------
     @property
@@ -239,6 +274,9 @@ class MTLOptimizer(JacobianPath, RepresentationPath, ScalarizedPath, torch.optim
             raise
 
     def _backward(self, losses: Losses, features: Tensor | None) -> StepInfo:
+        # The linear layers' calls since the last backward (the Gramian engine's), taken now so
+        # that a path without the engine does not keep them.
+        self._recorded_calls = self._recorder.take() if self._recorder is not None else {}
         hooks.ready(self)  # a closure, other batches or a validation signal the strategy needs
         step = read_losses(losses, self._tasks)
         self.strategy.check_num_tasks(len(step.names))

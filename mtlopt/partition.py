@@ -39,8 +39,13 @@ def compiled_graph(loss: Tensor) -> bool:
 
 
 def _nodes(loss: Tensor) -> Iterator:
-    seen = {loss.grad_fn}
-    stack = [loss.grad_fn]
+    return graph_nodes([loss.grad_fn])
+
+
+def graph_nodes(roots: Sequence) -> Iterator:
+    """Every autograd node reachable from ``roots`` (graph nodes), each once."""
+    seen = set(roots)
+    stack = list(seen)
     while stack:
         node = stack.pop()
         yield node

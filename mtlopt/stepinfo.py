@@ -35,6 +35,9 @@ class StepInfo:
     reason: str = ""
     present: list[str] = field(default_factory=list)
     """The tasks that had a loss in this step."""
+    engine: str | None = None
+    """How a gradient strategy's step got its task gradients: ``"gramian"`` where the Gramian
+    engine took it (``G`` without ``J``, :mod:`mtlopt.autogram`), ``"jacobian"`` for ``J``."""
 
     def as_dict(self) -> dict[str, Any]:
         """Plain Python numbers keyed by task name (present tasks only), for loggers."""

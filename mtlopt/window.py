@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,6 +37,9 @@ class Window:
     commit: Commit | None = None
     info: StepInfo | None = None
     skipped: bool = False
+    engine: tuple[Any, Tensor] | None = None
+    """What the Gramian engine kept of the window's micro-batch (:class:`mtlopt.autogram.Recorded`)
+    and its task weights, in place of ``jacobian`` and ``written``."""
     marker: Tensor | None = None
     """A parameter whose ``.grad`` the window wrote: ``None`` there means someone zeroed it."""
 

@@ -121,15 +121,19 @@ class PathBase:
         step: StepTasks,
         losses: Tensor,
         present: np.ndarray,
-        jacobian: Tensor,
+        jacobian: Tensor | None,
         combined: Combined,
     ) -> StepInfo:
+        """The step's diagnostics; ``jacobian`` may be ``None`` where ``combined`` holds ``G``."""
         weights = None
         if combined.weights is not None:
             weights = spread(combined.weights.detach(), step, present)
         info = self._info(step, losses, present, weights)
-        if self.diagnostics and jacobian.shape[1] > 0:
-            computed = combined.gramian if combined.gramian is not None else gramian_of(jacobian)
+        if self.diagnostics and (jacobian is None or jacobian.shape[1] > 0):
+            computed = combined.gramian
+            if computed is None:
+                assert jacobian is not None
+                computed = gramian_of(jacobian)
             gramian = torch.from_numpy(computed)
             norms = gramian.diagonal().clamp_min(0).sqrt()
             denominator = torch.outer(norms, norms)

@@ -30,10 +30,11 @@ from ..strategies.base import (
 )
 from ..tasks import StepTasks
 from ..window import accumulate, add_rows, add_to_sum, union, window_losses
-from .base import PathBase, unreached_loss
+from .base import unreached_loss
+from .gramian import GramianEnginePath
 
 
-class JacobianPath(PathBase):
+class JacobianPath(GramianEnginePath):
     """Gradient strategies: per-task gradients into the rows of ``J`` (following what each task
     reaches), the strategy's combination of the present rows written to the shared parameters, and
     each task's own gradients to its own parameters."""
@@ -46,6 +47,8 @@ class JacobianPath(PathBase):
     ) -> StepInfo:
         assert isinstance(self._combiner, GradientStrategy)
         window = self._window
+        if window.engine is not None:
+            self._unfold_engine_window()
         trainable = self._trainable()
         partition = self._partition_for(step, losses, trainable)
         # J's memory from the last step, unless this window already holds rows (accumulation).
@@ -54,6 +57,12 @@ class JacobianPath(PathBase):
         grads = None
         if isinstance(self.strategy, TokenStrategy):  # DTME's task streams: one backward for all
             grads = self.strategy.task_gradients(losses, trainable, partition)
+        else:
+            recorded = self._engine_gradients(losses, trainable, partition, scale)
+            if recorded is not None:
+                if self._engine_takes_step(step, recorded, scale):
+                    return self._backward_gramian(step, recorded, detached)
+                grads = recorded.task_gradients(buffer)
         if grads is None:
             grads = task_gradients(losses, trainable, partition, buffer)
         self._check_reached(step, grads)
@@ -132,6 +141,30 @@ class JacobianPath(PathBase):
         if scale != 1.0:
             delta = delta * scale  # .grad holds scaled gradients until scaler.unscale_
         accumulate(partition.shared, unflatten(delta, partition.shared))
+        self._write_own(step, partition, specific, combined, present, scale)
+        if partition.sparse:
+            self._write_sparse(step, grads, partition, present, combined, scale)
+        window.present, window.jacobian, window.losses = present, jacobian, losses_sum
+        window.written = combined.direction
+        window.commit = self._combiner.commit_restricted(restriction, combined.commit)
+        window.marker = partition.shared[0] if partition.shared else None
+        window.info = self._gradient_info(step, losses_sum, present, jacobian, combined)
+        window.info.engine = "jacobian"
+        self._jacobian_buffer = reusable_buffer(jacobian)
+        return window.info
+
+    def _write_own(
+        self,
+        step: StepTasks,
+        partition: Partition,
+        specific: list[list[Tensor | None]],
+        combined: Combined,
+        present: np.ndarray,
+        scale: float,
+    ) -> None:
+        """Each present task's gradients of its own parameters (times the strategy's head factor
+        where it has one), kept in the window as well."""
+        window = self._window
         head_rows = None
         if combined.head_weights is not None:
             self._warn_weighted_heads_accumulation()
@@ -147,15 +180,6 @@ class JacobianPath(PathBase):
             for p, g in zip(params, own, strict=True):
                 if g is not None:  # kept unscaled, as J: they become J's columns if p turns shared
                     add_to_sum(window.own_sums, (int(task), id(p)), g if scale == 1.0 else g / scale)
-        if partition.sparse:
-            self._write_sparse(step, grads, partition, present, combined, scale)
-        window.present, window.jacobian, window.losses = present, jacobian, losses_sum
-        window.written = combined.direction
-        window.commit = self._combiner.commit_restricted(restriction, combined.commit)
-        window.marker = partition.shared[0] if partition.shared else None
-        window.info = self._gradient_info(step, losses_sum, present, jacobian, combined)
-        self._jacobian_buffer = reusable_buffer(jacobian)
-        return window.info
 
     def _warn_weighted_heads_accumulation(self) -> None:
         if self._window.jacobian is not None:

@@ -43,8 +43,9 @@ def _noop() -> None:
 class Combined:
     """Result of combining per-task gradients."""
 
-    direction: Tensor
-    """The combined P-vector written to the shared parameters' gradients."""
+    direction: Tensor | None
+    """The combined P-vector written to the shared parameters' gradients (``None`` only between
+    :meth:`GramianStrategy.combine_gramian` and its caller forming it)."""
     weights: Tensor | None
     """Effective task weights (``direction = weights @ J``) where the method is linear in ``J``."""
     commit: Commit = _noop
@@ -312,14 +313,39 @@ class GramianStrategy(GradientStrategy):
         return self.weigh(gramian, losses)
 
     def combine(self, jacobian: Tensor, losses: Tensor | None = None) -> Combined:
-        gramian = gramian_of(jacobian)
+        combined = self.combine_gramian(
+            gramian_of(jacobian), losses, jacobian.dtype, jacobian.shape[1], jacobian.device
+        )
+        assert combined.weights is not None
+        combined.direction = combined.weights @ jacobian
+        return combined
+
+    def combine_gramian(
+        self,
+        gramian: np.ndarray,
+        losses: Tensor | None,
+        dtype: torch.dtype,
+        width: int,
+        device: torch.device,
+    ) -> Combined:
+        """The combination known from ``G`` alone (the Gramian engine's entry): the task
+        weights, the commit and the heads' factors; ``direction`` is left ``None`` for the caller
+        to form (``wᵀ J``, or one product per layer). ``dtype`` and ``width`` are ``J``'s, for
+        the Gramian's rounding level."""
         loss_array = None if losses is None else losses.detach().double().cpu().numpy()
-        rounding = gramian_rounding(jacobian.dtype, *jacobian.shape)
+        rounding = gramian_rounding(dtype, gramian.shape[0], width)
         weights, commit = self.weigh_at_precision(gramian, loss_array, rounding)
         if not np.all(np.isfinite(weights)):
             raise FloatingPointError(f"{self.info.name} produced non-finite task weights {weights}")
-        w = torch.from_numpy(np.ascontiguousarray(weights)).to(jacobian.device, jacobian.dtype)
-        return Combined(direction=w @ jacobian, weights=w, commit=commit, gramian=gramian)
+        w = torch.from_numpy(np.ascontiguousarray(weights)).to(device, dtype)
+        return Combined(
+            direction=None, weights=w, commit=commit, gramian=gramian, head_weights=self.head_weights(w)
+        )
+
+    def head_weights(self, weights: Tensor) -> Tensor | None:
+        """Per task, a factor for the gradients of its own parameters (see
+        :attr:`Combined.head_weights`); ``None``, the raw gradients, by default."""
+        return None
 
 
 _known_gramian: ContextVar[tuple[Tensor, int, np.ndarray] | None] = ContextVar(

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..registry import register
 from ..solvers import min_norm_simplex
-from .base import Combined, Commit, GramianStrategy, _noop
+from .base import Commit, GramianStrategy, _noop
 
 Normalization = Literal["none", "l2", "loss", "loss+"]
 
@@ -57,12 +57,9 @@ class MGDA(GramianStrategy):
     def hyperparameters(self) -> dict[str, object]:
         return {"normalization": self.normalization, "weighted_heads": self.weighted_heads}
 
-    def combine(self, jacobian: Tensor, losses: Tensor | None = None) -> Combined:
-        combined = super().combine(jacobian, losses)
-        if self.weighted_heads:
-            # The authors back-propagate Σ α_i L_i: head i's gradient is scaled by α_i.
-            combined.head_weights = combined.weights
-        return combined
+    def head_weights(self, weights: Tensor) -> Tensor | None:
+        # The authors back-propagate Σ α_i L_i: head i's gradient is scaled by α_i.
+        return weights if self.weighted_heads else None
 
     def weigh(self, gramian: np.ndarray, losses: np.ndarray | None) -> tuple[np.ndarray, Commit]:
         scales = self._scales(gramian, losses)

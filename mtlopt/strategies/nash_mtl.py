@@ -11,7 +11,7 @@ from torch import Tensor
 from ..registry import register
 from ..solvers import fair_weights
 from ._state import TaskAxes
-from .base import Combined, Commit, GramianStrategy, check_max_norm, clip_weights
+from .base import Commit, GramianStrategy, check_max_norm, clip_weights
 
 
 @register(
@@ -81,12 +81,11 @@ class NashMTL(GramianStrategy):
             "weighted_heads": self.weighted_heads,
         }
 
-    def combine(self, jacobian: Tensor, losses: Tensor | None = None) -> Combined:
-        combined = super().combine(jacobian, losses)
+    def head_weights(self, weights: Tensor) -> Tensor | None:
         if self.weighted_heads and self._alpha_of_call is not None:
             # The authors back-propagate Σ α_i L_i and clip the shared parameters' gradient only.
-            combined.head_weights = torch.from_numpy(self._alpha_of_call).to(jacobian)
-        return combined
+            return torch.from_numpy(self._alpha_of_call).to(weights)
+        return None
 
     def weigh(self, gramian: np.ndarray, losses: np.ndarray | None) -> tuple[np.ndarray, Commit]:
         reuse = self._alpha is not None and self._step % self.update_weights_every != 0

@@ -1,0 +1,156 @@
+"""The Gramian engine's backward path (:mod:`mtlopt.autogram`): Gramian strategies get ``G``
+without ``J``, and the update is formed once per layer.
+
+It takes a step only where its result is the Jacobian path's: a strategy whose combination is a
+function of ``G`` (:class:`~mtlopt.strategies.base.GramianStrategy`, not overriding ``combine``),
+no torch.distributed, no GradScaler scale, no sparse gradient, no partition change, and the first
+micro-batch of a step. Elsewhere the same backward passes give the full ``J``
+(:meth:`~mtlopt.autogram.Recorded.task_gradients`) to the Jacobian path; a second micro-batch
+forms the first's rows of ``J`` from what the engine kept.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..autogram import (
+    LinearCall,
+    LinearRecorder,
+    Recorded,
+    engine_layers,
+    engine_serves,
+    record_gradients,
+)
+from ..engine import _real_dtype
+from ..finite import check_tasks, finite_tensors
+from ..partition import Partition
+from ..stepinfo import StepInfo
+from ..strategies.base import Combined, GramianStrategy
+from ..tasks import StepTasks
+from ..window import accumulate, window_losses
+from .base import PathBase, unreached_loss
+
+ENGINES = ("auto", "jacobian", "gramian")
+"""``MTLOptimizer(engine=...)``: the engine where it serves the step, never, or required."""
+
+
+class GramianEnginePath(PathBase):
+    """The engine's part of :class:`~mtlopt.MTLOptimizer`."""
+
+    _recorder: LinearRecorder | None
+    _recorded_calls: dict
+
+    def _engine_gradients(
+        self, losses: list[Tensor], trainable: list[Tensor], partition: Partition, scale: float
+    ) -> Recorded | None:
+        """The engine's backward passes, where it holds shared linear layers of these losses."""
+        calls: dict = self._recorded_calls
+        self._recorded_calls = {}
+        if not calls or self._replicas is not None or not engine_serves(self._combiner):
+            return None
+        layers = engine_layers(calls, losses, partition)
+        if not layers:
+            return None
+        return record_gradients(losses, trainable, partition, layers)
+
+    def _engine_takes_step(self, step: StepTasks, recorded: Recorded, scale: float) -> bool:
+        """Whether the engine's combination is the Jacobian path's for this step (else the full
+        ``J`` is formed from the same backward passes)."""
+        assert self._reach is not None and self._partition_key is not None
+        window = self._window
+        if scale != 1.0 or window.jacobian is not None or window.engine is not None:
+            return False
+        if recorded.any_sparse():
+            return False
+        key = self._partition_key
+        return all(
+            self._reach.known(int(task), key, reached)
+            for task, reached in zip(step.present, recorded.reached(), strict=True)
+        )
+
+    def _backward_gramian(self, step: StepTasks, recorded: Recorded, detached: Tensor) -> StepInfo:
+        assert isinstance(self._combiner, GramianStrategy)
+        window = self._window
+        partition = recorded.partition
+        for k, reached in enumerate(recorded.reached()):
+            if not any(reached):
+                raise unreached_loss(step.present_names[k])
+        own = recorded.own()
+        specific = [
+            [own[k].get(id(p)) for p in partition.specific[task]]
+            for k, task in enumerate(step.present)
+        ]
+        dtype = _real_dtype(partition.shared)
+        gramian = _host(recorded.gramian(dtype))
+        diagonal = gramian.diagonal()
+        if not (np.all(np.isfinite(diagonal)) and np.all(diagonal > 0)):
+            # Overflow or underflow of squares in J's dtype: the exact account, in float64.
+            gramian = _host(recorded.gramian(torch.float64))
+            diagonal = gramian.diagonal()
+        for name, value in zip(step.present_names, diagonal, strict=True):
+            if not np.isfinite(value):
+                return self._bad_gradient(step, detached, f"non-finite gradient for task {name!r}")
+        checks = check_tasks(torch.zeros(len(step.present), 0), specific, diagonal)
+        for name, check in zip(step.present_names, checks, strict=True):
+            if not check.finite:
+                return self._bad_gradient(step, detached, f"non-finite gradient for task {name!r}")
+        self._warn_zero_tasks(step, checks)
+
+        present = step.present
+        losses_sum = window_losses(window, step, detached)
+        restriction = None if len(present) == len(step.names) else present
+        self._combiner.observe_columns(partition.shared, self.param_groups)
+        device = partition.shared[0].device
+        try:
+            with self._combiner.restricted_to(restriction):
+                combined = self._combiner.combine_gramian(
+                    gramian, losses_sum[present].to(device), dtype, partition.num_shared, device
+                )
+        except FloatingPointError as error:
+            return self._nonfinite(step, detached, str(error))
+        assert combined.weights is not None
+        params, grads = recorded.combined(combined.weights)
+        if not finite_tensors(grads):
+            return self._nonfinite(
+                step, detached, f"{self._combiner.info.name} produced a non-finite update"
+            )
+        accumulate(params, grads)
+        self._write_own(step, partition, specific, combined, present, 1.0)
+        window.present, window.losses = present, losses_sum
+        window.engine = (recorded, combined.weights)
+        window.commit = self._combiner.commit_restricted(restriction, combined.commit)
+        window.marker = partition.shared[0]
+        window.info = self._gradient_info(step, losses_sum, present, None, combined)
+        window.info.engine = "gramian"
+        return window.info
+
+    def _unfold_engine_window(self) -> None:
+        """A second micro-batch after the engine's: the first's rows of ``J`` and its written
+        update, formed from what the engine kept."""
+        window = self._window
+        assert window.engine is not None
+        recorded, weights = window.engine
+        window.engine = None
+        window.jacobian = recorded.task_gradients().jacobian
+        window.written = weights.to(window.jacobian) @ window.jacobian
+
+    def _write_own(
+        self,
+        step: StepTasks,
+        partition: Partition,
+        specific: list[list[Tensor | None]],
+        combined: Combined,
+        present: np.ndarray,
+        scale: float,
+    ) -> None:
+        raise NotImplementedError  # JacobianPath
+
+
+def _host(gramian: Tensor) -> np.ndarray:
+    array = gramian.double().cpu().numpy()
+    return (array + array.T) / 2
+
+
+__all__ = ["ENGINES", "GramianEnginePath", "LinearCall", "LinearRecorder"]

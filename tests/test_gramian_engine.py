@@ -1,0 +1,314 @@
+"""The Gramian engine (mtlopt.autogram) against the Jacobian path: same steps, on every strategy it
+serves and on models this project did not write."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+from torch import nn
+
+import mtlopt
+from mtlopt.autogram import (
+    EngineLayer,
+    LinearRecorder,
+    engine_layers,
+    engine_serves,
+    gramian_engine_strategies,
+)
+from mtlopt.partition import Partition
+
+SERVED = gramian_engine_strategies()
+
+
+class Trunk(nn.Module):
+    """An MLP trunk with a LayerNorm (a parameter outside the engine's layers) and task heads."""
+
+    def __init__(self, tasks: int = 3, width: int = 16) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(
+            nn.Linear(8, width), nn.GELU(), nn.Linear(width, width), nn.LayerNorm(width)
+        )
+        self.heads = nn.ModuleList(nn.Linear(width, 1) for _ in range(tasks))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        z = self.trunk(x)
+        return [h(z).pow(2).mean() * (i + 1) for i, h in enumerate(self.heads)]
+
+
+def run(build, strategy: str, engine: str, steps: int = 3, batches=None, dtype=torch.float32,
+        **options):
+    torch.manual_seed(0)
+    model = build().to(dtype)
+    opt = mtlopt.MTLOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.05), strategy, model=model, engine=engine,
+        tasks=["t0", "t1", "t2"][: len(model.heads) if hasattr(model, "heads") else 2],
+        **options,
+    )
+    if strategy == "pivrg":  # performance scores from a validation signal
+        opt.observe(scores=[0.5, 0.6, 0.7])
+    infos = []
+    for step in range(steps):
+        opt.zero_grad()
+        losses = batches(model, step) if batches else model(_inputs(step, dtype))
+        infos.append(opt.step({f"t{i}": loss for i, loss in enumerate(losses)}))
+    return [p.detach().clone() for p in model.parameters()], infos
+
+
+def _inputs(step: int, dtype=torch.float32) -> torch.Tensor:
+    return torch.randn(12, 8, generator=torch.Generator().manual_seed(step)).to(dtype)
+
+
+def assert_same(build, strategy, batches=None, steps=3, dtype=torch.float32, tol=2e-5, **options):
+    reference, ref_infos = run(build, strategy, "jacobian", steps, batches, dtype, **options)
+    params, infos = run(build, strategy, "auto", steps, batches, dtype, **options)
+    assert [i.engine for i in ref_infos] == ["jacobian"] * steps
+    for a, b in zip(reference, params, strict=True):
+        torch.testing.assert_close(b, a, atol=tol, rtol=tol)
+    for a, b in zip(ref_infos, infos, strict=True):
+        if a.weights is not None:
+            torch.testing.assert_close(b.weights, a.weights, atol=tol, rtol=tol, equal_nan=True)
+        torch.testing.assert_close(b.cosines, a.cosines, atol=tol, rtol=tol, equal_nan=True)
+    return infos
+
+
+def test_the_engine_serves_the_gramian_strategies_and_not_the_others():
+    for name in ("mgda", "upgrad", "dualproj", "nash_mtl", "fairgrad", "imtl_g", "aligned_mtl",
+                 "cagrad", "pcgrad", "gradvac", "ntkmtl"):
+        assert name in SERVED, name
+    for name in ("ew", "graddrop", "db_mtl", "moco", "trimmed_mean", "uw"):
+        assert name not in SERVED
+        assert not engine_serves(mtlopt.create(name, num_tasks=2))
+
+
+@pytest.mark.parametrize("strategy", SERVED)
+def test_every_served_strategy_takes_the_same_steps_as_with_J(strategy):
+    infos = assert_same(Trunk, strategy)
+    assert [i.engine for i in infos] == ["gramian"] * 3
+
+
+@pytest.mark.parametrize("strategy", ["upgrad", "mgda", "pcgrad"])
+def test_float64_steps_agree_to_rounding(strategy):
+    assert_same(Trunk, strategy, dtype=torch.float64, tol=1e-11)
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_a_layer_block_of_the_gramian_is_J_J_transpose(kernel, monkeypatch):
+    """Both ways of forming a layer's block (the input kernel, the stacked weight gradients)
+    against the brute-force rows of J, in float64."""
+    monkeypatch.setattr(EngineLayer, "use_kernel", lambda self: kernel)
+    torch.manual_seed(1)
+    layer = nn.Linear(5, 4).double()
+    x = torch.randn(3, 7, 5, dtype=torch.float64)
+    targets = torch.randn(3, 3, 7, 4, dtype=torch.float64)
+    rows = []
+    for t in range(3):
+        out = layer(x)
+        loss = (out * targets[t]).sum() + out.pow(2).sum() * t
+        gw, gb = torch.autograd.grad(loss, [layer.weight, layer.bias])
+        rows.append(torch.cat([gw.reshape(-1), gb]))
+    jacobian = torch.stack(rows)
+    recorder = LinearRecorder(layer)
+    out = layer(x)
+    losses = [(out * targets[t]).sum() + out.pow(2).sum() * t for t in range(3)]
+    calls = recorder.take()
+    partition = Partition(shared=[layer.weight, layer.bias], specific=[[], [], []])
+    from mtlopt.autogram import record_gradients
+
+    recorded = record_gradients(losses, [layer.weight, layer.bias], partition,
+                                engine_layers(calls, losses, partition))
+    torch.testing.assert_close(recorded.gramian(torch.float64), jacobian @ jacobian.T,
+                               rtol=1e-12, atol=1e-12)
+    params, grads = recorded.combined(torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64))
+    expected = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64) @ jacobian
+    torch.testing.assert_close(torch.cat([g.reshape(-1) for g in grads]), expected)
+
+
+def test_a_weight_used_outside_its_layer_is_left_to_autograd():
+    """A tied weight (the layer's weight also used by F.linear elsewhere): the engine must not
+    take that layer, whose gradient would miss the other use."""
+
+    class Tied(Trunk):
+        def forward(self, x):
+            z = self.trunk(x)
+            z = z + nn.functional.linear(z, self.trunk[2].weight)  # a second use of the weight
+            return [h(z).pow(2).mean() * (i + 1) for i, h in enumerate(self.heads)]
+
+    model = Tied()
+    recorder = LinearRecorder(model)
+    losses = model(_inputs(0))
+    trainable = list(model.trunk.parameters())
+    partition = Partition(shared=trainable, specific=[[], [], []])
+    taken = [m for m, _ in engine_layers(recorder.take(), losses, partition)]
+    assert taken == [model.trunk[0]]
+    assert_same(Tied, "upgrad")
+
+
+def test_outputs_modified_in_place_and_stale_forwards():
+    class InPlace(Trunk):
+        def forward(self, x):
+            with torch.enable_grad():
+                self.trunk(x * 3)  # a forward whose graph no loss uses
+            y = self.trunk[0](x)
+            y.mul_(2.0)  # in place, after the layer recorded its output
+            z = self.trunk[3](self.trunk[2](self.trunk[1](y)))
+            return [h(z).pow(2).mean() * (i + 1) for i, h in enumerate(self.heads)]
+
+    infos = assert_same(InPlace, "mgda")
+    assert infos[-1].engine == "gramian"
+
+
+def test_gradient_accumulation_and_absent_tasks():
+    def two_batches(model, step):
+        return model(_inputs(step))
+
+    def accumulate(build, engine):
+        torch.manual_seed(0)
+        model = build()
+        opt = mtlopt.MTLOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), "upgrad",
+                                  model=model, engine=engine)
+        for step in range(3):
+            opt.zero_grad()
+            for micro in range(2):
+                losses = model(_inputs(10 * step + micro))
+                given = {f"t{i}": loss for i, loss in enumerate(losses)}
+                if micro == 1 and step == 1:
+                    given.pop("t2")  # absent from the second micro-batch
+                opt.backward(given)
+            opt.step()
+        return [p.detach().clone() for p in model.parameters()]
+
+    for a, b in zip(accumulate(Trunk, "jacobian"), accumulate(Trunk, "auto"), strict=True):
+        torch.testing.assert_close(b, a, atol=2e-5, rtol=2e-5)
+
+    def absent(model, step):
+        losses = model(_inputs(step))
+        return losses if step != 1 else [losses[0], None, losses[2]]
+
+    infos = assert_same(Trunk, "upgrad", batches=absent)
+    assert infos[1].engine == "gramian" and infos[1].present == ["t0", "t2"]
+
+
+class Poison(torch.autograd.Function):
+    """Identity forward, NaN gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def test_a_non_finite_gradient_is_caught_as_with_J():
+    class Poisoned(Trunk):
+        def forward(self, x):
+            losses = super().forward(x)
+            z = self.trunk(x)
+            losses[1] = losses[1] + Poison.apply(z).sum() * 0.0  # finite loss, NaN gradient
+            return losses
+
+    for engine in ("jacobian", "auto"):
+        with pytest.raises(FloatingPointError, match="non-finite gradient for task 't1'"):
+            run(Poisoned, "upgrad", engine)
+
+
+def test_transformer_encoder_with_pytorch_defaults_and_padding():
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0)
+            self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+            self.embed = nn.Linear(8, 16)
+            self.heads = nn.ModuleList(nn.Linear(16, 1) for _ in range(3))
+
+        def forward(self, x):
+            mask = torch.zeros(x.shape[1], x.shape[0], dtype=torch.bool)
+            mask[0, -2:] = True  # the first sequence is padded
+            z = self.encoder(self.embed(x), src_key_padding_mask=mask)
+            return [h(z).pow(2).mean() * (i + 1) for i, h in enumerate(self.heads)]
+
+    def batches(model, step):
+        return model(torch.randn(6, 4, 8, generator=torch.Generator().manual_seed(step)))
+
+    infos = assert_same(Encoder, "upgrad", batches=batches)
+    assert infos[-1].engine == "gramian"
+
+
+def test_hugging_face_bert_from_a_small_config():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=32,
+                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bert = transformers.BertModel(config, add_pooling_layer=False)
+            self.heads = nn.ModuleList(nn.Linear(16, 2) for _ in range(3))
+
+        def forward(self, ids, mask):
+            z = self.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+            return [h(z).logsumexp(-1).mean() * (i + 1) for i, h in enumerate(self.heads)]
+
+    def batches(model, step):
+        g = torch.Generator().manual_seed(step)
+        ids = torch.randint(0, 50, (3, 7), generator=g)
+        mask = torch.ones(3, 7, dtype=torch.long)
+        mask[0, 5:] = 0
+        return model(ids, mask)
+
+    infos = assert_same(Model, "mgda", batches=batches)
+    assert infos[-1].engine == "gramian"
+
+
+def test_recommender_with_embeddings():
+    class Recommender(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.users, self.items = nn.Embedding(30, 8), nn.Embedding(40, 8)
+            self.bottom = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU())
+            self.towers = nn.ModuleList(
+                nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 1)) for _ in range(2)
+            )
+
+        def forward(self, user, item, labels):
+            z = self.bottom(torch.cat([self.users(user), self.items(item)], -1))
+            return [
+                nn.functional.binary_cross_entropy_with_logits(t(z).squeeze(-1), labels[:, i])
+                for i, t in enumerate(self.towers)
+            ]
+
+    def batches(model, step):
+        g = torch.Generator().manual_seed(step)
+        return model(torch.randint(0, 30, (20,), generator=g),
+                     torch.randint(0, 40, (20,), generator=g),
+                     torch.randint(0, 2, (20, 2), generator=g).float())
+
+    infos = assert_same(Recommender, "nash_mtl", batches=batches)
+    assert infos[-1].engine == "gramian"
+
+
+def test_engine_options_fail_clearly():
+    model = Trunk()
+    with pytest.raises(ValueError, match="engine must be one of"):
+        mtlopt.MTLOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "mgda", engine="fast")
+    with pytest.raises(ValueError, match="pass the model"):
+        mtlopt.MTLOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "mgda", engine="gramian")
+    with pytest.raises(ValueError, match="graddrop reads J itself"):
+        mtlopt.MTLOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "graddrop",
+                            engine="gramian", model=model)
+    # without a model (or with a strategy it does not serve) "auto" is the Jacobian path
+    _, infos = run(Trunk, "mgda", "jacobian")
+    assert infos[0].engine == "jacobian"
+
+
+def test_the_hooks_go_with_the_optimizer():
+    model = Trunk()
+    opt = mtlopt.MTLOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "mgda", model=model)
+    assert model.trunk[0]._forward_hooks
+    del opt
+    gc.collect()
+    assert not model.trunk[0]._forward_hooks
