@@ -682,6 +682,8 @@ NEW_SECTIONS = {
     "dtme": DTME_SECTION[0],
     "small": "## Small models: the wrapper's fixed cost",
     "solvers": "## Solvers at many tasks",
+    "gramian": "## The Gramian engine: G without J",
+    "memory": "## Memory of a step",
 }
 """Sections ``--sections`` can run alone, by the heading they write in docs/perf.md."""
 
@@ -692,7 +694,7 @@ def run_sections(
     """Only the named sections (``mtlopt-bench run perf --sections small,solvers``): printed,
     written to ``OUT/perf/sections.md`` and, on a full run from a checkout, replaced in place in
     docs/perf.md (appended where the page does not have them yet)."""
-    from . import perf_small, perf_solvers
+    from . import perf_gramian, perf_small, perf_solvers
 
     unknown = sorted(set(names) - set(NEW_SECTIONS))
     if unknown:
@@ -706,6 +708,8 @@ def run_sections(
             "dtme": lambda: run_dtme(quick, progress).split("\n"),
             "small": lambda: perf_small.run_small(quick, progress),
             "solvers": lambda: perf_solvers.run_solvers(quick, progress),
+            "gramian": lambda: perf_gramian.run_gramian(quick, progress),
+            "memory": lambda: perf_gramian.run_memory(quick, progress),
         }
         lines = runners[name]()
         wall = time.perf_counter() - start
@@ -741,7 +745,7 @@ def replace_section(doc: str, heading: str, body: str) -> str:
 
 
 def run(out: Path, quick: bool, command: str, write_docs: bool, progress=print) -> str:
-    from . import perf_small, perf_solvers
+    from . import perf_gramian, perf_small, perf_solvers
 
     torch.manual_seed(0)
     if quick:
@@ -766,6 +770,8 @@ def run(out: Path, quick: bool, command: str, write_docs: bool, progress=print) 
     solver_lines = solver_table("qm9", 11, medians["qm9", 11], repeats=rounds * 3)
     small_lines = perf_small.run_small(quick, progress)
     solvers_lines = perf_solvers.run_solvers(quick, progress)
+    gramian_lines = perf_gramian.run_gramian(quick, progress)
+    memory_lines = perf_gramian.run_memory(quick, progress)
     allocator_lines = (
         ["Full run only (`mtlopt-bench run perf`)."]
         if quick
@@ -866,6 +872,8 @@ def run(out: Path, quick: bool, command: str, write_docs: bool, progress=print) 
             "",
             *small_lines,
             *solvers_lines,
+            *gramian_lines,
+            *memory_lines,
             "## The C allocator",
             "",
             "glibc adapts its `mmap` threshold to the block sizes a process frees and gives the "

@@ -20,7 +20,7 @@ from .multi import OptimizerChain, delegating_optimizer_init
 from .partition import Partition, Reach
 from .paths import JacobianPath, RepresentationPath, ScalarizedPath
 from .paths.gramian import ENGINES
-from .registry import create
+from .registry import create, takes_model
 from .stepinfo import StepInfo
 from .strategies.base import (
     GradientStrategy,
@@ -77,6 +77,15 @@ class MTLOptimizer(JacobianPath, RepresentationPath, ScalarizedPath, torch.optim
             default group when ``torch.distributed`` is initialised with several ranks: per-task
             gradients and losses are then averaged across ranks (one ``all_reduce`` per
             :meth:`backward`) before the strategy combines them (see :mod:`mtlopt.distributed`).
+        model: the model. With a strategy whose weights come from the Gramian ``G = J Jᵀ``
+            alone (MGDA, UPGrad, DualProj, Nash-MTL, FairGrad, IMTL-G, Aligned-MTL, CAGrad,
+            PCGrad, GradVac, NTKMTL, ...), the Gramian engine records its ``nn.Linear`` layers
+            and forms ``G`` without ``J`` (:mod:`mtlopt.autogram`); strategies built with a model
+            (DTME, Auto-λ) receive it too. ``shared`` given as a module serves the engine as well.
+        engine: ``"auto"`` (default): the Gramian engine wherever it serves the step, else the
+            Jacobian path (same result to rounding); ``"jacobian"``: never the engine;
+            ``"gramian"``: require it (a strategy it cannot serve, or no model, is an error).
+            :attr:`StepInfo.engine` says which one took each step.
         **strategy_kwargs: hyperparameters passed to the strategy when it is given by name.
     """
 
@@ -111,6 +120,8 @@ class MTLOptimizer(JacobianPath, RepresentationPath, ScalarizedPath, torch.optim
         if isinstance(strategy, str):
             if names is not None:
                 strategy_kwargs.setdefault("num_tasks", len(names))
+            if model is not None and takes_model(strategy):
+                strategy_kwargs.setdefault("model", model)
             strategy = create(strategy, **strategy_kwargs)
         elif strategy_kwargs:
             raise TypeError("strategy keyword arguments are only accepted with a strategy name")

@@ -120,7 +120,7 @@ def test_a_layer_block_of_the_gramian_is_J_J_transpose(kernel, monkeypatch):
                                 engine_layers(calls, losses, partition))
     torch.testing.assert_close(recorded.gramian(torch.float64), jacobian @ jacobian.T,
                                rtol=1e-12, atol=1e-12)
-    params, grads = recorded.combined(torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64))
+    _, grads = recorded.combined(torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64))
     expected = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64) @ jacobian
     torch.testing.assert_close(torch.cat([g.reshape(-1) for g in grads]), expected)
 

@@ -1,0 +1,214 @@
+"""The Gramian engine's sections of ``mtlopt-bench run perf``: its step time and its memory.
+
+1. **Speed** (``--sections gramian``): a Gramian strategy's step through the Jacobian path
+   (``engine="jacobian"``: ``J``, then ``G = J Jᵀ``, then ``wᵀ J``) and through the Gramian engine
+   (``model=``, :mod:`mtlopt.autogram`), each over the T-backward floor in the same rounds, on the
+   small-model MLP (:mod:`mtlopt_bench.perf_small`), the benchmark ViT and QM9's set transformer
+   at T = 2, 5, 11. The share of the shared parameters that sit in layers the engine takes is
+   reported: the rest (attention's fused projections, LayerNorm, embeddings) keeps its columns of
+   ``J``.
+2. **Memory** (``--sections memory``): the peak resident memory of a step above the memory after
+   the model is built, each configuration in a fresh subprocess, for the Jacobian path, the engine
+   and representation mode, on MLPs of P shared parameters and T tasks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+import mtlopt
+from mtlopt.autogram import LinearRecorder
+
+from .perf import Bench, _cell, bench, floor_step, paired
+from .perf_small import mlp_bench
+
+ENGINE_METHODS = ["mgda", "upgrad"]
+MODELS = ["mlp", "multifashion", "qm9"]
+LABELS = {"mlp": "MLP", "multifashion": "ViT", "qm9": "set transformer"}
+
+
+def _inner(kind: str) -> Callable[[nn.Module], torch.optim.Optimizer]:
+    if kind == "mlp":  # the small-model section's SGD
+        return lambda m: torch.optim.SGD(m.parameters(), lr=1e-4)
+    return lambda m: torch.optim.Adam(m.parameters(), lr=1e-4)
+
+
+def _bench(kind: str, tasks: int) -> Bench:
+    return mlp_bench(tasks) if kind == "mlp" else bench(kind, tasks)
+
+
+def engine_step(b: Bench, kind: str, method: str, engine: str) -> Callable[[], None]:
+    opt = mtlopt.MTLOptimizer(
+        _inner(kind)(b.model), mtlopt.create(method, num_tasks=len(b.heads)), model=b.model,
+        engine=engine,
+    )
+
+    def step() -> None:
+        opt.zero_grad()
+        info = opt.step(b.losses(b.model))
+        assert info is not None and info.engine == engine, (info and info.engine, engine)
+
+    return step
+
+
+def engine_share(b: Bench) -> float:
+    """The share of the shared parameters in linear layers the engine records."""
+    shared = {id(p) for p in b.shared}
+    layers = LinearRecorder(b.model)
+    covered = sum(
+        p.numel() for m in layers.layers for p in m.parameters(recurse=False) if id(p) in shared
+    )
+    layers.remove()
+    return covered / sum(p.numel() for p in b.shared)
+
+
+def speed_table(tasks: list[int], rounds: int, warmup: int, progress) -> list[str]:
+    lines = [
+        "| model | T | floor (ms) | engine's share of P | strategy | J path / floor | "
+        "engine / floor | engine / J path |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for kind in MODELS:
+        for t in tasks:
+            base = _bench(kind, t)
+            share = engine_share(base)
+            for method in ENGINE_METHODS:
+                pairs = {
+                    engine: (
+                        floor_step(base.clone(), _inner(kind)),
+                        engine_step(base.clone(), kind, method, engine),
+                    )
+                    for engine in ("jacobian", "gramian")
+                }
+                result = paired(pairs, rounds, warmup)
+                jac, gram = result["jacobian"], result["gramian"]
+                floor_ms = 1e3 * statistics.median([jac.reference_seconds, gram.reference_seconds])
+                direct = [own_g / own_j for (own_g, _), (own_j, _) in
+                          zip(gram.rounds, jac.rounds, strict=True)]
+                lines.append(
+                    f"| {LABELS[kind]} | {t} | {floor_ms:.1f} | {share:.0%} | {method} | "
+                    f"{_cell(jac)} | {_cell(gram)} | {statistics.median(direct):.2f} |"
+                )
+            progress(f"gramian engine {kind} T={t}")
+    return lines
+
+
+SPEED_SECTION = [
+    "## The Gramian engine: G without J",
+    "",
+    "A Gramian strategy's step through the Jacobian path (`engine=\"jacobian\"`) and through the "
+    "Gramian engine (`MTLOptimizer(..., model=model)`, the default where the model is given), "
+    "each over the T-backward floor in the same interleaved rounds; engine / J path is the median "
+    "of the per-round ratios of the two steps. The engine's share of P: the shared parameters in "
+    "`nn.Linear` layers called through their module (the engine forms their Gramian block from "
+    "the layer's inputs and output gradients); the rest (nn.MultiheadAttention's fused "
+    "projections, LayerNorm, embeddings) keeps its columns of J. MLP: trunk 3 × [Linear(512, "
+    "512), GELU], batch 256, SGD; ViT and set transformer: the models above, Adam.",
+    "",
+]
+
+
+MEMORY_SECTION = [
+    "## Memory of a step",
+    "",
+    "Peak resident memory of the first two steps above the memory once the model and its batch "
+    "exist, each configuration in a fresh subprocess (1 thread; MGDA; an MLP trunk of three "
+    "square Linear layers holding P shared parameters, batch 64, T heads Linear(w, 1), SGD). "
+    "Jacobian path: T×P `J` and one task's gradients; engine: the layers' inputs and T output "
+    "gradients per layer, no `J`; representation mode: gradients with respect to the trunk's "
+    "output only.",
+    "",
+]
+
+
+def _width(parameters: int) -> int:
+    return max(8, round((parameters / 3) ** 0.5))
+
+
+def memory_child(parameters: int, tasks: int, mode: str) -> dict[str, float]:
+    """Run in a subprocess: the peak memory of two steps above the memory before them."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    width = _width(parameters)
+    trunk = nn.Sequential(*[nn.Linear(width, width) for _ in range(3)])
+    heads = nn.ModuleList(nn.Linear(width, 1) for _ in range(tasks))
+    model = nn.ModuleDict({"trunk": trunk, "heads": heads})
+    x, y = torch.randn(64, width), torch.randn(64, tasks)
+    opt = mtlopt.MTLOptimizer(
+        torch.optim.SGD(model.parameters(), lr=1e-6), "mgda",
+        model=model if mode == "gramian" else None,
+        engine="gramian" if mode == "gramian" else "jacobian",
+    )
+    before = _rss()
+    for _ in range(2):
+        opt.zero_grad()
+        z = trunk(x)
+        losses = [((h(z).squeeze(-1) - y[:, i]) ** 2).mean() for i, h in enumerate(heads)]
+        if mode == "representation":
+            opt.backward(losses, features=z)
+            opt.step()
+        else:
+            opt.step(losses)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    shared = sum(p.numel() for p in trunk.parameters())
+    return {"peak": peak - before, "shared": shared}
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_table(sizes: list[int], tasks: list[int], progress) -> list[str]:
+    lines = [
+        "| P (shared) | T | Jacobian path (MB) | engine (MB) | representation (MB) | J alone (MB) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for parameters in sizes:
+        for t in tasks:
+            cells = {}
+            shared = 0
+            for mode in ("jacobian", "gramian", "representation"):
+                out = subprocess.run(
+                    [sys.executable, "-m", "mtlopt_bench.perf_gramian", str(parameters), str(t),
+                     mode],
+                    capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                )
+                if out.returncode != 0:
+                    cells[mode] = f"failed ({out.stderr.strip().splitlines()[-1][:60]})"
+                    continue
+                result = json.loads(out.stdout.strip().splitlines()[-1])
+                cells[mode] = f"{result['peak'] / 1e6:.0f}"
+                shared = int(result["shared"])
+            lines.append(
+                f"| {shared / 1e6:.1f} M | {t} | {cells['jacobian']} | {cells['gramian']} | "
+                f"{cells['representation']} | {4 * t * shared / 1e6:.0f} |"
+            )
+            progress(f"memory P={parameters} T={t}")
+    return lines
+
+
+def run_gramian(quick: bool, progress=print) -> list[str]:
+    rounds, warmup = (3, 1) if quick else (9, 1)
+    tasks = [2, 11] if quick else [2, 5, 11]
+    return [*SPEED_SECTION, *speed_table(tasks, rounds, warmup, progress), ""]
+
+
+def run_memory(quick: bool, progress=print) -> list[str]:
+    sizes = [1_000_000] if quick else [1_000_000, 10_000_000, 50_000_000]
+    tasks = [2, 8] if quick else [2, 8, 32]
+    return [*MEMORY_SECTION, *memory_table(sizes, tasks, progress), ""]
+
+
+if __name__ == "__main__":
+    size, count, which = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    print(json.dumps(memory_child(size, count, which)))
