@@ -136,7 +136,6 @@ def _width(parameters: int) -> int:
 
 def memory_child(parameters: int, tasks: int, mode: str) -> dict[str, float]:
     """Run in a subprocess: the peak memory of two steps above the memory before them."""
-    torch.set_num_threads(1)
     torch.manual_seed(0)
     width = _width(parameters)
     trunk = nn.Sequential(*[nn.Linear(width, width) for _ in range(3)])
@@ -210,5 +209,6 @@ def run_memory(quick: bool, progress=print) -> list[str]:
 
 
 if __name__ == "__main__":
+    torch.set_num_threads(1)
     size, count, which = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     print(json.dumps(memory_child(size, count, which)))

@@ -174,9 +174,15 @@ class MTLOptimizer(JacobianPath, RepresentationPath, ScalarizedPath, torch.optim
     ) -> LinearRecorder | None:
         """The Gramian engine's forward hooks, on the linear layers of ``model`` (or of
         ``shared`` when it is a module), where the engine can serve the strategy."""
-        serves = engine_serves(self._combiner)
+        # DTME's task streams take their own gradient path (mtlopt.tokens.stream_gradients).
+        serves = engine_serves(self._combiner) and not isinstance(self.strategy, TokenStrategy)
         module = model if model is not None else shared if isinstance(shared, nn.Module) else None
         if engine == "gramian":
+            if isinstance(self.strategy, TokenStrategy):
+                raise ValueError(
+                    f"engine='gramian' does not serve {self.strategy.info.name}: its task streams "
+                    "take their own gradient path; use engine='jacobian' (or leave 'auto')"
+                )
             if not serves:
                 raise ValueError(
                     f"engine='gramian' serves strategies whose weights come from the Gramian "

@@ -248,6 +248,20 @@ def test_perf_small_and_solver_sections_run_and_replace_their_part_of_the_page()
     assert perf.replace_section(page, "## C", "## C\n\nx\n").endswith("kept\n\n## C\n\nx\n")
 
 
+def test_perf_gramian_engine_and_memory_sections(monkeypatch):
+    from mtlopt_bench import perf, perf_gramian
+
+    # every shared parameter of the MLP sits in a linear layer; the ViT's attention does not
+    assert perf_gramian.engine_share(perf_gramian._bench("mlp", 2)) == 1.0
+    assert 0.3 < perf_gramian.engine_share(perf.bench("multifashion", 2)) < 1.0
+    monkeypatch.setattr(perf_gramian, "MODELS", ["mlp"])
+    lines = perf_gramian.speed_table([2], 1, 0, lambda m: None)
+    assert [line.split(" | ")[4] for line in lines[2:]] == perf_gramian.ENGINE_METHODS
+    for mode in ("jacobian", "gramian", "representation"):
+        result = perf_gramian.memory_child(3000, 2, mode)
+        assert result["peak"] >= 0 and 2500 < result["shared"] < 3500
+
+
 def test_vit_finetune_trunk_is_pretrained_once_into_the_cache(tmp_path, monkeypatch):
     _require("vit_finetune")
     from mtlopt_bench import vit_finetune as vf
