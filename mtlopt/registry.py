@@ -45,6 +45,9 @@ class Cost(str, enum.Enum):
     DOUBLE_BACKWARD = "1 backward + T to the features, double backward"
     """Rep-MTL: per-task gradients of the shared features with a graph, then one backward of the
     regularised objective through them."""
+    FEATURE_GRADIENTS = "1 backward + T to the features"
+    """NTKMTL-SR: per-task gradients of the shared features (first order), then one backward of
+    the weighted losses."""
     AS_BASE = "the base strategy's"
     """A transform of another strategy's update (sparse training): the base's cost."""
     BRANCHES = "T backward (analysis), then T streams after the branch"

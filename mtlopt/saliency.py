@@ -54,3 +54,17 @@ def saliencies(losses: Sequence[Tensor], z: Tensor) -> Tensor:
             )
         rows.append(grad)
     return torch.stack(rows)
+
+
+def first_order_saliencies(losses: Sequence[Tensor], z: Tensor) -> Tensor:
+    """``[∂L_t/∂z for t]`` stacked (T × z.shape), without a graph (for weights, not regularisers);
+    a loss that does not reach ``z`` gives zeros, but at least one must reach it."""
+    grads = [
+        torch.autograd.grad(loss, z, retain_graph=True, allow_unused=True)[0] for loss in losses
+    ]
+    if all(g is None for g in grads):
+        raise ValueError(
+            "no task's loss depends on the recorded representation: was the model run again "
+            "(another batch) between the training forward pass and the step?"
+        )
+    return torch.stack([torch.zeros_like(z) if g is None else g for g in grads])

@@ -371,6 +371,34 @@ def test_go4align_groups_by_exact_kmeans(groups):
         assert float(out.loss) == pytest.approx(float(centres @ L), rel=1e-10)
 
 
+def test_go4align_weights_are_unbounded_unless_max_weight_clips_them():
+    """One step from p = 1/2 with L = (1, 1e-9): p ∝ exp(−ηL) ≈ (1/2, 1/2), r_i = (ΣL/L_i) p_i, two
+    groups of one task each: the weights are r ≈ (0.5, 5e8), the paper's unbounded scales;
+    max_weight clips each weight and changes nothing below the bound."""
+    losses = torch.tensor([1.0, 1e-9], dtype=torch.float64)
+    eta = 1e-4
+    p = np.exp(-eta * losses.numpy()) / np.exp(-eta * losses.numpy()).sum()
+    r = losses.numpy().sum() / losses.numpy() * p
+    free = mtlopt.create("go4align").scalarize(losses)
+    np.testing.assert_allclose(free.weights.numpy(), r, rtol=1e-12)
+    assert float(free.weights[1]) > 4e8
+    clipped = mtlopt.create("go4align", max_weight=10.0).scalarize(losses)
+    np.testing.assert_allclose(clipped.weights.numpy(), np.minimum(r, 10.0), rtol=1e-12)
+    assert float(clipped.loss) == pytest.approx(float(np.minimum(r, 10.0) @ losses.numpy()))
+    with pytest.raises(ValueError, match="max_weight must be positive"):
+        mtlopt.create("go4align", max_weight=0.0)
+
+
+def test_pbi_gives_the_smaller_loss_a_negative_weight_when_theta_exceeds_one():
+    """Two tasks, ŵ = (1, 1)/√2, z* = 0, L₁ > L₂: the perpendicular unit vector is (1, −1)/√2, so
+    the effective weights are ((1 + θ)/√2, (1 − θ)/√2): with MOEA/D's θ = 5 the smaller loss is
+    pushed up, toward the preference ray; θ ≤ 1/√(T − 1) keeps every weight non-negative."""
+    losses = torch.tensor([2.0, 1.0], dtype=torch.float64)
+    for theta in (5.0, 1.0, 0.5):
+        weights = mtlopt.create("pbi", theta=theta).scalarize(losses).weights.numpy()
+        np.testing.assert_allclose(weights, np.array([1 + theta, 1 - theta]) / np.sqrt(2), rtol=1e-12)
+
+
 def test_ldc_mtl_objective_ratios_and_logit_gradient():
     """LDC-MTL (the authors' trainer): ρ = L⁽¹⁾/min L⁽¹⁾ fixed at the first step, L̃ = L/ρ,
     w = softmax(ξ), objective wᵀL̃/Σw + λ Σ_k |w_k L̃_k − w_{k+1} L̃_{k+1}|; the logits get the

@@ -84,9 +84,16 @@ def test_parameters_and_batchnorm_statistics_are_restored_bit_for_bit(name):
         assert torch.equal(a, b)
 
 
-def test_fmtl_perturbs_each_task_by_rho_along_its_gradient_and_aggregates_as_the_paper():
-    """ε_t = ρ g_t/‖g_t‖ on the trunk and ρ h_t/‖h_t‖ on head t; d = Agg(g) + Agg(g^SAM − g);
-    heads take their SAM gradient (Phan et al., Algorithm 1)."""
+def _adaptive_offset(rho, theta, g):
+    """Adaptive SAM (Kwon et al., 2021; F-MTL's scripts): ρ θ²⊙g / ‖|θ|⊙g‖."""
+    return rho * theta**2 * g / (theta.abs() * g).norm()
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_fmtl_perturbs_each_task_by_rho_along_its_gradient_and_aggregates_as_the_paper(adaptive):
+    """ε_t = ρ g_t/‖g_t‖ on the trunk and ρ h_t/‖h_t‖ on head t (adaptive: ρ θ²⊙g/‖|θ|⊙g‖ on
+    each part); d = Agg(g) + Agg(g^SAM − g); heads take their SAM gradient (Phan et al.,
+    Algorithm 1)."""
     torch.manual_seed(0)
     model = BatchNormNet()
     model.eval()  # fixed statistics, so that the deep copies below evaluate the same function
@@ -94,15 +101,21 @@ def test_fmtl_perturbs_each_task_by_rho_along_its_gradient_and_aggregates_as_the
     x, y = make_batch()
     rho = 0.3
     opt = mtlopt.MTLOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.0), "fmtl", base="upgrad", rho=rho
-    )
+        torch.optim.SGD(model.parameters(), lr=0.0), "fmtl", base="upgrad", rho=rho,
+        adaptive=adaptive,
+    )  # fmt: skip
     closure, seen = _recording_closure(model, x, y)
     opt.step(closure)
     plain = _task_gradients(reference, x, y)
     start = _flat(reference.parameters())
+    trunk_theta = _flat(reference.trunk.parameters()).detach()
     sam_trunk, sam_heads = [], []
     for t, (g, h) in enumerate(plain):
         eps_trunk, eps_head = rho * g / g.norm(), rho * h / h.norm()
+        if adaptive:
+            head_theta = _flat(reference.heads[t].parameters()).detach()
+            eps_trunk = _adaptive_offset(rho, trunk_theta, g)
+            eps_head = _adaptive_offset(rho, head_theta, h)
         moved = _at(reference, eps_trunk, eps_head, t)
         torch.testing.assert_close(_flat(seen[1 + t]), _flat(moved.parameters()))
         assert not torch.equal(_flat(seen[1 + t]), start)
@@ -214,3 +227,11 @@ def test_an_absent_task_is_neither_perturbed_nor_updated():
     info = opt.step(closure)
     assert len(seen) == 3 and info.present == ["a", "c"]
     assert all(p.grad is None for p in model.heads[1].parameters())
+
+
+def test_fmtl_defaults_are_the_authors_scripts():
+    """FS-MTL's nyuv2/train.py and city2scape/train.py: --adaptive True --rho 2; plain SAM's ρ is
+    0.05."""
+    default = mtlopt.create("fmtl")
+    assert default.adaptive and default.rho == 2.0
+    assert mtlopt.create("fmtl", adaptive=False).rho == 0.05

@@ -13,6 +13,7 @@ import mtlopt
 WHAT_TO_PASS = {
     "auto_lambda": "model=model, validation=",
     "rep_mtl": "representation=model.encoder",
+    "ntkmtl_sr": "representation=model.encoder",
     "recon": "layers=model.trunk",
 }
 
@@ -34,4 +35,4 @@ def test_a_method_stepped_without_what_it_needs_says_what_to_pass(name):
 
 def test_the_structural_family_is_registered():
     names = {n for n in mtlopt.available() if mtlopt.info(n).kind.value == "structural"}
-    assert names >= {"auto_lambda", "rep_mtl", "sparse_mtl", "recon"}
+    assert names >= {"auto_lambda", "rep_mtl", "sparse_mtl", "recon", "ntkmtl_sr"}

@@ -55,6 +55,11 @@ class Perturbed(Fed):
         ``rho``. ``plain[k]`` is task k's gradient of every parameter it reaches."""
         raise NotImplementedError
 
+    def perturbation(self, parts: list[Grads], params: dict[int, Tensor]) -> Grads:
+        """The offsets of one task's parameters from the parts of its direction: each part scaled
+        to norm ``rho`` (SAM's ``ρ g/‖g‖``)."""
+        return scaled(parts, self.rho)
+
     def plain_jacobian(self) -> Tensor:
         """The unperturbed per-task gradients as the rows of ``J`` (present tasks, the backward
         path's columns)."""
@@ -189,7 +194,7 @@ def sam_losses(
     feed.commit = probe.commit
     sam: list[Grads] = []
     for k, parts in enumerate(directions):
-        offsets = scaled(parts, strategy.rho)
+        offsets = strategy.perturbation(parts, params)
         wanted = list(plain[k])
         with moved(params, offsets), frozen_running_stats(), torch.enable_grad():
             loss = _present_losses(closure(), step, names)[k]

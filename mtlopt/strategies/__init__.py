@@ -30,6 +30,7 @@ from . import (  # noqa: F401  (importing registers each strategy)
     modo,
     nash_mtl,
     ntkmtl,
+    ntkmtl_sr,
     pbi,
     pcd,
     pcgrad,

@@ -24,7 +24,8 @@ from .base import LossStrategy, Scalarized
     conventions="robust_step_size η = 1e-4 (the authors' code); num_groups=2 (the authors' code "
     "takes it as an argument without a default; a single group gives every task the mean "
     "indicator); exact 1-D k-means (optimal partition of the sorted indicators, deterministic) "
-    "where the authors run Lloyd's k-means from a random start",
+    "where the authors run Lloyd's k-means from a random start; weights unbounded (Σ L / L_i, as "
+    "the paper and code: neither normalises nor clips); max_weight= clips them (opt-in)",
 )
 class GO4Align(LossStrategy):
     """GO4Align (Shen et al., 2024): adaptive group risk minimisation.
@@ -38,11 +39,19 @@ class GO4Align(LossStrategy):
     The k-means is solved exactly: in one dimension the optimal clusters are contiguous runs of
     the sorted values, found by dynamic programming over the T scalars (in torch, O(G T²)).
 
+    **The weights are unbounded.** ``s_i = Σ_j L_j / L_i`` grows without limit as a loss nears 0:
+    a task whose loss is 1e-9 of the others' gets a weight near 1e9 (divided by about T through
+    ``p_i``), and its group shares it. Neither the paper nor the authors' code normalises or clips
+    the weights, and mtlopt keeps that default; ``max_weight=`` clips every weight at a bound
+    (opt-in, not in the paper). Losses that can reach 0 (a task the model fits exactly, a
+    regulariser) make the step size effectively explode: pass ``max_weight`` there.
+
     Reference code: autumn9999/GO4Align, ``methods/cluster_methods.py`` (``GO4ALIGN``).
 
     Args:
         num_groups: number of groups G (default 2; capped at the number of tasks).
         robust_step_size: η (default 1e-4).
+        max_weight: clip each weight at this value (default ``None``: unbounded, as the paper).
     """
 
     absent_tasks = (
@@ -55,16 +64,23 @@ class GO4Align(LossStrategy):
     _task_state: ClassVar[dict[str, TaskAxes]] = {"probs": TaskAxes((0,), np.nan)}
 
     def __init__(
-        self, num_groups: int = 2, robust_step_size: float = 1e-4, num_tasks: int | None = None
-    ):
+        self, num_groups: int = 2, robust_step_size: float = 1e-4,
+        max_weight: float | None = None, num_tasks: int | None = None,
+    ):  # fmt: skip
         super().__init__(num_tasks)
         if num_groups < 1 or not robust_step_size >= 0:
             raise ValueError("num_groups must be at least 1 and robust_step_size non-negative")
+        if max_weight is not None and not max_weight > 0:
+            raise ValueError(f"max_weight must be positive (or None: unbounded), got {max_weight}")
         self.num_groups, self.robust_step_size = num_groups, robust_step_size
+        self.max_weight = None if max_weight is None else float(max_weight)
         self.probs: np.ndarray | None = None
 
     def hyperparameters(self) -> dict[str, object]:
-        return {"num_groups": self.num_groups, "robust_step_size": self.robust_step_size}
+        return {
+            "num_groups": self.num_groups, "robust_step_size": self.robust_step_size,
+            "max_weight": self.max_weight,
+        }  # fmt: skip
 
     def scalarize(self, losses: Tensor) -> Scalarized:
         t = losses.shape[0]
@@ -83,6 +99,8 @@ class GO4Align(LossStrategy):
         scales = observed.sum() / observed.clamp_min(tiny)
         indicators = scales * probs
         centres = kmeans_1d(indicators, min(self.num_groups, t))
+        if self.max_weight is not None:
+            centres = centres.clamp_max(self.max_weight)
         weights = centres.to(losses)
         new = probs.numpy()
 

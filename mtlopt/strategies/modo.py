@@ -21,10 +21,12 @@ from .base import Combined, GradientStrategy, gramian_of
     stateful=True,
     paper="Chen et al., Three-Way Trade-Off in Multi-Objective Learning: Optimization, "
     "Generalization and Conflict-Avoidance, NeurIPS 2023",
-    conventions="three draws per step (paper's z₁, z₂, z₃; LibMTL); batches=2 is torchjd's form "
-    "(λ from J₁J₂ᵀ, update along J₂); gamma=1e-3, rho=0.1 (LibMTL); Euclidean simplex "
-    "projection (paper, LibMTL; torchjd's softmax differs); heads get the update draw's "
-    "gradient (LibMTL averages the three draws' head gradients)",
+    conventions="three draws per step (paper's z₁, z₂, z₃; LibMTL); batches=2 is torchjd's and "
+    "the official code's two-batch form (λ from J₁J₂ᵀ, update along (J₁ + J₂)/2; the official "
+    "code sums, a factor 2 in the learning rate); gamma=1e-3, rho=0.1 (LibMTL; torchjd and the "
+    "official code 0.1, 0.1); Euclidean simplex projection (paper, official code, LibMTL, "
+    "torchjd); heads get the last draw's gradient (LibMTL averages the three draws' head "
+    "gradients, torchjd's two-batch example weighs the mean of both by λ)",
     hooks=("batches",),
 )
 class MoDo(MultiBatch, GradientStrategy):
@@ -40,11 +42,23 @@ class MoDo(MultiBatch, GradientStrategy):
     draw a new batch at each call) or takes ``step([losses_1, losses_2, losses_3])``; the last draw
     is back-propagated as usual (its gradients reach the heads).
 
+    With ``batches=2`` (the two-batch form of torchjd's ``MoDoWeighting`` example and of the
+    official code, Trade-Off-MOL's ``MoDo.backward``) the same ``λ`` update uses the two draws, and
+    the update is ``d = ((J₁ + J₂)/2)ᵀ λ``; the official code steps along the sum ``(J₁ + J₂)ᵀ λ``,
+    i.e. twice the learning rate. The heads still get the last draw's own gradient (torchjd's
+    example gives head ``t`` the weight ``λ_t`` on the mean of both draws' head gradients; LibMTL's
+    three-batch form divides the sum of the three draws' head gradients by 3).
+
+    Cross-checked (``tests/test_multibatch_peers.py``): on the same draws, ``λ`` and the shared
+    parameters' update equal torchjd 0.18's ``MoDoWeighting`` fed ``J₁ J₂ᵀ`` to 1e-10 in float64,
+    for both forms, over three steps.
+
     Args:
-        gamma: step size of the weights ``γ`` (default 1e-3, LibMTL; torchjd uses 0.1).
+        gamma: step size of the weights ``γ`` (default 1e-3, LibMTL; torchjd and the official
+            code use 0.1).
         rho: ℓ₂ regularisation ``ρ`` of the weights (default 0.1).
-        batches: 3 (default: the paper's three draws) or 2 (torchjd's form: ``λ`` from
-            ``J₁ J₂ᵀ``, the update along ``J₂``).
+        batches: 3 (default: the paper's three draws) or 2 (torchjd's and the official code's
+            form: ``λ`` from ``J₁ J₂ᵀ``, the update along the mean of the two draws).
     """
 
     absent_tasks = (
@@ -78,11 +92,12 @@ class MoDo(MultiBatch, GradientStrategy):
         lam = current_weights(self.weights, jacobian.shape[0])
         new = project_to_simplex(lam - self.gamma * (cross @ lam + self.rho * lam))
         w = torch.from_numpy(new).to(jacobian.device, jacobian.dtype)
+        along = jacobian if self.batches == 3 else (first + second) / 2
 
         def commit() -> None:
             self.weights = new
 
-        return Combined(w @ jacobian, w, commit, gramian=gramian_of(jacobian))
+        return Combined(w @ along, w, commit, gramian=gramian_of(jacobian))
 
 
 def cross_gramian(first: Tensor, second: Tensor) -> np.ndarray:

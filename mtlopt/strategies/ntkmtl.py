@@ -30,6 +30,9 @@ class NTKMTL(GramianStrategy):
     Reference code: jianke0604/NTKMTL, ``methods/weight_methods.py`` (``NTKMTL.ntkgrad``,
     ``overwrite_grad``, ``backward``).
 
+    The cheaper variant on the shared representation's per-sample gradients (NTKMTL-SR) is
+    ``ntkmtl_sr``.
+
     Args:
         ntk_exp: exponent of the eigenvalue ratio (default 0.5, the authors' value).
         times_tasks: multiply the update by T, as the authors' code (default False).

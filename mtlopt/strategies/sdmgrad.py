@@ -22,10 +22,12 @@ from .modo import cross_gramian, current_weights, project_to_simplex
     stateful=True,
     paper="Xiao et al., Direction-oriented Multi-objective Learning: Simple and Provable "
     "Stochastic Algorithms, NeurIPS 2023",
-    conventions="three draws per step (paper's ξ, ξ′, ζ; LibMTL); batches=2 is torchjd's form "
-    "(A from J₁J₂ᵀ, update along J₂); lamda=0.3, 20 inner steps of SGD lr 10 momentum 0.5 "
-    "(official code, torchjd; LibMTL lr 5); A scaled by (mean_i √A_ii)² as LibMTL (official: "
-    "√(A_ii + 1e-4)); w kept between steps, momentum restarted each step (official code)",
+    conventions="three draws per step (paper's ξ, ξ′, ζ; LibMTL, torchjd's example); batches=2 "
+    "reuses the second draw for the update (ζ = ξ′; no peer has a two-batch form); lamda=0.3, "
+    "20 inner steps of SGD lr 10 momentum 0.5 (official code, torchjd; LibMTL lr 5); A scaled "
+    "by (mean_i √A_ii)² as LibMTL, torchjd (official: √(A_ii + 1e-4)); w kept between steps, "
+    "momentum restarted each step (official code); the official code's three gradient buffers "
+    "alias one tensor (one batch in effect)",
     hooks=("batches",),
 )
 class SDMGrad(MultiBatch, GradientStrategy):
@@ -41,12 +43,24 @@ class SDMGrad(MultiBatch, GradientStrategy):
     average gradient (``λ → ∞`` gives the mean). ``w`` starts uniform and is kept between steps.
     Multi-batch closure as :class:`~mtlopt.strategies.modo.MoDo`.
 
+    ``batches=2`` reuses the second draw for the update (``ζ = ξ′``): a cheaper form that no peer
+    has (torchjd's ``SDMGradWeighting`` takes any ``A``, its example draws three batches; LibMTL
+    draws three). The official code as released (OptMN-Lab/sdmgrad, ``SDMGrad.get_weighted_loss``)
+    builds its three gradient buffers as one list entry repeated three times, so all three hold
+    the last batch's gradients: it effectively computes ``A`` and the update on one batch. It also
+    adds 1e-4 inside the square roots of the scale, multiplies the update by ``T`` and clips its
+    norm to 1; mtlopt follows the paper and LibMTL there.
+
+    Cross-checked (``tests/test_multibatch_peers.py``): on the same draws, the weights and the
+    shared parameters' update equal torchjd 0.18's ``SDMGradWeighting`` (its defaults equal these)
+    fed ``J_ξ J_ξ′ᵀ`` to 1e-10 in float64, over three steps.
+
     Args:
         lamda: regularisation ``λ`` toward the mean gradient (default 0.3).
         n_iter: inner steps (default 20).
         lr: inner learning rate (default 10).
         momentum: inner momentum (default 0.5).
-        batches: 3 (default, the paper) or 2 (torchjd's form).
+        batches: 3 (default, the paper) or 2 (the update along the second draw).
     """
 
     absent_tasks = (
