@@ -97,3 +97,75 @@ def test_dual_cone_rows_at_once_equal_one_at_a_time(seed):
     np.testing.assert_allclose(together, apart, rtol=1e-12, atol=1e-14)
     assert np.array_equal(together[11], lower[11])  # no conflict: its own projection
     assert not np.array_equal(together[10], lower[10])  # conflicting: solved
+
+
+def _kkt_violation(g, lower, v):
+    """Largest violation of the KKT conditions of min vᵀGv s.t. v ≥ lower, row by row, relative
+    to max|G| ‖v‖₁: primal (v ≥ lower), dual (Gv ≥ 0) and complementary slackness."""
+    gv = v @ g
+    scale = np.abs(g).max() * np.abs(v).sum(axis=1, keepdims=True)
+    slack = v - lower > 1e-9 * np.abs(v).sum(axis=1, keepdims=True)
+    return max(
+        float(np.max(lower - v, initial=0.0)),
+        float(np.max(-gv / scale, initial=0.0)),
+        float(np.max(np.abs(gv / scale)[slack], initial=0.0)),
+    )
+
+
+@pytest.mark.parametrize(
+    ("tasks", "dim", "rank", "ridge"),
+    [(5, 3, None, 1e-4), (40, 80, None, 1e-4), (60, 30, None, 0.0), (60, 200, 10, 1e-4),
+     (120, 240, None, 1e-4), (200, 400, None, 1e-4), (200, 400, 50, 1e-4)],
+)
+def test_batched_dual_cone_projection_equals_lawson_hanson(tasks, dim, rank, ridge):
+    """The batched active-set solver against row-by-row Lawson–Hanson (scipy's nnls), on the
+    trace-normalised Gramian UPGrad projects with, including rank-deficient gradients."""
+    from mtlopt.solvers import _project_dual_cone_nnls
+
+    g = _gramian(tasks, dim, tasks + dim, rank)
+    g = g / np.trace(g) + ridge * np.eye(tasks)
+    lower = np.vstack([np.eye(tasks), np.full(tasks, 1 / tasks)])
+    v = project_dual_cone(g, lower)
+    assert _kkt_violation(g, lower, v) < 1e-11
+    reference = _project_dual_cone_nnls(g, lower)
+    if ridge > 0:  # strictly convex: v is unique
+        np.testing.assert_allclose(v, reference, rtol=0, atol=1e-9)
+    else:  # dependent gradients: v may not be unique, Jᵀv (hence vᵀGv) is
+        np.testing.assert_allclose(
+            np.einsum("ij,jk,ik->i", v, g, v),
+            np.einsum("ij,jk,ik->i", reference, g, reference),
+            rtol=1e-9,
+            atol=1e-14,
+        )
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_dual_cone_projection_without_ridge_on_rank_deficient_gradients(seed):
+    """No ridge, 30 tasks in 6 dimensions (G singular): KKT still holds to rounding and the
+    projected gradient equals the reference's."""
+    from mtlopt.solvers import _project_dual_cone_nnls
+
+    rng = np.random.default_rng(seed)
+    j = rng.standard_normal((30, 6))
+    g = j @ j.T
+    v = project_dual_cone(g, np.eye(30))
+    assert _kkt_violation(g, np.eye(30), v) < 1e-9
+    np.testing.assert_allclose(
+        v @ j, _project_dual_cone_nnls(g, np.eye(30)) @ j, rtol=0, atol=1e-8 * np.abs(j).max()
+    )
+
+
+def test_rows_left_unsolved_fall_back_to_lawson_hanson(monkeypatch):
+    """A row the batched solver reports unsolved is solved by nnls: same answer."""
+    import mtlopt.solvers as solvers
+
+    g = _gramian(20, 40, 3)
+    expected = project_dual_cone(g, np.eye(20))
+    batched = solvers._project_rows
+
+    def give_up(gramian, lower, start=None, max_iter=None):
+        return batched(gramian, lower, start, max_iter=2)
+
+    monkeypatch.setattr(solvers, "_project_rows", give_up)
+    assert not batched(g / g.diagonal().max(), np.eye(20), max_iter=2)[1].all()
+    np.testing.assert_allclose(project_dual_cone(g, np.eye(20)), expected, atol=1e-10)
