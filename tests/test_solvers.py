@@ -169,3 +169,24 @@ def test_rows_left_unsolved_fall_back_to_lawson_hanson(monkeypatch):
     monkeypatch.setattr(solvers, "_project_rows", give_up)
     assert not batched(g / g.diagonal().max(), np.eye(20), max_iter=2)[1].all()
     np.testing.assert_allclose(project_dual_cone(g, np.eye(20)), expected, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    ("tasks", "dim", "rank"), [(60, 120, None), (200, 400, None), (150, 100, None), (80, 300, 20)]
+)
+def test_min_norm_active_set_equals_wolfe(tasks, dim, rank):
+    """The support active-set method (or its Wolfe fallback) against Wolfe's method alone: the
+    same min-norm point, and the KKT conditions of the simplex QP hold to rounding."""
+    from mtlopt.solvers import _min_norm_wolfe
+
+    g = _gramian(tasks, dim, tasks * dim, rank)
+    w = min_norm_simplex(g)
+    gw, value = g @ w, w @ g @ w
+    scale = g.diagonal().max()
+    assert w.min() >= 0 and abs(w.sum() - 1) < 1e-12
+    assert np.all(gw >= value - 1e-11 * scale)
+    assert np.all(np.abs(gw[w > 0] - value) <= 1e-11 * scale)
+    reference = _min_norm_wolfe(g / scale)
+    assert abs(value - reference @ g @ reference) <= 1e-11 * scale
+    if rank is None and dim >= tasks:  # G positive definite: the weights are unique
+        np.testing.assert_allclose(w, reference, atol=1e-10)
