@@ -66,29 +66,40 @@ def _min_norm_wolfe(g: np.ndarray, tol: float = 1e-12, max_iter: int = 1000) -> 
     return lam / lam.sum()
 
 
-def _min_norm_support(g: np.ndarray, max_iter: int = 50) -> np.ndarray | None:
-    """The min-norm point of the simplex by a primal-dual active-set method on its support (as
+def _min_norm_support(g: np.ndarray) -> np.ndarray | None:
+    """The min-norm point of the simplex by :func:`simplex_qp_support` (no linear term)."""
+    return simplex_qp_support(g, np.zeros(g.shape[0]))
+
+
+def simplex_qp_support(
+    g: np.ndarray,
+    linear: np.ndarray,
+    support: np.ndarray | None = None,
+    max_iter: int = 50,
+) -> np.ndarray | None:
+    """``argmin_{w ∈ Δ} ½ wᵀ G w + qᵀ w`` by a primal-dual active-set method on the support (as
     Hintermüller, Ito & Kunisch, 2002, for bound constraints), or None where it does not apply.
 
-    On a support S the minimiser of ``wᵀ G w`` over ``Σ w = 1`` is ``w_S ∝ G_SS⁻¹ 1``, one
-    Cholesky factorisation; then the tasks with ``w_j ≤ 0`` leave S and those with
-    ``(G w)_j < wᵀ G w`` (their bound's multiplier negative) join it, starting from every task.
-    A few such steps (three on a random Gaussian Gramian at T = 1000) replace Wolfe's one vertex
-    per step. The answer is returned only where its KKT conditions hold to ``τ = max(10⁻¹², 10 T
-    ε)`` (``G`` scaled to unit largest diagonal): ``(G w)_j ≥ wᵀ G w − τ`` for all j, equality
-    within τ on the support. None (the caller runs Wolfe's method) where a support's ``G_SS`` is
-    not positive definite to Cholesky, a support repeats (the method can cycle), or 50 steps
-    pass.
+    On a support S the minimiser over ``Σ w = 1`` solves ``G_SS w_S + q_S = ν 1``: with one
+    Cholesky factorisation of ``G_SS``, ``w_S = G_SS⁻¹ (ν 1 − q_S)`` and ``ν`` from the sum. Then
+    the tasks with ``w_j ≤ 0`` leave S and those with ``(G w + q)_j < ν`` (their bound's multiplier
+    negative) join it, starting from ``support`` (default: every task). A few such steps (three
+    for the min-norm point of a random Gaussian Gramian at T = 1000) replace the one vertex per
+    step of Wolfe's method. The answer is returned only where its KKT conditions hold to
+    ``τ = max(10⁻¹², 10 T ε) · max(1, max_j |(G w + q)_j|)`` (``G`` scaled to unit largest
+    diagonal): ``(G w + q)_j ≥ ν − τ`` for all j, equality within τ on the support. None where a
+    support's ``G_SS`` is not positive definite to Cholesky, a support repeats (the method can
+    cycle) or ``max_iter`` steps pass: the caller then runs a method that always applies.
     """
     from scipy.linalg import cho_factor, cho_solve
 
     t = g.shape[0]
-    tol = max(1e-12, 10 * t * np.finfo(np.float64).eps)
-    support = np.ones(t, dtype=bool)
+    rel = max(1e-12, 10 * t * np.finfo(np.float64).eps)
+    support = np.ones(t, dtype=bool) if support is None else support.copy()
     seen: set[bytes] = set()
     for _ in range(max_iter):
         key = np.packbits(support).tobytes()
-        if key in seen:
+        if key in seen or not support.any():
             return None
         seen.add(key)
         index = np.flatnonzero(support)
@@ -96,22 +107,23 @@ def _min_norm_support(g: np.ndarray, max_iter: int = 50) -> np.ndarray | None:
             factor = cho_factor(g[np.ix_(index, index)], check_finite=False)
         except np.linalg.LinAlgError:
             return None
-        x = cho_solve(factor, np.ones(index.size), check_finite=False)
+        right = np.stack([np.ones(index.size), linear[index]], axis=1)
+        x, y = cho_solve(factor, right, check_finite=False).T
         total = float(x.sum())
         if not (np.isfinite(total) and total > 0):
             return None
+        multiplier = (1.0 + float(y.sum())) / total
         w = np.zeros(t)
-        w[index] = x / total
-        gw = g @ w
-        value = float(w @ gw)
+        w[index] = multiplier * x - y
+        gradient = g @ w + linear
+        tol = rel * max(1.0, float(np.max(np.abs(gradient))))
         leave = w[index] <= 0
-        join = ~support & (gw < value - tol)
+        join = ~support & (gradient < multiplier - tol)
         if not leave.any() and not join.any():
-            return w if np.all(np.abs(gw[index] - value) <= tol) else None
+            exact = np.all(np.abs(gradient[index] - multiplier) <= tol)
+            return w / w.sum() if exact else None
         support[index[leave]] = False
         support |= join
-        if not support.any():
-            return None
     return None
 
 

@@ -190,3 +190,53 @@ def test_min_norm_active_set_equals_wolfe(tasks, dim, rank):
     assert abs(value - reference @ g @ reference) <= 1e-11 * scale
     if rank is None and dim >= tasks:  # G positive definite: the weights are unique
         np.testing.assert_allclose(w, reference, atol=1e-10)
+
+
+def _cagrad_dual_objective(g, c):
+    a = g.mean(axis=1)
+    return lambda w: w @ a + c * np.sqrt(w @ g @ w)
+
+
+@pytest.mark.parametrize("c", [0.1, 0.4, 1.0, 2.0])
+@pytest.mark.parametrize(("tasks", "seed"), [(3, 0), (12, 1), (60, 2), (200, 3)])
+def test_cagrad_dual_satisfies_kkt_and_beats_slsqp(tasks, seed, c):
+    """CAGrad's dual min_{w ∈ Δ} wᵀGb + c√(wᵀGw) (Liu et al., 2021, Eq. 5): the support method
+    answers (full-rank G), its KKT conditions hold (the gradient a + c Gw/‖g_w‖ is minimal and
+    equal on the support), and its objective is no worse than SLSQP's."""
+    from mtlopt.strategies.cagrad import _solve_dual, _solve_dual_on_support, _solve_dual_slsqp
+
+    g = _gramian(tasks, 2 * tasks, seed)
+    mean = np.full(tasks, 1 / tasks)
+    g = g / (mean @ g @ mean)
+    assert _solve_dual_on_support(g, c) is not None
+    w = _solve_dual(g, c)
+    assert w.min() >= 0 and abs(w.sum() - 1) < 1e-12
+    gradient = g.mean(axis=1) + c * (g @ w) / np.sqrt(w @ g @ w)
+    scale = np.abs(gradient).max()
+    floor = gradient[w > 0].min()
+    assert np.all(gradient >= floor - 1e-11 * scale)
+    assert np.all(gradient[w > 0] - floor <= 1e-11 * scale)
+    objective = _cagrad_dual_objective(g, c)
+    assert objective(w) <= objective(_solve_dual_slsqp(g, c)) + 1e-12 * abs(objective(w))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_cagrad_dual_two_tasks_by_brute_force(seed):
+    """T = 2: the dual is one-dimensional in w = (γ, 1 − γ); a fine grid then bounded scalar
+    minimisation gives γ independently."""
+    from scipy.optimize import minimize_scalar
+
+    from mtlopt.strategies.cagrad import _solve_dual
+
+    g = _gramian(2, 3, seed)
+    g = g / (np.full(2, 0.5) @ g @ np.full(2, 0.5))
+    objective = _cagrad_dual_objective(g, 0.4)
+    grid = np.linspace(0, 1, 10001)
+    values = [objective(np.array([x, 1 - x])) for x in grid]
+    best = grid[int(np.argmin(values))]
+    low, high = max(0.0, best - 1e-4), min(1.0, best + 1e-4)
+    gamma = minimize_scalar(
+        lambda x: objective(np.array([x, 1 - x])), bounds=(low, high), method="bounded",
+        options={"xatol": 1e-12},
+    ).x
+    np.testing.assert_allclose(_solve_dual(g, 0.4), [gamma, 1 - gamma], atol=1e-6)
