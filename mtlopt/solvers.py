@@ -357,16 +357,19 @@ def _project_rows(
     lower: np.ndarray,
     start: np.ndarray | None = None,
     max_iter: int | None = None,
+    max_bends: int = 10,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``z_k = argmin_{z ≥ 0} ½ (l_k + z)ᵀ G (l_k + z)`` for every row ``l_k`` of ``lower`` at once.
 
     A primal active-set method in the style of Polyak's and of Moré & Toraldo's (1991) GPCG,
     vectorised over the rows: each row runs conjugate gradients on its free set (``z_j > 0``, plus
-    the bounds whose multiplier ``(G v)_j`` is negative); a step that would leave ``z ≥ 0`` is cut
-    at the first bound it meets, which leaves the free set, and the row's CG restarts; when CG has
-    converged on the free set, every bound with a negative multiplier joins it and CG restarts.
-    The objective decreases at every step, from ``start`` (a warm start, projected onto
-    ``z ≥ 0``; zero by default). All rows advance together, so an iteration costs one product
+    the bounds whose multiplier ``(G v)_j`` is negative). A CG step that would leave ``z ≥ 0`` is
+    taken in full and projected back onto ``z ≥ 0`` (projected search: many bounds met at once)
+    for a row's first ``max_bends`` such steps, and afterwards cut at the first bound it meets,
+    which leaves the free set; either way the row's CG restarts. When CG has converged on the
+    free set, every bound with a negative multiplier joins it and CG restarts. Once the bends are
+    spent the objective decreases at every step. It starts from ``start`` (a warm start,
+    projected onto ``z ≥ 0``; zero by default). All rows advance together, so an iteration costs one product
     ``P G`` of the unconverged rows' search directions with the shared ``G``. A row is solved when
     its KKT conditions hold to rounding, recomputed from ``v`` itself: ``(G v)_j ≥ −τ`` for all j
     and ``|(G v)_j| ≤ τ`` where ``z_j > 0``, ``τ = 10 T ε max_j |G_jj| ‖v‖₁`` (``G`` is scaled to
@@ -386,6 +389,7 @@ def _project_rows(
     squared = np.zeros(n)
     tolerance = np.zeros(n)
     refresh = np.ones(n, dtype=bool)
+    bends = np.zeros(n, dtype=int)
     for _ in range(max_iter):
         if refresh.any():
             # Recompute the multipliers G v of these rows, check KKT, rebuild their free sets.
@@ -408,8 +412,9 @@ def _project_rows(
                 solved[ids[done]] = True
                 keep = np.ones(ids.size, dtype=bool)
                 keep[done] = False
-                ids, low, z, residual, direction, free, squared, tolerance = (
-                    a[keep] for a in (ids, low, z, residual, direction, free, squared, tolerance)
+                ids, low, z, residual, direction, free, squared, tolerance, bends = (
+                    a[keep]
+                    for a in (ids, low, z, residual, direction, free, squared, tolerance, bends)
                 )
                 if ids.size == 0:
                     break
@@ -422,12 +427,15 @@ def _project_rows(
         block = np.argmax(bound_ratios, axis=1)
         limit = -bound_ratios[np.arange(ids.size), block]
         cut = limit < alpha
-        alpha = np.minimum(alpha, limit)
+        bend = cut & (bends < max_bends)
+        alpha = np.where(cut & ~bend, limit, alpha)
         z += alpha[:, None] * direction
         cut_rows = np.flatnonzero(cut)
         if cut_rows.size:
-            z[cut_rows, block[cut_rows]] = 0.0
+            exact = np.flatnonzero(cut & ~bend)
+            z[exact, block[exact]] = 0.0
             z[cut_rows] = np.maximum(z[cut_rows], 0.0)
+            bends += bend
         residual -= alpha[:, None] * q
         new_squared = np.einsum("ij,ij->i", residual, residual)
         # Rows to look at afresh: a bound was met, or CG converged on the free set.
