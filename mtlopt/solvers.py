@@ -369,8 +369,9 @@ def _project_rows(
     which leaves the free set; either way the row's CG restarts. When CG has converged on the
     free set, every bound with a negative multiplier joins it and CG restarts. Once the bends are
     spent the objective decreases at every step. It starts from ``start`` (a warm start,
-    projected onto ``z ≥ 0``; zero by default). All rows advance together, so an iteration costs one product
-    ``P G`` of the unconverged rows' search directions with the shared ``G``. A row is solved when
+    projected onto ``z ≥ 0``; zero by default). All rows advance together, so an iteration costs
+    one product ``P G`` of the unconverged rows' search directions with the shared ``G``. A row
+    is solved when
     its KKT conditions hold to rounding, recomputed from ``v`` itself: ``(G v)_j ≥ −τ`` for all j
     and ``|(G v)_j| ≤ τ`` where ``z_j > 0``, ``τ = 10 T ε max_j |G_jj| ‖v‖₁`` (``G`` is scaled to
     a unit largest diagonal). The second output says which rows are solved.
