@@ -391,6 +391,8 @@ def _project_rows(
     tolerance = np.zeros(n)
     refresh = np.ones(n, dtype=bool)
     bends = np.zeros(n, dtype=int)
+    # Preallocated work space (fresh 8 MB temporaries are page-faulted on every allocation).
+    products_space, scratch_space = np.empty((n, t)), np.empty((n, t))
     for _ in range(max_iter):
         if refresh.any():
             # Recompute the multipliers G v of these rows, check KKT, rebuild their free sets.
@@ -419,25 +421,31 @@ def _project_rows(
                 )
                 if ids.size == 0:
                     break
-        q = direction @ gramian
+        q, scratch = products_space[: ids.size], scratch_space[: ids.size]
+        np.matmul(direction, gramian, out=q)
         q *= free
         curvature = np.einsum("ij,ij->i", direction, q)
         alpha = squared / np.where(curvature > 0, curvature, np.inf)
-        # The longest step keeping z ≥ 0: max over p_j < 0 of z_j / p_j is −(that length).
-        bound_ratios = np.divide(z, direction, out=np.full(z.shape, -np.inf), where=direction < 0)
-        block = np.argmax(bound_ratios, axis=1)
-        limit = -bound_ratios[np.arange(ids.size), block]
+        # The longest step keeping z ≥ 0 is min over p_j < 0 of z_j / −p_j: the first bound met
+        # is the most negative p_j / z_j (z_j = 0 with p_j < 0: a step of 0).
+        np.add(z, 1e-300, out=scratch)
+        np.divide(direction, scratch, out=scratch)
+        block = np.argmin(scratch, axis=1)
+        lowest = scratch[np.arange(ids.size), block]
+        limit = np.where(lowest < 0, -1.0 / np.where(lowest < 0, lowest, -1.0), np.inf)
         cut = limit < alpha
         bend = cut & (bends < max_bends)
         alpha = np.where(cut & ~bend, limit, alpha)
-        z += alpha[:, None] * direction
+        np.multiply(direction, alpha[:, None], out=scratch)
+        z += scratch
         cut_rows = np.flatnonzero(cut)
         if cut_rows.size:
             exact = np.flatnonzero(cut & ~bend)
             z[exact, block[exact]] = 0.0
             z[cut_rows] = np.maximum(z[cut_rows], 0.0)
             bends += bend
-        residual -= alpha[:, None] * q
+        np.multiply(q, alpha[:, None], out=scratch)
+        residual -= scratch
         new_squared = np.einsum("ij,ij->i", residual, residual)
         # Rows to look at afresh: a bound was met, or CG converged on the free set.
         refresh = cut | (new_squared <= tolerance**2) | (curvature <= 0)
