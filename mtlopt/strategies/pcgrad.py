@@ -134,7 +134,7 @@ def advance_together(
         later, earlier = np.tril_indices(mine.shape[1], -1)
         flat = mine[:, earlier] * t
         flat += mine[:, later]
-        among = np.take(gramian, flat)  # flat indices: a third of the time of 2-D fancy ones
+        among = np.take(gramian, flat)  # flat (C-order) indices into G
         steps = np.zeros(mine.shape)
         for k in range(mine.shape[1]):
             offset = k * (k - 1) // 2
