@@ -2,11 +2,10 @@
 
 1. **Speed** (``--sections gramian``): a Gramian strategy's step through the Jacobian path
    (``engine="jacobian"``: ``J``, then ``G = J Jᵀ``, then ``wᵀ J``) and through the Gramian engine
-   (``model=``, :mod:`mtlopt.autogram`), each over the T-backward floor in the same rounds, on the
+   (:mod:`mtlopt.autogram`), each over the T-backward floor in the same rounds, on the
    small-model MLP (:mod:`mtlopt_bench.perf_small`), the benchmark ViT and QM9's set transformer
-   at T = 2, 5, 11. The share of the shared parameters that sit in layers the engine takes is
-   reported: the rest (attention's fused projections, LayerNorm, embeddings) keeps its columns of
-   ``J``.
+   at T = 2, 5, 11. The share of the shared parameters the engine takes is reported: the rest
+   (LayerNorm, embeddings, biases added outside a product) keeps its columns of ``J``.
 2. **Memory** (``--sections memory``): the peak resident memory of a step above the memory after
    the model is built, each configuration in a fresh subprocess, for the Jacobian path, the engine
    and representation mode, on MLPs of P shared parameters and T tasks.
@@ -26,7 +25,8 @@ import torch
 from torch import nn
 
 import mtlopt
-from mtlopt.autogram import LinearRecorder
+from mtlopt.autogram import find_layers
+from mtlopt.partition import Partition
 
 from .perf import Bench, _cell, bench, floor_step, paired
 from .perf_small import mlp_bench
@@ -48,8 +48,7 @@ def _bench(kind: str, tasks: int) -> Bench:
 
 def engine_step(b: Bench, kind: str, method: str, engine: str) -> Callable[[], None]:
     opt = mtlopt.MTLOptimizer(
-        _inner(kind)(b.model), mtlopt.create(method, num_tasks=len(b.heads)), model=b.model,
-        engine=engine,
+        _inner(kind)(b.model), mtlopt.create(method, num_tasks=len(b.heads)), engine=engine
     )
 
     def step() -> None:
@@ -61,13 +60,15 @@ def engine_step(b: Bench, kind: str, method: str, engine: str) -> Callable[[], N
 
 
 def engine_share(b: Bench) -> float:
-    """The share of the shared parameters in linear layers the engine records."""
-    shared = {id(p) for p in b.shared}
-    layers = LinearRecorder(b.model)
+    """The share of the shared parameters the engine finds in the graph as ``x Wᵀ (+ b)``."""
+    losses = b.losses(b.model)
+    partition = Partition(shared=list(b.shared), specific=[list(h) for h in b.heads])
     covered = sum(
-        p.numel() for m in layers.layers for p in m.parameters(recurse=False) if id(p) in shared
+        p.numel()
+        for found in find_layers(losses, partition)
+        for p in (found[0].weight, found[0].bias)
+        if p is not None
     )
-    layers.remove()
     return covered / sum(p.numel() for p in b.shared)
 
 
@@ -106,13 +107,14 @@ SPEED_SECTION = [
     "## The Gramian engine: G without J",
     "",
     "A Gramian strategy's step through the Jacobian path (`engine=\"jacobian\"`) and through the "
-    "Gramian engine (`MTLOptimizer(..., model=model)`, the default where the model is given), "
-    "each over the T-backward floor in the same interleaved rounds; engine / J path is the median "
-    "of the per-round ratios of the two steps. The engine's share of P: the shared parameters in "
-    "`nn.Linear` layers called through their module (the engine forms their Gramian block from "
-    "the layer's inputs and output gradients); the rest (nn.MultiheadAttention's fused "
-    "projections, LayerNorm, embeddings) keeps its columns of J. MLP: trunk 3 × [Linear(512, "
-    "512), GELU], batch 256, SGD; ViT and set transformer: the models above, Adam.",
+    "Gramian engine (`engine=\"gramian\"`; `\"auto\"`, the default, takes it for these "
+    "strategies), each over the T-backward floor in the same interleaved rounds; engine / J path "
+    "is the median of the per-round ratios of the two steps. The engine's share of P: the shared "
+    "parameters it finds on the graph as products `x Wᵀ (+ b)` (linear layers, attention's "
+    "projections; their Gramian block from the products' inputs and output gradients); the rest "
+    "(LayerNorm, embeddings, biases added outside a product) keeps its columns of J. MLP: trunk "
+    "3 × [Linear(512, 512), GELU], batch 256, SGD; ViT and set transformer: the models above, "
+    "Adam.",
     "",
 ]
 
@@ -144,7 +146,6 @@ def memory_child(parameters: int, tasks: int, mode: str) -> dict[str, float]:
     x, y = torch.randn(64, width), torch.randn(64, tasks)
     opt = mtlopt.MTLOptimizer(
         torch.optim.SGD(model.parameters(), lr=1e-6), "mgda",
-        model=model if mode == "gramian" else None,
         engine="gramian" if mode == "gramian" else "jacobian",
     )
     before = _rss()

@@ -10,102 +10,43 @@ and the layer's block of ``G`` needs its inputs and output gradients only: throu
 matrix product (cost T·N·out·(in + 1)), whichever costs less. The T backward passes stop at the
 layers' outputs: they form no weight gradient. The update ``Σ_i w_i ∇L_i`` is then one product per
 layer, ``(Σ_i w_i δ_i)ᵀ x``. torchjd's autogram engine applies the same identity to the Gramian of
-per-sample losses; here it is the Gramian of per-task gradients (issue 19 of this project).
+per-sample losses; here it is the Gramian of per-task gradients.
 
-Shared parameters outside such layers (LayerNorm, embeddings, attention's fused projections called
-through ``F.linear``, a weight also used elsewhere) take the generic path: their columns of ``J``
-come from autograd as before. :meth:`Recorded.task_gradients` forms the full ``J`` from the same
-backward passes wherever the optimizer needs it (a partition that changes, gradient accumulation,
-torch.distributed, a strategy that reads ``J`` itself), so the engine never changes a result.
+The layers are found on the losses' autograd graph, not through modules: every matrix product
+``x Wᵀ`` (``F.linear``, ``nn.Linear``, ``nn.MultiheadAttention``'s projections, ``x @ W.T``) whose
+``W`` is a shared leaf parameter is an ``addmm``/``mm`` node fed by ``Wᵀ``; the node's saved input
+is ``x``, and its output gradient is asked of autograd by the node's gradient edge. A weight used
+in any other way as well (tied weights), a bias added outside the product, LayerNorm and
+embeddings take the generic path: their columns of ``J`` come from autograd as before.
+:meth:`Recorded.task_gradients` forms the full ``J`` from the same backward passes wherever the
+optimizer needs it (a partition that changes, gradient accumulation, a GradScaler's scale), so the
+engine never changes a result; the engine is not used under torch.distributed or for a strategy
+that reads ``J`` itself.
 """
 
 from __future__ import annotations
 
-import weakref
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch import Tensor, nn
-from torch.autograd.graph import GradientEdge, get_gradient_edge
+from torch import Tensor
+from torch.autograd.graph import GradientEdge
 
 from .engine import TaskGradients, collect_task_gradients, flat_gradient, unflatten
 from .partition import Partition, graph_nodes
 
 
 @dataclass
-class LinearCall:
-    """One call of a recorded linear layer: its input and the gradient edge of its output."""
-
-    x: Tensor
-    edge: GradientEdge
-    x_version: int
-
-
-class LinearRecorder:
-    """Forward hooks on ``nn.Linear`` layers: each grad-enabled call's input and output edge, kept
-    until the next backward takes them (or :meth:`clear`).
-
-    Holding the input costs nothing while the graph lives (autograd saves it for the weight's
-    gradient); the edge lets the backward passes ask for ``∂L/∂y`` even if ``y`` was modified in
-    place afterwards. Layers whose class overrides ``forward`` (a LoRA or quantised wrapper) are
-    not recorded: their output is not ``x Wᵀ + b``.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self.layers = [
-            m
-            for m in model.modules()
-            if isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward
-        ]
-        self._calls: dict[nn.Linear, list[LinearCall]] = {}
-        record = _recorder_hook(weakref.ref(self))
-        self._handles = [m.register_forward_hook(record) for m in self.layers]
-        weakref.finalize(self, _remove_hooks, list(self._handles))
-
-    def record(self, module: nn.Linear, args: tuple, output: object) -> None:
-        if not torch.is_grad_enabled() or not isinstance(output, Tensor) or not args:
-            return
-        x = args[0]
-        if not output.requires_grad or not isinstance(x, Tensor):
-            return
-        call = LinearCall(x.detach(), get_gradient_edge(output), x._version)
-        self._calls.setdefault(module, []).append(call)
-
-    def take(self) -> dict[nn.Linear, list[LinearCall]]:
-        """The calls recorded since the last take, forgotten here."""
-        calls, self._calls = self._calls, {}
-        return calls
-
-    def clear(self) -> None:
-        self._calls = {}
-
-    def remove(self) -> None:
-        """Remove the hooks (the optimizer does this when it is garbage-collected)."""
-        _remove_hooks(self._handles)
-        self._calls = {}
-
-
-def _recorder_hook(recorder: weakref.ref):
-    def hook(module: nn.Module, args: tuple, output: object) -> None:
-        alive = recorder()
-        if alive is not None:
-            alive.record(module, args, output)  # type: ignore[arg-type]
-
-    return hook
-
-
-def _remove_hooks(handles: list) -> None:
-    for handle in handles:
-        handle.remove()
-
-
-@dataclass
 class EngineLayer:
-    """A shared linear layer under the engine: its inputs and each task's output gradients."""
+    """A shared weight under the engine (every product it enters): its inputs and each task's
+    output gradients."""
 
-    module: nn.Linear
+    weight: Tensor
+    bias: Tensor | None
+    """A shared bias added inside the same products (``addmm``), else ``None``."""
     inputs: Tensor
     """N × in: the rows of every call's input."""
     deltas: Tensor
@@ -115,7 +56,7 @@ class EngineLayer:
 
     @property
     def has_bias(self) -> bool:
-        return self.module.bias is not None
+        return self.bias is not None
 
     def use_kernel(self) -> bool:
         """Whether the N × N input kernel costs less than forming the T weight gradients."""
@@ -212,10 +153,10 @@ class Recorded:
         grads: list[Tensor] = []
         for layer in self.layers:
             weight, bias = layer.combined(weights)
-            params.append(layer.module.weight)
+            params.append(layer.weight)
             grads.append(weight)
-            if bias is not None:
-                params.append(layer.module.bias)
+            if layer.bias is not None and bias is not None:
+                params.append(layer.bias)
                 grads.append(bias)
         if self._rest:
             rest = self.rest_jacobian()
@@ -233,7 +174,7 @@ class Recorded:
             for i, g in zip(self.other, grads, strict=True):
                 hit[i] = g is not None
             for layer in self.layers:
-                for p in (layer.module.weight, layer.module.bias):
+                for p in (layer.weight, layer.bias):
                     if p is not None:
                         hit[index[id(p)]] = layer.reached[k]
             out.append(tuple(hit))
@@ -260,9 +201,9 @@ class Recorded:
         per_param: dict[int, tuple[Tensor, list[bool]]] = {}
         for layer in self.layers:
             weight, bias = layer.task_gradients()
-            per_param[id(layer.module.weight)] = (weight, layer.reached)
-            if bias is not None:
-                per_param[id(layer.module.bias)] = (bias, layer.reached)
+            per_param[id(layer.weight)] = (weight, layer.reached)
+            if layer.bias is not None and bias is not None:
+                per_param[id(layer.bias)] = (bias, layer.reached)
         position = {i: k for k, i in enumerate(self.other)}
         per_task = []
         for k, grads in enumerate(self.other_grads):
@@ -277,65 +218,105 @@ class Recorded:
         return collect_task_gradients(per_task, self.trainable, self.partition, buffer)
 
 
-def engine_layers(
-    calls: dict[nn.Linear, list[LinearCall]],
-    losses: Sequence[Tensor],
-    partition: Partition,
-) -> list[tuple[nn.Linear, list[LinearCall]]]:
-    """The recorded layers the engine can take: shared weight (and bias), unchanged inputs of the
-    parameters' dtype, and no use of the parameters other than these calls (counted on the
-    losses' graph: one edge into the weight per call)."""
+@dataclass
+class Product:
+    """One ``x Wᵀ (+ b)`` node of the graph."""
+
+    node: Any
+    inputs: Tensor
+    """N × in: the product's saved input."""
+    weight: Tensor
+    bias: Tensor | None
+
+
+def find_layers(losses: Sequence[Tensor], partition: Partition) -> list[list[Product]]:
+    """The shared weights the engine can take, each with every product it enters.
+
+    A weight qualifies when every graph edge into it comes from a ``Wᵀ`` node that feeds one
+    ``addmm``/``mm`` (so its gradient is ``Σ δᵀ x`` over those products), in the parameter's dtype.
+    Its bias comes along when it is the ``addmm``'s added term in each of them (``F.linear``'s
+    bias) and has no other use; any other bias stays with autograd."""
     shared = {id(p) for p in partition.shared}
-    candidates = []
-    for module, module_calls in calls.items():
-        params = [p for p in (module.weight, module.bias) if p is not None]
-        if not all(id(p) in shared for p in params):
-            continue
-        if any(
-            c.x._version != c.x_version
-            or c.x.dtype != module.weight.dtype
-            or c.x.shape[-1] != module.in_features
-            for c in module_calls
-        ):
-            continue
-        candidates.append((module, module_calls))
-    if not candidates:
-        return []
-    counts, nodes = _graph_of(losses)
-    taken = []
-    for module, module_calls in candidates:
-        live = [c for c in module_calls if c.edge.node in nodes]  # not a stale forward's
-        params = [p for p in (module.weight, module.bias) if p is not None]
-        if live and all(counts[id(p)] == len(live) for p in params):
-            taken.append((module, live))
-    return taken
-
-
-def _graph_of(losses: Sequence[Tensor]) -> tuple[Counter[int], set]:
-    """``id(leaf) →`` the number of graph edges into its gradient accumulator, and the graph's
-    nodes."""
-    counts: Counter[int] = Counter()
-    nodes = set()
+    into: Counter[Any] = Counter()  # edges into each node (and each leaf, by id)
+    nodes = []
     for node in graph_nodes([loss.grad_fn for loss in losses if loss.grad_fn is not None]):
-        nodes.add(node)
+        nodes.append(node)
         for child, _ in node.next_functions:
+            if child is None:
+                continue
             variable = getattr(child, "variable", None)
-            if variable is not None:
-                counts[id(variable)] += 1
-    return counts, nodes
+            into[id(variable) if variable is not None else child] += 1
+    products: dict[int, list[Product]] = {}
+    for node in nodes:
+        product = _product(node, into, shared)
+        if product is not None:
+            products.setdefault(id(product.weight), []).append(product)
+    layers = []
+    for found in products.values():
+        weight = found[0].weight
+        if into[id(weight)] != len(found):
+            continue  # the weight is also used outside these products
+        bias = found[0].bias
+        if bias is None or not (
+            all(p.bias is bias for p in found) and into[id(bias)] == len(found)
+        ):
+            for p in found:  # the bias (if any) has other uses: autograd takes it
+                p.bias = None
+        layers.append(found)
+    return layers
+
+
+_PRODUCTS = {"AddmmBackward0": ("_saved_mat1", 2), "MmBackward0": ("_saved_self", 1)}
+"""The product nodes: the attribute holding ``x``, the position of the ``Wᵀ`` edge."""
+
+
+def _product(node: Any, into: Counter, shared: set[int]) -> Product | None:
+    """``node`` as ``x Wᵀ (+ b)`` with ``W`` a shared leaf, or ``None``."""
+    kind = _PRODUCTS.get(type(node).__name__)
+    if kind is None:
+        return None
+    saved, mat2 = kind
+    edges = node.next_functions
+    transposed = edges[mat2][0]
+    if type(transposed).__name__ != "TBackward0" or into[transposed] != 1:
+        return None
+    weight = getattr(transposed.next_functions[0][0], "variable", None)
+    if weight is None or id(weight) not in shared or weight.dim() != 2:
+        return None
+    if getattr(node, "_saved_alpha", 1) != 1 or getattr(node, "_saved_beta", 1) != 1:
+        return None
+    try:
+        inputs = getattr(node, saved)
+    except RuntimeError:  # freed, or packed by saved-tensor hooks that cannot unpack here
+        return None
+    if inputs.dim() != 2 or inputs.shape[1] != weight.shape[1] or inputs.dtype != weight.dtype:
+        return None
+    bias = None
+    if type(node).__name__ == "AddmmBackward0" and edges[0][0] is not None:
+        candidate = getattr(edges[0][0], "variable", None)
+        if (
+            candidate is not None
+            and id(candidate) in shared
+            and candidate.dim() == 1
+            and candidate.shape[0] == weight.shape[0]
+        ):
+            bias = candidate
+    return Product(node, inputs.detach(), weight, bias)
 
 
 def record_gradients(
     losses: Sequence[Tensor],
     trainable: Sequence[Tensor],
     partition: Partition,
-    layers: list[tuple[nn.Linear, list[LinearCall]]],
+    layers: list[list[Product]],
 ) -> Recorded:
-    """One backward pass per loss, to the layers' outputs and the other trainable parameters; the
-    graph is freed at the end."""
-    taken = {id(p) for module, _ in layers for p in (module.weight, module.bias) if p is not None}
+    """One backward pass per loss, to the products' outputs and the other trainable parameters;
+    the graph is freed at the end."""
+    taken = {
+        id(p) for found in layers for p in (found[0].weight, found[0].bias) if p is not None
+    }
     other = [i for i, p in enumerate(trainable) if id(p) not in taken]
-    edges = [c.edge for _, calls in layers for c in calls]
+    edges = [GradientEdge(p.node, 0) for found in layers for p in found]
     inputs = [*edges, *(trainable[i] for i in other)]
     tasks = len(losses)
     deltas: list[list[Tensor | None]] = []
@@ -346,31 +327,26 @@ def record_gradients(
         other_grads.append(tuple(grads[len(edges) :]))
     out: list[EngineLayer] = []
     start = 0
-    for module, calls in layers:
-        stop = start + len(calls)
-        inputs_ = torch.cat([c.x.reshape(-1, module.in_features) for c in calls])
+    for found in layers:
+        stop = start + len(found)
+        weight = found[0].weight
+        width = weight.shape[0]
+        inputs_ = torch.cat([p.inputs for p in found]) if len(found) > 1 else found[0].inputs
         reached = [any(d is not None for d in task[start:stop]) for task in deltas]
         stacked = torch.stack(
             [
                 torch.cat(
                     [
-                        _rows(d, c, module)
-                        for d, c in zip(task[start:stop], calls, strict=True)
+                        p.inputs.new_zeros(p.inputs.shape[0], width) if d is None else d
+                        for d, p in zip(task[start:stop], found, strict=True)
                     ]
                 )
                 for task in deltas
             ]
         )
-        out.append(EngineLayer(module, inputs_, stacked, reached))
+        out.append(EngineLayer(weight, found[0].bias, inputs_, stacked, reached))
         start = stop
     return Recorded(out, other, other_grads, trainable, partition)
-
-
-def _rows(delta: Tensor | None, call: LinearCall, module: nn.Linear) -> Tensor:
-    rows = call.x.numel() // module.in_features
-    if delta is None:
-        return call.x.new_zeros(rows, module.out_features)
-    return delta.reshape(rows, module.out_features)
 
 
 def engine_serves(strategy: object) -> bool:

@@ -15,14 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..autogram import (
-    LinearCall,
-    LinearRecorder,
-    Recorded,
-    engine_layers,
-    engine_serves,
-    record_gradients,
-)
+from ..autogram import Recorded, engine_serves, find_layers, record_gradients
 from ..engine import _real_dtype
 from ..finite import check_tasks, finite_tensors
 from ..partition import Partition
@@ -39,18 +32,18 @@ ENGINES = ("auto", "jacobian", "gramian")
 class GramianEnginePath(PathBase):
     """The engine's part of :class:`~mtlopt.MTLOptimizer`."""
 
-    _recorder: LinearRecorder | None
-    _recorded_calls: dict
+    engine: str
 
     def _engine_gradients(
-        self, losses: list[Tensor], trainable: list[Tensor], partition: Partition, scale: float
+        self, losses: list[Tensor], trainable: list[Tensor], partition: Partition
     ) -> Recorded | None:
-        """The engine's backward passes, where it holds shared linear layers of these losses."""
-        calls: dict = self._recorded_calls
-        self._recorded_calls = {}
-        if not calls or self._replicas is not None or not engine_serves(self._combiner):
+        """The engine's backward passes, where it finds shared linear layers in these losses'
+        graph."""
+        if self.engine == "jacobian" or self._replicas is not None:
             return None
-        layers = engine_layers(calls, losses, partition)
+        if not engine_serves(self._combiner):
+            return None
+        layers = find_layers(losses, partition)
         if not layers:
             return None
         return record_gradients(losses, trainable, partition, layers)
@@ -153,4 +146,3 @@ def _host(gramian: Tensor) -> np.ndarray:
     return (array + array.T) / 2
 
 
-__all__ = ["ENGINES", "GramianEnginePath", "LinearCall", "LinearRecorder"]
