@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 import mtlopt
-from mtlopt.autogram import find_layers
+from mtlopt.autogram import engine_pays, find_layers
 from mtlopt.partition import Partition
 
 from .perf import Bench, _cell, bench, floor_step, paired
@@ -59,29 +59,28 @@ def engine_step(b: Bench, kind: str, method: str, engine: str) -> Callable[[], N
     return step
 
 
-def engine_share(b: Bench) -> float:
-    """The share of the shared parameters the engine finds in the graph as ``x Wᵀ (+ b)``."""
+def engine_share(b: Bench) -> tuple[float, bool]:
+    """The share of the shared parameters the engine finds in the graph as ``x Wᵀ (+ b)``, and
+    whether ``engine="auto"`` takes the engine for this model."""
     losses = b.losses(b.model)
     partition = Partition(shared=list(b.shared), specific=[list(h) for h in b.heads])
+    layers = find_layers(losses, partition)
     covered = sum(
-        p.numel()
-        for found in find_layers(losses, partition)
-        for p in (found[0].weight, found[0].bias)
-        if p is not None
+        p.numel() for found in layers for p in (found[0].weight, found[0].bias) if p is not None
     )
-    return covered / sum(p.numel() for p in b.shared)
+    return covered / sum(p.numel() for p in b.shared), engine_pays(layers, len(losses))
 
 
 def speed_table(tasks: list[int], rounds: int, warmup: int, progress) -> list[str]:
     lines = [
-        "| model | T | floor (ms) | engine's share of P | strategy | J path / floor | "
+        "| model | T | floor (ms) | engine's share of P | auto takes | strategy | J path / floor | "
         "engine / floor | engine / J path |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for kind in MODELS:
         for t in tasks:
             base = _bench(kind, t)
-            share = engine_share(base)
+            share, pays = engine_share(base)
             for method in ENGINE_METHODS:
                 pairs = {
                     engine: (
@@ -96,7 +95,8 @@ def speed_table(tasks: list[int], rounds: int, warmup: int, progress) -> list[st
                 direct = [own_g / own_j for (own_g, _), (own_j, _) in
                           zip(gram.rounds, jac.rounds, strict=True)]
                 lines.append(
-                    f"| {LABELS[kind]} | {t} | {floor_ms:.1f} | {share:.0%} | {method} | "
+                    f"| {LABELS[kind]} | {t} | {floor_ms:.1f} | {share:.0%} | "
+                    f"{'engine' if pays else 'J path'} | {method} | "
                     f"{_cell(jac)} | {_cell(gram)} | {statistics.median(direct):.2f} |"
                 )
             progress(f"gramian engine {kind} T={t}")
@@ -107,8 +107,9 @@ SPEED_SECTION = [
     "## The Gramian engine: G without J",
     "",
     "A Gramian strategy's step through the Jacobian path (`engine=\"jacobian\"`) and through the "
-    "Gramian engine (`engine=\"gramian\"`; `\"auto\"`, the default, takes it for these "
-    "strategies), each over the T-backward floor in the same interleaved rounds; engine / J path "
+    "Gramian engine (`engine=\"gramian\"`), each over the T-backward floor in the same "
+    "interleaved rounds; \"auto\" (the default) takes the path its operation count predicts "
+    "cheaper (`mtlopt.autogram.engine_pays`): the column says which; engine / J path "
     "is the median of the per-round ratios of the two steps. The engine's share of P: the shared "
     "parameters it finds on the graph as products `x Wᵀ (+ b)` (linear layers, attention's "
     "projections; their Gramian block from the products' inputs and output gradients); the rest "

@@ -19,7 +19,7 @@ is ``x``, and its output gradient is asked of autograd by the node's gradient ed
 in any other way as well (tied weights), a bias added outside the product, LayerNorm and
 embeddings take the generic path: their columns of ``J`` come from autograd as before.
 :meth:`Recorded.task_gradients` forms the full ``J`` from the same backward passes wherever the
-optimizer needs it (a partition that changes, gradient accumulation, a GradScaler's scale), so the
+optimizer needs it (a partition that changes, gradient accumulation, sparse gradients), so the
 engine never changes a result; the engine is not used under torch.distributed or for a strategy
 that reads ``J`` itself.
 """
@@ -39,6 +39,34 @@ from .engine import TaskGradients, collect_task_gradients, flat_gradient, unflat
 from .partition import Partition, graph_nodes
 
 
+def kernel_cost(rows: int, tasks: int, width: int, fan_in: int) -> int:
+    """Multiply-adds of a layer's block of ``G`` through the N × N input kernel."""
+    return rows * rows * fan_in + tasks * rows * rows * width + tasks * tasks * rows * width
+
+
+def blocks_cost(rows: int, tasks: int, width: int, fan_in: int) -> int:
+    """Multiply-adds of a layer's block of ``G`` through its T weight gradients."""
+    return tasks * rows * width * fan_in + tasks * tasks * width * fan_in
+
+
+def engine_pays(layers: list[list[Product]], tasks: int, margin: float = 0.9) -> bool:
+    """Whether the engine's work on these layers (each block of ``G`` the cheaper way, the copy
+    of the output gradients, the update as one product) is below ``margin`` × the Jacobian
+    path's (the T weight gradients of the backward passes, their copy into ``J``, the blocks of
+    ``J Jᵀ``, ``wᵀ J``). Where N is large against the layers' widths both form the same weight
+    gradients and the engine only adds copies: ``engine="auto"`` then keeps the Jacobian path."""
+    engine = jacobian = 0
+    for found in layers:
+        rows = sum(p.inputs.shape[0] for p in found)
+        width, fan_in = found[0].weight.shape[0], found[0].weight.shape[1] + (found[0].bias is not None)
+        sizes = (rows, tasks, width, fan_in)
+        engine += min(kernel_cost(*sizes), blocks_cost(*sizes)) + 2 * tasks * rows * width
+        engine += rows * width * fan_in
+        columns = width * fan_in
+        jacobian += blocks_cost(*sizes) + 2 * tasks * columns
+    return engine < margin * jacobian
+
+
 @dataclass
 class EngineLayer:
     """A shared weight under the engine (every product it enters): its inputs and each task's
@@ -48,9 +76,10 @@ class EngineLayer:
     bias: Tensor | None
     """A shared bias added inside the same products (``addmm``), else ``None``."""
     inputs: Tensor
-    """N × in: the rows of every call's input."""
+    """N × in: the rows of every product's input."""
     deltas: Tensor
-    """T × N × out: ``∂L_i/∂y`` of every call (zeros where a task does not reach it)."""
+    """N × T × out: ``∂L_i/∂y`` of every product's rows (zeros where a task does not reach it),
+    rows first so that the T weight gradients are one product ``(N × T·out)ᵀ (N × in)``."""
     reached: list[bool]
     """Per task: whether its loss reaches the layer."""
 
@@ -60,45 +89,44 @@ class EngineLayer:
 
     def use_kernel(self) -> bool:
         """Whether the N × N input kernel costs less than forming the T weight gradients."""
-        tasks, rows, width = self.deltas.shape
-        fan_in = self.inputs.shape[1] + self.has_bias
-        kernel = rows * rows * fan_in + tasks * rows * rows * width + tasks * tasks * rows * width
-        blocks = tasks * rows * width * fan_in + tasks * tasks * width * fan_in
-        return kernel < blocks
+        rows, tasks, width = self.deltas.shape
+        sizes = (rows, tasks, width, self.inputs.shape[1] + self.has_bias)
+        return kernel_cost(*sizes) < blocks_cost(*sizes)
 
     def gramian(self, dtype: torch.dtype) -> Tensor:
         """This layer's T × T block of ``J Jᵀ`` (weight and bias columns)."""
         x, d = self.inputs.to(dtype), self.deltas.to(dtype)
-        tasks = d.shape[0]
+        tasks = d.shape[1]
         if self.use_kernel():
             kernel = x @ x.T
             if self.has_bias:
                 kernel += 1
-            return d.reshape(tasks, -1) @ torch.matmul(kernel, d).reshape(tasks, -1).T
-        rows = self.weight_gradients(x, d)
-        gram = rows @ rows.T
+            by_task = d.permute(1, 0, 2)  # T × N × out (a view)
+            mixed = torch.matmul(kernel, by_task)
+            return by_task.reshape(tasks, -1) @ mixed.reshape(tasks, -1).T
+        grads = self.weight_gradients(x, d)
+        gram = grads @ grads.T
         if self.has_bias:
-            bias = d.sum(dim=1)
+            bias = d.sum(dim=0)
             gram += bias @ bias.T
         return gram
 
     @staticmethod
     def weight_gradients(x: Tensor, d: Tensor) -> Tensor:
         """T × (out·in): every task's ``δ_iᵀ x``, in one matrix product."""
-        tasks, rows, width = d.shape
-        stacked = d.permute(1, 0, 2).reshape(rows, tasks * width)
-        return (stacked.T @ x).reshape(tasks, width * x.shape[1])
+        rows, tasks, width = d.shape
+        return (d.reshape(rows, tasks * width).T @ x).reshape(tasks, width * x.shape[1])
 
     def task_gradients(self) -> tuple[Tensor, Tensor | None]:
         """Per task, the weight's and the bias's gradients (T × out × in, T × out)."""
-        tasks, _, width = self.deltas.shape
+        _, tasks, width = self.deltas.shape
         weight = self.weight_gradients(self.inputs, self.deltas).reshape(tasks, width, -1)
-        return weight, self.deltas.sum(dim=1) if self.has_bias else None
+        return weight, self.deltas.sum(dim=0) if self.has_bias else None
 
     def combined(self, weights: Tensor) -> tuple[Tensor, Tensor | None]:
         """``Σ_i w_i ∇_W L_i`` and ``Σ_i w_i ∇_b L_i``: one product."""
-        tasks, rows, width = self.deltas.shape
-        mixed = (weights.to(self.deltas.dtype) @ self.deltas.reshape(tasks, -1)).reshape(rows, width)
+        w = weights.to(self.deltas.dtype)
+        mixed = torch.matmul(self.deltas.transpose(1, 2), w)  # N × out
         return mixed.T @ self.inputs, mixed.sum(dim=0) if self.has_bias else None
 
 
@@ -330,20 +358,19 @@ def record_gradients(
     for found in layers:
         stop = start + len(found)
         weight = found[0].weight
-        width = weight.shape[0]
         inputs_ = torch.cat([p.inputs for p in found]) if len(found) > 1 else found[0].inputs
-        reached = [any(d is not None for d in task[start:stop]) for task in deltas]
-        stacked = torch.stack(
-            [
-                torch.cat(
-                    [
-                        p.inputs.new_zeros(p.inputs.shape[0], width) if d is None else d
-                        for d, p in zip(task[start:stop], found, strict=True)
-                    ]
-                )
-                for task in deltas
-            ]
-        )
+        complete = all(d is not None for task in deltas for d in task[start:stop])
+        shape = (inputs_.shape[0], tasks, weight.shape[0])
+        stacked = inputs_.new_empty(shape) if complete else inputs_.new_zeros(shape)
+        reached = []
+        for k, task in enumerate(deltas):
+            row = 0
+            for d, p in zip(task[start:stop], found, strict=True):
+                size = p.inputs.shape[0]
+                if d is not None:
+                    stacked[row : row + size, k].copy_(d)
+                row += size
+            reached.append(any(d is not None for d in task[start:stop]))
         out.append(EngineLayer(weight, found[0].bias, inputs_, stacked, reached))
         start = stop
     return Recorded(out, other, other_grads, trainable, partition)

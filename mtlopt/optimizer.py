@@ -81,9 +81,11 @@ class MTLOptimizer(JacobianPath, RepresentationPath, ScalarizedPath, torch.optim
             (MGDA, UPGrad, DualProj, Nash-MTL, FairGrad, IMTL-G, Aligned-MTL, CAGrad, PCGrad,
             GradVac, NTKMTL, ...) gets ``G``. ``"auto"`` (default): the Gramian engine
             (:mod:`mtlopt.autogram`: ``G`` of the shared linear layers from their inputs and
-            output gradients, found on the graph, without forming ``J``) wherever it serves the
-            step, else the Jacobian path, with the same result to rounding; ``"jacobian"``: never
-            the engine; ``"gramian"``: a strategy the engine cannot serve is an error.
+            output gradients, found on the graph, without forming ``J``) where it serves the step
+            and does less work than the Jacobian path (:func:`mtlopt.autogram.engine_pays`), with
+            the same result to rounding; ``"jacobian"``: never the engine; ``"gramian"``: the
+            engine wherever it serves the step (for its memory: no T × P ``J``), and a strategy it
+            cannot serve is an error.
             :attr:`StepInfo.engine` says which path took each step.
         **strategy_kwargs: hyperparameters passed to the strategy when it is given by name.
     """

@@ -60,7 +60,7 @@ def _inputs(step: int, dtype=torch.float32) -> torch.Tensor:
 
 def assert_same(build, strategy, batches=None, steps=3, dtype=torch.float32, tol=2e-5, **options):
     reference, ref_infos = run(build, strategy, "jacobian", steps, batches, dtype, **options)
-    params, infos = run(build, strategy, "auto", steps, batches, dtype, **options)
+    params, infos = run(build, strategy, "gramian", steps, batches, dtype, **options)
     assert [i.engine for i in ref_infos] == ["jacobian"] * steps
     for a, b in zip(reference, params, strict=True):
         torch.testing.assert_close(b, a, atol=tol, rtol=tol)
@@ -177,7 +177,7 @@ def test_gradient_accumulation_and_absent_tasks():
             opt.step()
         return [p.detach().clone() for p in model.parameters()]
 
-    for a, b in zip(accumulate(Trunk, "jacobian"), accumulate(Trunk, "auto"), strict=True):
+    for a, b in zip(accumulate(Trunk, "jacobian"), accumulate(Trunk, "gramian"), strict=True):
         torch.testing.assert_close(b, a, atol=2e-5, rtol=2e-5)
 
     def absent(model, step):
@@ -200,6 +200,30 @@ class Poison(torch.autograd.Function):
         return grad * float("nan")
 
 
+@pytest.mark.parametrize("strategy", ["upgrad", "nash_mtl", "mgda"])
+def test_under_a_grad_scaler_the_engine_equals_the_unscaled_run_bit_for_bit(strategy):
+    """GradScaler's scales are powers of two: the engine's Gramian of the scaled losses over the
+    scale squared, and its update of the scaled losses, are the unscaled run's exactly."""
+
+    def train(scaler):
+        torch.manual_seed(0)
+        model = Trunk()
+        opt = mtlopt.MTLOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), strategy,
+                                  engine="gramian", scaler=scaler)
+        for step in range(3):
+            opt.zero_grad()
+            info = opt.step(model(_inputs(step)))
+            assert info.engine == "gramian"
+            if scaler is not None:
+                scaler.update()
+        return list(model.parameters())
+
+    plain = train(None)
+    scaled = train(torch.amp.GradScaler("cpu", init_scale=2.0**14))
+    for p, q in zip(plain, scaled, strict=True):
+        assert torch.equal(p, q)
+
+
 def test_a_non_finite_gradient_is_caught_as_with_J():
     class Poisoned(Trunk):
         def forward(self, x):
@@ -208,7 +232,7 @@ def test_a_non_finite_gradient_is_caught_as_with_J():
             losses[1] = losses[1] + Poison.apply(z).sum() * 0.0  # finite loss, NaN gradient
             return losses
 
-    for engine in ("jacobian", "auto"):
+    for engine in ("jacobian", "gramian"):
         with pytest.raises(FloatingPointError, match="non-finite gradient for task 't1'"):
             run(Poisoned, "upgrad", engine)
 
@@ -303,6 +327,23 @@ def test_attention_projections_are_found_on_the_graph():
         assert id(weight) in found
     assert found[id(attention.out_proj.weight)] is attention.out_proj.bias
     assert found[id(layer.linear1.weight)] is layer.linear1.bias
+
+
+@pytest.mark.parametrize(("batch", "width", "expected"), [(16, 256, "gramian"),
+                                                          (512, 8, "jacobian")])
+def test_auto_takes_the_engine_where_its_work_is_smaller(batch, width, expected):
+    """engine="auto": the engine where few rows meet wide layers (its blocks of G from the input
+    kernel), the Jacobian path where many rows meet narrow layers (both would form the same
+    weight gradients)."""
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, width))
+    heads = nn.ModuleList(nn.Linear(width, 1) for _ in range(5))
+    opt = mtlopt.MTLOptimizer(
+        torch.optim.SGD([*trunk.parameters(), *heads.parameters()], lr=0.1), "mgda"
+    )
+    z = trunk(torch.randn(batch, width))
+    info = opt.step([h(z).pow(2).mean() for h in heads])
+    assert info.engine == expected
 
 
 def test_engine_options_fail_clearly():

@@ -60,8 +60,8 @@ class JacobianPath(GramianEnginePath):
         else:
             recorded = self._engine_gradients(losses, trainable, partition)
             if recorded is not None:
-                if self._engine_takes_step(step, recorded, scale):
-                    return self._backward_gramian(step, recorded, detached)
+                if self._engine_takes_step(step, recorded):
+                    return self._backward_gramian(step, recorded, detached, scale)
                 grads = recorded.task_gradients(buffer)
         if grads is None:
             grads = task_gradients(losses, trainable, partition, buffer)
