@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import statistics
@@ -21,6 +22,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -28,7 +30,7 @@ import mtlopt
 from mtlopt.autogram import engine_pays, find_layers
 from mtlopt.partition import Partition
 
-from .perf import Bench, _cell, bench, floor_step, paired
+from .perf import Bench, _cell, bench, floor_step, paired, vjp_table
 from .perf_small import mlp_bench
 
 ENGINE_METHODS = ["mgda", "upgrad"]
@@ -128,7 +130,8 @@ MEMORY_SECTION = [
     "square Linear layers holding P shared parameters, batch 64, T heads Linear(w, 1), SGD). "
     "Jacobian path: T×P `J` and one task's gradients; engine: the layers' inputs and T output "
     "gradients per layer, no `J`; representation mode: gradients with respect to the trunk's "
-    "output only.",
+    "output only. Below the table: a least-squares fit of each path's peak, and the largest T "
+    "whose step fits 24 GiB.",
     "",
 ]
 
@@ -174,11 +177,12 @@ def memory_table(sizes: list[int], tasks: list[int], progress) -> list[str]:
         "| P (shared) | T | Jacobian path (MB) | engine (MB) | representation (MB) | J alone (MB) |",
         "|---|---|---|---|---|---|",
     ]
+    measured: dict[str, list[tuple[int, int, float]]] = {m: [] for m in MODES}
     for parameters in sizes:
         for t in tasks:
             cells = {}
             shared = 0
-            for mode in ("jacobian", "gramian", "representation"):
+            for mode in MODES:
                 out = subprocess.run(
                     [sys.executable, "-m", "mtlopt_bench.perf_gramian", str(parameters), str(t),
                      mode],
@@ -190,18 +194,80 @@ def memory_table(sizes: list[int], tasks: list[int], progress) -> list[str]:
                 result = json.loads(out.stdout.strip().splitlines()[-1])
                 cells[mode] = f"{result['peak'] / 1e6:.0f}"
                 shared = int(result["shared"])
+                measured[mode].append((t, shared, float(result["peak"])))
             lines.append(
                 f"| {shared / 1e6:.1f} M | {t} | {cells['jacobian']} | {cells['gramian']} | "
                 f"{cells['representation']} | {4 * t * shared / 1e6:.0f} |"
             )
             progress(f"memory P={parameters} T={t}")
+    lines += ["", *fit_lines(measured)]
     return lines
+
+
+MODES = ("jacobian", "gramian", "representation")
+BUDGET = 24 * 2**30
+
+
+def fit_lines(measured: dict[str, list[tuple[int, int, float]]]) -> list[str]:
+    """Least-squares fits ``peak ≈ a·T·P + b·P + c`` (bytes) per path, and the largest T at
+    which a step fits 24 GiB for a few P."""
+    lines = []
+    for mode, points in measured.items():
+        if len(points) < 3:
+            continue
+        design = np.array([[t * p, p, 1.0] for t, p, _ in points])
+        peaks = np.array([peak for *_, peak in points])
+        (a, b, c), *_ = np.linalg.lstsq(design, peaks, rcond=None)
+        bounds = []
+        for p in (10**7, 5 * 10**7, 10**8):
+            largest = (BUDGET - b * p - c) / (a * p) if a > 0 else math.inf
+            bounds.append(
+                f"P = {p / 1e6:.0f} M: T ≤ {largest:.0f}" if math.isfinite(largest) else
+                f"P = {p / 1e6:.0f} M: no T bound"
+            )
+        lines.append(
+            f"- {mode}: peak ≈ {a:.2f}·T·P + {b:.2f}·P bytes + {c / 1e6:.0f} MB; 24 GiB holds "
+            + ", ".join(bounds)
+            + (f" (T·P ≤ {(BUDGET - c) / a:.2g} where the T·P term dominates)" if a > 0.5 else "")
+            + "."
+        )
+    return lines
+
+
+def batched_vjp_lines(tasks: int, rounds: int, warmup: int, progress) -> list[str]:
+    """:func:`mtlopt_bench.perf.vjp_table` on the three models, with 1 and 2 threads."""
+    lines = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            table = vjp_table([(k, tasks) for k in MODELS], rounds, warmup, progress, _bench)
+            lines += [f"{count} thread{'s' if count > 1 else ''}:", "", *table, ""]
+    finally:
+        torch.set_num_threads(threads)
+    return lines
+
+
+VJP_SECTION = [
+    "### Batched VJP, 1 and 2 threads",
+    "",
+    "The T×P shared gradients by one `autograd.grad` per task (both paths' way) against one "
+    "batched VJP over the T cotangents (`is_grads_batched=True`, vmap), at T = 5, forward "
+    "included.",
+    "",
+]
 
 
 def run_gramian(quick: bool, progress=print) -> list[str]:
     rounds, warmup = (3, 1) if quick else (9, 1)
     tasks = [2, 11] if quick else [2, 5, 11]
-    return [*SPEED_SECTION, *speed_table(tasks, rounds, warmup, progress), ""]
+    return [
+        *SPEED_SECTION,
+        *speed_table(tasks, rounds, warmup, progress),
+        "",
+        *VJP_SECTION,
+        *batched_vjp_lines(5, max(3, rounds // 3), 1, progress),
+    ]
 
 
 def run_memory(quick: bool, progress=print) -> list[str]:

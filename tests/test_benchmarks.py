@@ -261,6 +261,13 @@ def test_perf_gramian_engine_and_memory_sections(monkeypatch):
     for mode in ("jacobian", "gramian", "representation"):
         result = perf_gramian.memory_child(3000, 2, mode)
         assert result["peak"] >= 0 and 2500 < result["shared"] < 3500
+    vjp = perf_gramian.batched_vjp_lines(2, 1, 0, lambda m: None)
+    assert vjp[0] == "1 thread:" and "2 threads:" in vjp and sum("| mlp T=2 |" in x for x in vjp) == 2
+    # the fit recovers a known line and the 24 GiB bound follows from it
+    points = [(t, p, 4.0 * t * p + 8.0 * p + 5e7) for t in (2, 8) for p in (10**6, 10**7)]
+    fit = perf_gramian.fit_lines({"jacobian": points})
+    assert fit[0].startswith("- jacobian: peak ≈ 4.00·T·P + 8.00·P bytes + 50 MB")
+    assert f"P = 10 M: T ≤ {(24 * 2**30 - 8e7 - 5e7) / 4e7:.0f}" in fit[0]
 
 
 def test_vit_finetune_trunk_is_pretrained_once_into_the_cache(tmp_path, monkeypatch):
