@@ -357,3 +357,17 @@ def test_engine_options_fail_clearly():
     assert infos[0].engine == "jacobian"
     _, infos = run(Trunk, "graddrop", "auto")  # a strategy that reads J: the Jacobian path
     assert infos[0].engine == "jacobian"
+
+
+def test_activation_checkpointing():
+    """Non-reentrant checkpointing packs the products' saved inputs: reading them recomputes the
+    segment, and the steps must still be the Jacobian path's."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(Trunk):
+        def forward(self, x):
+            z = checkpoint(self.trunk, x, use_reentrant=False)
+            return [h(z).pow(2).mean() * (i + 1) for i, h in enumerate(self.heads)]
+
+    infos = assert_same(Checkpointed, "upgrad")
+    assert infos[-1].engine == "gramian"
