@@ -230,3 +230,39 @@ def test_gradient_accumulation_warns_and_trains():
         opt.backward(model.losses(x[4:], y[4:]))
     opt.step()
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_grad_scaler_run_equals_the_plain_run():
+    """The extra head gradients are taken unscaled (δ_t before the loss scaling, the clip against
+    the unscaled head gradient) and written scaled, so the scaler's unscaling gives the plain
+    run's gradients."""
+    torch.manual_seed(0)
+    plain = Net().double()
+    scaled = copy.deepcopy(plain)
+    x, y = _batch()
+    _ours(plain, x, y)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**14)
+    opt = mtlopt.MTLOptimizer(
+        torch.optim.SGD(scaled.parameters(), lr=0.0), "consmtl", representation=scaled.encoder,
+        scaler=scaler,
+    )  # fmt: skip
+    opt.backward(scaled.losses(x, y))
+    scaler.unscale_(opt)
+    for p, q in zip(plain.parameters(), scaled.parameters(), strict=True):
+        assert (p.grad is None and q.grad is None) or torch.allclose(p.grad, q.grad, rtol=1e-12)
+
+
+def test_sparse_training_keeps_the_heads_extra_gradients():
+    """``sparse_mtl`` masks the shared update only: with density 1 it is consmtl itself."""
+    torch.manual_seed(0)
+    model = Net().double()
+    twin = copy.deepcopy(model)
+    x, y = _batch()
+    _ours(model, x, y)
+    opt = mtlopt.MTLOptimizer(
+        torch.optim.SGD(twin.parameters(), lr=0.0), "sparse_mtl", density=1.0,
+        base=mtlopt.create("consmtl", representation=twin.encoder),
+    )  # fmt: skip
+    opt.step(twin.losses(x, y))
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert (p.grad is None and q.grad is None) or torch.allclose(p.grad, q.grad, rtol=1e-12)
