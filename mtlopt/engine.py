@@ -45,7 +45,9 @@ def task_gradients(
     parameter shared)."""
     count = len(losses)
     per_task = (
-        torch.autograd.grad(loss, trainable, retain_graph=retain_graph or k < count - 1, allow_unused=True)
+        torch.autograd.grad(
+            loss, trainable, retain_graph=retain_graph or k < count - 1, allow_unused=True
+        )
         for k, loss in enumerate(losses)
     )
     return collect_task_gradients(per_task, trainable, partition, buffer, count)
