@@ -578,16 +578,17 @@ def solver_table(kind: str, tasks: int, step_medians: dict[str, float], repeats:
     return lines
 
 
-def vjp_table(cells, rounds, warmup, progress) -> list[str]:
+def vjp_table(cells, rounds, warmup, progress, build=None) -> list[str]:
     """Sequential per-task ``autograd.grad`` (the engine's path) against one batched VJP
-    (``is_grads_batched``, vmap over the T cotangents) for the T×P matrix of shared gradients."""
+    (``is_grads_batched``, vmap over the T cotangents) for the T×P matrix of shared gradients;
+    ``build(kind, tasks)`` makes each cell's model (:func:`bench` by default)."""
     lines = [
         "| model | sequential (ms), median | batched (ms), median | batched / sequential, median "
         "of per-round ratios |",
         "|---|---|---|---|",
     ]
     for kind, tasks in cells:
-        b = bench(kind, tasks)
+        b = (build or bench)(kind, tasks)
 
         def sequential(b=b, tasks=tasks):
             losses = b.losses(b.model)

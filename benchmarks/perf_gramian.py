@@ -2,11 +2,10 @@
 
 1. **Speed** (``--sections gramian``): a Gramian strategy's step through the Jacobian path
    (``engine="jacobian"``: ``J``, then ``G = J Jᵀ``, then ``wᵀ J``) and through the Gramian engine
-   (``model=``, :mod:`mtlopt.autogram`), each over the T-backward floor in the same rounds, on the
+   (:mod:`mtlopt.autogram`), each over the T-backward floor in the same rounds, on the
    small-model MLP (:mod:`mtlopt_bench.perf_small`), the benchmark ViT and QM9's set transformer
-   at T = 2, 5, 11. The share of the shared parameters that sit in layers the engine takes is
-   reported: the rest (attention's fused projections, LayerNorm, embeddings) keeps its columns of
-   ``J``.
+   at T = 2, 5, 11. The share of the shared parameters the engine takes is reported: the rest
+   (LayerNorm, embeddings, biases added outside a product) keeps its columns of ``J``.
 2. **Memory** (``--sections memory``): the peak resident memory of a step above the memory after
    the model is built, each configuration in a fresh subprocess, for the Jacobian path, the engine
    and representation mode, on MLPs of P shared parameters and T tasks.
@@ -15,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import statistics
@@ -22,13 +22,15 @@ import subprocess
 import sys
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
 import mtlopt
-from mtlopt.autogram import LinearRecorder
+from mtlopt.autogram import engine_pays, find_layers
+from mtlopt.partition import Partition
 
-from .perf import Bench, _cell, bench, floor_step, paired
+from .perf import Bench, _cell, bench, floor_step, paired, vjp_table
 from .perf_small import mlp_bench
 
 ENGINE_METHODS = ["mgda", "upgrad"]
@@ -48,8 +50,7 @@ def _bench(kind: str, tasks: int) -> Bench:
 
 def engine_step(b: Bench, kind: str, method: str, engine: str) -> Callable[[], None]:
     opt = mtlopt.MTLOptimizer(
-        _inner(kind)(b.model), mtlopt.create(method, num_tasks=len(b.heads)), model=b.model,
-        engine=engine,
+        _inner(kind)(b.model), mtlopt.create(method, num_tasks=len(b.heads)), engine=engine
     )
 
     def step() -> None:
@@ -60,27 +61,28 @@ def engine_step(b: Bench, kind: str, method: str, engine: str) -> Callable[[], N
     return step
 
 
-def engine_share(b: Bench) -> float:
-    """The share of the shared parameters in linear layers the engine records."""
-    shared = {id(p) for p in b.shared}
-    layers = LinearRecorder(b.model)
+def engine_share(b: Bench) -> tuple[float, bool]:
+    """The share of the shared parameters the engine finds in the graph as ``x Wᵀ (+ b)``, and
+    whether ``engine="auto"`` takes the engine for this model."""
+    losses = b.losses(b.model)
+    partition = Partition(shared=list(b.shared), specific=[list(h) for h in b.heads])
+    layers = find_layers(losses, partition)
     covered = sum(
-        p.numel() for m in layers.layers for p in m.parameters(recurse=False) if id(p) in shared
+        p.numel() for found in layers for p in (found[0].weight, found[0].bias) if p is not None
     )
-    layers.remove()
-    return covered / sum(p.numel() for p in b.shared)
+    return covered / sum(p.numel() for p in b.shared), engine_pays(layers, len(losses))
 
 
 def speed_table(tasks: list[int], rounds: int, warmup: int, progress) -> list[str]:
     lines = [
-        "| model | T | floor (ms) | engine's share of P | strategy | J path / floor | "
+        "| model | T | floor (ms) | engine's share of P | auto takes | strategy | J path / floor | "
         "engine / floor | engine / J path |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for kind in MODELS:
         for t in tasks:
             base = _bench(kind, t)
-            share = engine_share(base)
+            share, pays = engine_share(base)
             for method in ENGINE_METHODS:
                 pairs = {
                     engine: (
@@ -95,7 +97,8 @@ def speed_table(tasks: list[int], rounds: int, warmup: int, progress) -> list[st
                 direct = [own_g / own_j for (own_g, _), (own_j, _) in
                           zip(gram.rounds, jac.rounds, strict=True)]
                 lines.append(
-                    f"| {LABELS[kind]} | {t} | {floor_ms:.1f} | {share:.0%} | {method} | "
+                    f"| {LABELS[kind]} | {t} | {floor_ms:.1f} | {share:.0%} | "
+                    f"{'engine' if pays else 'J path'} | {method} | "
                     f"{_cell(jac)} | {_cell(gram)} | {statistics.median(direct):.2f} |"
                 )
             progress(f"gramian engine {kind} T={t}")
@@ -106,13 +109,15 @@ SPEED_SECTION = [
     "## The Gramian engine: G without J",
     "",
     "A Gramian strategy's step through the Jacobian path (`engine=\"jacobian\"`) and through the "
-    "Gramian engine (`MTLOptimizer(..., model=model)`, the default where the model is given), "
-    "each over the T-backward floor in the same interleaved rounds; engine / J path is the median "
-    "of the per-round ratios of the two steps. The engine's share of P: the shared parameters in "
-    "`nn.Linear` layers called through their module (the engine forms their Gramian block from "
-    "the layer's inputs and output gradients); the rest (nn.MultiheadAttention's fused "
-    "projections, LayerNorm, embeddings) keeps its columns of J. MLP: trunk 3 × [Linear(512, "
-    "512), GELU], batch 256, SGD; ViT and set transformer: the models above, Adam.",
+    "Gramian engine (`engine=\"gramian\"`), each over the T-backward floor in the same "
+    "interleaved rounds; \"auto\" (the default) takes the path its operation count predicts "
+    "cheaper (`mtlopt.autogram.engine_pays`): the column says which; engine / J path "
+    "is the median of the per-round ratios of the two steps. The engine's share of P: the shared "
+    "parameters it finds on the graph as products `x Wᵀ (+ b)` (linear layers, attention's "
+    "projections; their Gramian block from the products' inputs and output gradients); the rest "
+    "(LayerNorm, embeddings, biases added outside a product) keeps its columns of J. MLP: trunk "
+    "3 × [Linear(512, 512), GELU], batch 256, SGD; ViT and set transformer: the models above, "
+    "Adam.",
     "",
 ]
 
@@ -125,7 +130,8 @@ MEMORY_SECTION = [
     "square Linear layers holding P shared parameters, batch 64, T heads Linear(w, 1), SGD). "
     "Jacobian path: T×P `J` and one task's gradients; engine: the layers' inputs and T output "
     "gradients per layer, no `J`; representation mode: gradients with respect to the trunk's "
-    "output only.",
+    "output only. Below the table: a least-squares fit of each path's peak, and the largest T "
+    "whose step fits 24 GiB.",
     "",
 ]
 
@@ -144,7 +150,6 @@ def memory_child(parameters: int, tasks: int, mode: str) -> dict[str, float]:
     x, y = torch.randn(64, width), torch.randn(64, tasks)
     opt = mtlopt.MTLOptimizer(
         torch.optim.SGD(model.parameters(), lr=1e-6), "mgda",
-        model=model if mode == "gramian" else None,
         engine="gramian" if mode == "gramian" else "jacobian",
     )
     before = _rss()
@@ -172,11 +177,12 @@ def memory_table(sizes: list[int], tasks: list[int], progress) -> list[str]:
         "| P (shared) | T | Jacobian path (MB) | engine (MB) | representation (MB) | J alone (MB) |",
         "|---|---|---|---|---|---|",
     ]
+    measured: dict[str, list[tuple[int, int, float]]] = {m: [] for m in MODES}
     for parameters in sizes:
         for t in tasks:
             cells = {}
             shared = 0
-            for mode in ("jacobian", "gramian", "representation"):
+            for mode in MODES:
                 out = subprocess.run(
                     [sys.executable, "-m", "mtlopt_bench.perf_gramian", str(parameters), str(t),
                      mode],
@@ -188,18 +194,80 @@ def memory_table(sizes: list[int], tasks: list[int], progress) -> list[str]:
                 result = json.loads(out.stdout.strip().splitlines()[-1])
                 cells[mode] = f"{result['peak'] / 1e6:.0f}"
                 shared = int(result["shared"])
+                measured[mode].append((t, shared, float(result["peak"])))
             lines.append(
                 f"| {shared / 1e6:.1f} M | {t} | {cells['jacobian']} | {cells['gramian']} | "
                 f"{cells['representation']} | {4 * t * shared / 1e6:.0f} |"
             )
             progress(f"memory P={parameters} T={t}")
+    lines += ["", *fit_lines(measured)]
     return lines
+
+
+MODES = ("jacobian", "gramian", "representation")
+BUDGET = 24 * 2**30
+
+
+def fit_lines(measured: dict[str, list[tuple[int, int, float]]]) -> list[str]:
+    """Least-squares fits ``peak ≈ a·T·P + b·P + c`` (bytes) per path, and the largest T at
+    which a step fits 24 GiB for a few P."""
+    lines = []
+    for mode, points in measured.items():
+        if len(points) < 3:
+            continue
+        design = np.array([[t * p, p, 1.0] for t, p, _ in points])
+        peaks = np.array([peak for *_, peak in points])
+        (a, b, c), *_ = np.linalg.lstsq(design, peaks, rcond=None)
+        bounds = []
+        for p in (10**7, 5 * 10**7, 10**8):
+            largest = (BUDGET - b * p - c) / (a * p) if a > 0 else math.inf
+            bounds.append(
+                f"P = {p / 1e6:.0f} M: T ≤ {largest:.0f}" if math.isfinite(largest) else
+                f"P = {p / 1e6:.0f} M: no T bound"
+            )
+        lines.append(
+            f"- {mode}: peak ≈ {a:.2f}·T·P + {b:.2f}·P bytes + {c / 1e6:.0f} MB; 24 GiB holds "
+            + ", ".join(bounds)
+            + (f" (T·P ≤ {(BUDGET - c) / a:.2g} where the T·P term dominates)" if a > 0.5 else "")
+            + "."
+        )
+    return lines
+
+
+def batched_vjp_lines(tasks: int, rounds: int, warmup: int, progress) -> list[str]:
+    """:func:`mtlopt_bench.perf.vjp_table` on the three models, with 1 and 2 threads."""
+    lines = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            table = vjp_table([(k, tasks) for k in MODELS], rounds, warmup, progress, _bench)
+            lines += [f"{count} thread{'s' if count > 1 else ''}:", "", *table, ""]
+    finally:
+        torch.set_num_threads(threads)
+    return lines
+
+
+VJP_SECTION = [
+    "### Batched VJP, 1 and 2 threads",
+    "",
+    "The T×P shared gradients by one `autograd.grad` per task (both paths' way) against one "
+    "batched VJP over the T cotangents (`is_grads_batched=True`, vmap), at T = 5, forward "
+    "included.",
+    "",
+]
 
 
 def run_gramian(quick: bool, progress=print) -> list[str]:
     rounds, warmup = (3, 1) if quick else (9, 1)
     tasks = [2, 11] if quick else [2, 5, 11]
-    return [*SPEED_SECTION, *speed_table(tasks, rounds, warmup, progress), ""]
+    return [
+        *SPEED_SECTION,
+        *speed_table(tasks, rounds, warmup, progress),
+        "",
+        *VJP_SECTION,
+        *batched_vjp_lines(5, max(3, rounds // 3), 1, progress),
+    ]
 
 
 def run_memory(quick: bool, progress=print) -> list[str]:

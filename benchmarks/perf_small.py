@@ -207,7 +207,10 @@ SMALL_SECTION = [
     "forms G = J Jᵀ once per step (on the host block by block: MKL's single product is slow at "
     "some T) and reads the finiteness check from its diagonal, writes J into the same memory "
     "every step (a fresh 35 MB block at T = 11 is mapped and page-faulted anew each step under "
-    "glibc's default thresholds), and GradDrop and DB-MTL combine without T×P temporaries.",
+    "glibc's default thresholds), and GradDrop and DB-MTL combine without T×P temporaries. "
+    "The default `engine=\"auto\"`: on this MLP the Gramian engine takes the Gramian "
+    "strategies' steps at T = 5 and 11 (its operation count is lower there), the Jacobian path at "
+    "T = 2 and for every other strategy (the next section compares the two paths).",
     "",
 ]
 TINY_SECTION = [

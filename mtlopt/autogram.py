@@ -10,154 +10,123 @@ and the layer's block of ``G`` needs its inputs and output gradients only: throu
 matrix product (cost T·N·out·(in + 1)), whichever costs less. The T backward passes stop at the
 layers' outputs: they form no weight gradient. The update ``Σ_i w_i ∇L_i`` is then one product per
 layer, ``(Σ_i w_i δ_i)ᵀ x``. torchjd's autogram engine applies the same identity to the Gramian of
-per-sample losses; here it is the Gramian of per-task gradients (issue 19 of this project).
+per-sample losses; here it is the Gramian of per-task gradients.
 
-Shared parameters outside such layers (LayerNorm, embeddings, attention's fused projections called
-through ``F.linear``, a weight also used elsewhere) take the generic path: their columns of ``J``
-come from autograd as before. :meth:`Recorded.task_gradients` forms the full ``J`` from the same
-backward passes wherever the optimizer needs it (a partition that changes, gradient accumulation,
-torch.distributed, a strategy that reads ``J`` itself), so the engine never changes a result.
+The layers are found on the losses' autograd graph, not through modules: every matrix product
+``x Wᵀ`` (``F.linear``, ``nn.Linear``, ``nn.MultiheadAttention``'s projections, ``x @ W.T``) whose
+``W`` is a shared leaf parameter is an ``addmm``/``mm`` node fed by ``Wᵀ``; the node's saved input
+is ``x``, and its output gradient is asked of autograd by the node's gradient edge. A weight used
+in any other way as well (tied weights), a bias added outside the product, LayerNorm and
+embeddings take the generic path: their columns of ``J`` come from autograd as before.
+:meth:`Recorded.task_gradients` forms the full ``J`` from the same backward passes wherever the
+optimizer needs it (a partition that changes, gradient accumulation, sparse gradients), so the
+engine never changes a result; the engine is not used under torch.distributed or for a strategy
+that reads ``J`` itself.
 """
 
 from __future__ import annotations
 
-import weakref
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch import Tensor, nn
-from torch.autograd.graph import GradientEdge, get_gradient_edge
+from torch import Tensor
+from torch.autograd.graph import GradientEdge
 
 from .engine import TaskGradients, collect_task_gradients, flat_gradient, unflatten
 from .partition import Partition, graph_nodes
 
 
-@dataclass
-class LinearCall:
-    """One call of a recorded linear layer: its input and the gradient edge of its output."""
-
-    x: Tensor
-    edge: GradientEdge
-    x_version: int
+def kernel_cost(rows: int, tasks: int, width: int, fan_in: int) -> int:
+    """Multiply-adds of a layer's block of ``G`` through the N × N input kernel."""
+    return rows * rows * fan_in + tasks * rows * rows * width + tasks * tasks * rows * width
 
 
-class LinearRecorder:
-    """Forward hooks on ``nn.Linear`` layers: each grad-enabled call's input and output edge, kept
-    until the next backward takes them (or :meth:`clear`).
-
-    Holding the input costs nothing while the graph lives (autograd saves it for the weight's
-    gradient); the edge lets the backward passes ask for ``∂L/∂y`` even if ``y`` was modified in
-    place afterwards. Layers whose class overrides ``forward`` (a LoRA or quantised wrapper) are
-    not recorded: their output is not ``x Wᵀ + b``.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self.layers = [
-            m
-            for m in model.modules()
-            if isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward
-        ]
-        self._calls: dict[nn.Linear, list[LinearCall]] = {}
-        record = _recorder_hook(weakref.ref(self))
-        self._handles = [m.register_forward_hook(record) for m in self.layers]
-        weakref.finalize(self, _remove_hooks, list(self._handles))
-
-    def record(self, module: nn.Linear, args: tuple, output: object) -> None:
-        if not torch.is_grad_enabled() or not isinstance(output, Tensor) or not args:
-            return
-        x = args[0]
-        if not output.requires_grad or not isinstance(x, Tensor):
-            return
-        call = LinearCall(x.detach(), get_gradient_edge(output), x._version)
-        self._calls.setdefault(module, []).append(call)
-
-    def take(self) -> dict[nn.Linear, list[LinearCall]]:
-        """The calls recorded since the last take, forgotten here."""
-        calls, self._calls = self._calls, {}
-        return calls
-
-    def clear(self) -> None:
-        self._calls = {}
-
-    def remove(self) -> None:
-        """Remove the hooks (the optimizer does this when it is garbage-collected)."""
-        _remove_hooks(self._handles)
-        self._calls = {}
+def blocks_cost(rows: int, tasks: int, width: int, fan_in: int) -> int:
+    """Multiply-adds of a layer's block of ``G`` through its T weight gradients."""
+    return tasks * rows * width * fan_in + tasks * tasks * width * fan_in
 
 
-def _recorder_hook(recorder: weakref.ref):
-    def hook(module: nn.Module, args: tuple, output: object) -> None:
-        alive = recorder()
-        if alive is not None:
-            alive.record(module, args, output)  # type: ignore[arg-type]
-
-    return hook
-
-
-def _remove_hooks(handles: list) -> None:
-    for handle in handles:
-        handle.remove()
+def engine_pays(layers: list[list[Product]], tasks: int, margin: float = 0.9) -> bool:
+    """Whether the engine's work on these layers (each block of ``G`` the cheaper way, the copy
+    of the output gradients, the update as one product) is below ``margin`` × the Jacobian
+    path's (the T weight gradients of the backward passes, their copy into ``J``, the blocks of
+    ``J Jᵀ``, ``wᵀ J``). Where N is large against the layers' widths both form the same weight
+    gradients and the engine only adds copies: ``engine="auto"`` then keeps the Jacobian path."""
+    engine = jacobian = 0
+    for found in layers:
+        rows = sum(p.inputs.shape[0] for p in found)
+        width, fan_in = found[0].weight.shape[0], found[0].weight.shape[1] + (found[0].bias is not None)
+        sizes = (rows, tasks, width, fan_in)
+        engine += min(kernel_cost(*sizes), blocks_cost(*sizes)) + 2 * tasks * rows * width
+        engine += rows * width * fan_in
+        columns = width * fan_in
+        jacobian += blocks_cost(*sizes) + 2 * tasks * columns
+    return engine < margin * jacobian
 
 
 @dataclass
 class EngineLayer:
-    """A shared linear layer under the engine: its inputs and each task's output gradients."""
+    """A shared weight under the engine (every product it enters): its inputs and each task's
+    output gradients."""
 
-    module: nn.Linear
+    weight: Tensor
+    bias: Tensor | None
+    """A shared bias added inside the same products (``addmm``), else ``None``."""
     inputs: Tensor
-    """N × in: the rows of every call's input."""
+    """N × in: the rows of every product's input."""
     deltas: Tensor
-    """T × N × out: ``∂L_i/∂y`` of every call (zeros where a task does not reach it)."""
+    """N × T × out: ``∂L_i/∂y`` of every product's rows (zeros where a task does not reach it),
+    rows first so that the T weight gradients are one product ``(N × T·out)ᵀ (N × in)``."""
     reached: list[bool]
     """Per task: whether its loss reaches the layer."""
 
     @property
     def has_bias(self) -> bool:
-        return self.module.bias is not None
+        return self.bias is not None
 
     def use_kernel(self) -> bool:
         """Whether the N × N input kernel costs less than forming the T weight gradients."""
-        tasks, rows, width = self.deltas.shape
-        fan_in = self.inputs.shape[1] + self.has_bias
-        kernel = rows * rows * fan_in + tasks * rows * rows * width + tasks * tasks * rows * width
-        blocks = tasks * rows * width * fan_in + tasks * tasks * width * fan_in
-        return kernel < blocks
+        rows, tasks, width = self.deltas.shape
+        sizes = (rows, tasks, width, self.inputs.shape[1] + self.has_bias)
+        return kernel_cost(*sizes) < blocks_cost(*sizes)
 
     def gramian(self, dtype: torch.dtype) -> Tensor:
         """This layer's T × T block of ``J Jᵀ`` (weight and bias columns)."""
         x, d = self.inputs.to(dtype), self.deltas.to(dtype)
-        tasks = d.shape[0]
+        tasks = d.shape[1]
         if self.use_kernel():
             kernel = x @ x.T
             if self.has_bias:
                 kernel += 1
-            return d.reshape(tasks, -1) @ torch.matmul(kernel, d).reshape(tasks, -1).T
-        rows = self.weight_gradients(x, d)
-        gram = rows @ rows.T
+            by_task = d.permute(1, 0, 2)  # T × N × out (a view)
+            mixed = torch.matmul(kernel, by_task)
+            return by_task.reshape(tasks, -1) @ mixed.reshape(tasks, -1).T
+        grads = self.weight_gradients(x, d)
+        gram = grads @ grads.T
         if self.has_bias:
-            bias = d.sum(dim=1)
+            bias = d.sum(dim=0)
             gram += bias @ bias.T
         return gram
 
     @staticmethod
     def weight_gradients(x: Tensor, d: Tensor) -> Tensor:
         """T × (out·in): every task's ``δ_iᵀ x``, in one matrix product."""
-        tasks, rows, width = d.shape
-        stacked = d.permute(1, 0, 2).reshape(rows, tasks * width)
-        return (stacked.T @ x).reshape(tasks, width * x.shape[1])
+        rows, tasks, width = d.shape
+        return (d.reshape(rows, tasks * width).T @ x).reshape(tasks, width * x.shape[1])
 
     def task_gradients(self) -> tuple[Tensor, Tensor | None]:
         """Per task, the weight's and the bias's gradients (T × out × in, T × out)."""
-        tasks, _, width = self.deltas.shape
+        _, tasks, width = self.deltas.shape
         weight = self.weight_gradients(self.inputs, self.deltas).reshape(tasks, width, -1)
-        return weight, self.deltas.sum(dim=1) if self.has_bias else None
+        return weight, self.deltas.sum(dim=0) if self.has_bias else None
 
     def combined(self, weights: Tensor) -> tuple[Tensor, Tensor | None]:
         """``Σ_i w_i ∇_W L_i`` and ``Σ_i w_i ∇_b L_i``: one product."""
-        tasks, rows, width = self.deltas.shape
-        mixed = (weights.to(self.deltas.dtype) @ self.deltas.reshape(tasks, -1)).reshape(rows, width)
+        w = weights.to(self.deltas.dtype)
+        mixed = torch.matmul(self.deltas.transpose(1, 2), w)  # N × out
         return mixed.T @ self.inputs, mixed.sum(dim=0) if self.has_bias else None
 
 
@@ -212,10 +181,10 @@ class Recorded:
         grads: list[Tensor] = []
         for layer in self.layers:
             weight, bias = layer.combined(weights)
-            params.append(layer.module.weight)
+            params.append(layer.weight)
             grads.append(weight)
-            if bias is not None:
-                params.append(layer.module.bias)
+            if layer.bias is not None and bias is not None:
+                params.append(layer.bias)
                 grads.append(bias)
         if self._rest:
             rest = self.rest_jacobian()
@@ -233,7 +202,7 @@ class Recorded:
             for i, g in zip(self.other, grads, strict=True):
                 hit[i] = g is not None
             for layer in self.layers:
-                for p in (layer.module.weight, layer.module.bias):
+                for p in (layer.weight, layer.bias):
                     if p is not None:
                         hit[index[id(p)]] = layer.reached[k]
             out.append(tuple(hit))
@@ -260,9 +229,9 @@ class Recorded:
         per_param: dict[int, tuple[Tensor, list[bool]]] = {}
         for layer in self.layers:
             weight, bias = layer.task_gradients()
-            per_param[id(layer.module.weight)] = (weight, layer.reached)
-            if bias is not None:
-                per_param[id(layer.module.bias)] = (bias, layer.reached)
+            per_param[id(layer.weight)] = (weight, layer.reached)
+            if layer.bias is not None and bias is not None:
+                per_param[id(layer.bias)] = (bias, layer.reached)
         position = {i: k for k, i in enumerate(self.other)}
         per_task = []
         for k, grads in enumerate(self.other_grads):
@@ -277,65 +246,105 @@ class Recorded:
         return collect_task_gradients(per_task, self.trainable, self.partition, buffer)
 
 
-def engine_layers(
-    calls: dict[nn.Linear, list[LinearCall]],
-    losses: Sequence[Tensor],
-    partition: Partition,
-) -> list[tuple[nn.Linear, list[LinearCall]]]:
-    """The recorded layers the engine can take: shared weight (and bias), unchanged inputs of the
-    parameters' dtype, and no use of the parameters other than these calls (counted on the
-    losses' graph: one edge into the weight per call)."""
+@dataclass
+class Product:
+    """One ``x Wᵀ (+ b)`` node of the graph."""
+
+    node: Any
+    inputs: Tensor
+    """N × in: the product's saved input."""
+    weight: Tensor
+    bias: Tensor | None
+
+
+def find_layers(losses: Sequence[Tensor], partition: Partition) -> list[list[Product]]:
+    """The shared weights the engine can take, each with every product it enters.
+
+    A weight qualifies when every graph edge into it comes from a ``Wᵀ`` node that feeds one
+    ``addmm``/``mm`` (so its gradient is ``Σ δᵀ x`` over those products), in the parameter's dtype.
+    Its bias comes along when it is the ``addmm``'s added term in each of them (``F.linear``'s
+    bias) and has no other use; any other bias stays with autograd."""
     shared = {id(p) for p in partition.shared}
-    candidates = []
-    for module, module_calls in calls.items():
-        params = [p for p in (module.weight, module.bias) if p is not None]
-        if not all(id(p) in shared for p in params):
-            continue
-        if any(
-            c.x._version != c.x_version
-            or c.x.dtype != module.weight.dtype
-            or c.x.shape[-1] != module.in_features
-            for c in module_calls
-        ):
-            continue
-        candidates.append((module, module_calls))
-    if not candidates:
-        return []
-    counts, nodes = _graph_of(losses)
-    taken = []
-    for module, module_calls in candidates:
-        live = [c for c in module_calls if c.edge.node in nodes]  # not a stale forward's
-        params = [p for p in (module.weight, module.bias) if p is not None]
-        if live and all(counts[id(p)] == len(live) for p in params):
-            taken.append((module, live))
-    return taken
-
-
-def _graph_of(losses: Sequence[Tensor]) -> tuple[Counter[int], set]:
-    """``id(leaf) →`` the number of graph edges into its gradient accumulator, and the graph's
-    nodes."""
-    counts: Counter[int] = Counter()
-    nodes = set()
+    into: Counter[Any] = Counter()  # edges into each node (and each leaf, by id)
+    nodes = []
     for node in graph_nodes([loss.grad_fn for loss in losses if loss.grad_fn is not None]):
-        nodes.add(node)
+        nodes.append(node)
         for child, _ in node.next_functions:
+            if child is None:
+                continue
             variable = getattr(child, "variable", None)
-            if variable is not None:
-                counts[id(variable)] += 1
-    return counts, nodes
+            into[id(variable) if variable is not None else child] += 1
+    products: dict[int, list[Product]] = {}
+    for node in nodes:
+        product = _product(node, into, shared)
+        if product is not None:
+            products.setdefault(id(product.weight), []).append(product)
+    layers = []
+    for found in products.values():
+        weight = found[0].weight
+        if into[id(weight)] != len(found):
+            continue  # the weight is also used outside these products
+        bias = found[0].bias
+        if bias is None or not (
+            all(p.bias is bias for p in found) and into[id(bias)] == len(found)
+        ):
+            for p in found:  # the bias (if any) has other uses: autograd takes it
+                p.bias = None
+        layers.append(found)
+    return layers
+
+
+_PRODUCTS = {"AddmmBackward0": ("_saved_mat1", 2), "MmBackward0": ("_saved_self", 1)}
+"""The product nodes: the attribute holding ``x``, the position of the ``Wᵀ`` edge."""
+
+
+def _product(node: Any, into: Counter, shared: set[int]) -> Product | None:
+    """``node`` as ``x Wᵀ (+ b)`` with ``W`` a shared leaf, or ``None``."""
+    kind = _PRODUCTS.get(type(node).__name__)
+    if kind is None:
+        return None
+    saved, mat2 = kind
+    edges = node.next_functions
+    transposed = edges[mat2][0]
+    if type(transposed).__name__ != "TBackward0" or into[transposed] != 1:
+        return None
+    weight = getattr(transposed.next_functions[0][0], "variable", None)
+    if weight is None or id(weight) not in shared or weight.dim() != 2:
+        return None
+    if getattr(node, "_saved_alpha", 1) != 1 or getattr(node, "_saved_beta", 1) != 1:
+        return None
+    try:
+        inputs = getattr(node, saved)
+    except RuntimeError:  # freed, or packed by saved-tensor hooks that cannot unpack here
+        return None
+    if inputs.dim() != 2 or inputs.shape[1] != weight.shape[1] or inputs.dtype != weight.dtype:
+        return None
+    bias = None
+    if type(node).__name__ == "AddmmBackward0" and edges[0][0] is not None:
+        candidate = getattr(edges[0][0], "variable", None)
+        if (
+            candidate is not None
+            and id(candidate) in shared
+            and candidate.dim() == 1
+            and candidate.shape[0] == weight.shape[0]
+        ):
+            bias = candidate
+    return Product(node, inputs.detach(), weight, bias)
 
 
 def record_gradients(
     losses: Sequence[Tensor],
     trainable: Sequence[Tensor],
     partition: Partition,
-    layers: list[tuple[nn.Linear, list[LinearCall]]],
+    layers: list[list[Product]],
 ) -> Recorded:
-    """One backward pass per loss, to the layers' outputs and the other trainable parameters; the
-    graph is freed at the end."""
-    taken = {id(p) for module, _ in layers for p in (module.weight, module.bias) if p is not None}
+    """One backward pass per loss, to the products' outputs and the other trainable parameters;
+    the graph is freed at the end."""
+    taken = {
+        id(p) for found in layers for p in (found[0].weight, found[0].bias) if p is not None
+    }
     other = [i for i, p in enumerate(trainable) if id(p) not in taken]
-    edges = [c.edge for _, calls in layers for c in calls]
+    edges = [GradientEdge(p.node, 0) for found in layers for p in found]
     inputs = [*edges, *(trainable[i] for i in other)]
     tasks = len(losses)
     deltas: list[list[Tensor | None]] = []
@@ -346,31 +355,25 @@ def record_gradients(
         other_grads.append(tuple(grads[len(edges) :]))
     out: list[EngineLayer] = []
     start = 0
-    for module, calls in layers:
-        stop = start + len(calls)
-        inputs_ = torch.cat([c.x.reshape(-1, module.in_features) for c in calls])
-        reached = [any(d is not None for d in task[start:stop]) for task in deltas]
-        stacked = torch.stack(
-            [
-                torch.cat(
-                    [
-                        _rows(d, c, module)
-                        for d, c in zip(task[start:stop], calls, strict=True)
-                    ]
-                )
-                for task in deltas
-            ]
-        )
-        out.append(EngineLayer(module, inputs_, stacked, reached))
+    for found in layers:
+        stop = start + len(found)
+        weight = found[0].weight
+        inputs_ = torch.cat([p.inputs for p in found]) if len(found) > 1 else found[0].inputs
+        complete = all(d is not None for task in deltas for d in task[start:stop])
+        shape = (inputs_.shape[0], tasks, weight.shape[0])
+        stacked = inputs_.new_empty(shape) if complete else inputs_.new_zeros(shape)
+        reached = []
+        for k, task in enumerate(deltas):
+            row = 0
+            for d, p in zip(task[start:stop], found, strict=True):
+                size = p.inputs.shape[0]
+                if d is not None:
+                    stacked[row : row + size, k].copy_(d)
+                row += size
+            reached.append(any(d is not None for d in task[start:stop]))
+        out.append(EngineLayer(weight, found[0].bias, inputs_, stacked, reached))
         start = stop
     return Recorded(out, other, other_grads, trainable, partition)
-
-
-def _rows(delta: Tensor | None, call: LinearCall, module: nn.Linear) -> Tensor:
-    rows = call.x.numel() // module.in_features
-    if delta is None:
-        return call.x.new_zeros(rows, module.out_features)
-    return delta.reshape(rows, module.out_features)
 
 
 def engine_serves(strategy: object) -> bool:

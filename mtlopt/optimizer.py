@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from . import hooks
 from .amp import LossScaling
-from .autogram import LinearRecorder, engine_serves, gramian_engine_strategies
+from .autogram import engine_serves, gramian_engine_strategies
 from .bilevel import within_step
 from .distributed import ReplicaError, Replicas
 from .finite import all_finite
@@ -20,7 +20,7 @@ from .multi import OptimizerChain, delegating_optimizer_init
 from .partition import Partition, Reach
 from .paths import JacobianPath, RepresentationPath, ScalarizedPath
 from .paths.gramian import ENGINES
-from .registry import create, takes_model
+from .registry import create
 from .stepinfo import StepInfo
 from .strategies.base import (
     GradientStrategy,
@@ -77,15 +77,16 @@ class MTLOptimizer(JacobianPath, RepresentationPath, ScalarizedPath, torch.optim
             default group when ``torch.distributed`` is initialised with several ranks: per-task
             gradients and losses are then averaged across ranks (one ``all_reduce`` per
             :meth:`backward`) before the strategy combines them (see :mod:`mtlopt.distributed`).
-        model: the model. With a strategy whose weights come from the Gramian ``G = J Jᵀ``
-            alone (MGDA, UPGrad, DualProj, Nash-MTL, FairGrad, IMTL-G, Aligned-MTL, CAGrad,
-            PCGrad, GradVac, NTKMTL, ...), the Gramian engine records its ``nn.Linear`` layers
-            and forms ``G`` without ``J`` (:mod:`mtlopt.autogram`); strategies built with a model
-            (DTME, Auto-λ) receive it too. ``shared`` given as a module serves the engine as well.
-        engine: ``"auto"`` (default): the Gramian engine wherever it serves the step, else the
-            Jacobian path (same result to rounding); ``"jacobian"``: never the engine;
-            ``"gramian"``: require it (a strategy it cannot serve, or no model, is an error).
-            :attr:`StepInfo.engine` says which one took each step.
+        engine: how a gradient strategy whose weights come from the Gramian ``G = J Jᵀ`` alone
+            (MGDA, UPGrad, DualProj, Nash-MTL, FairGrad, IMTL-G, Aligned-MTL, CAGrad, PCGrad,
+            GradVac, NTKMTL, ...) gets ``G``. ``"auto"`` (default): the Gramian engine
+            (:mod:`mtlopt.autogram`: ``G`` of the shared linear layers from their inputs and
+            output gradients, found on the graph, without forming ``J``) where it serves the step
+            and does less work than the Jacobian path (:func:`mtlopt.autogram.engine_pays`), with
+            the same result to rounding; ``"jacobian"``: never the engine; ``"gramian"``: the
+            engine wherever it serves the step (for its memory: no T × P ``J``), and a strategy it
+            cannot serve is an error.
+            :attr:`StepInfo.engine` says which path took each step.
         **strategy_kwargs: hyperparameters passed to the strategy when it is given by name.
     """
 
@@ -100,7 +101,6 @@ class MTLOptimizer(JacobianPath, RepresentationPath, ScalarizedPath, torch.optim
         diagnostics: bool = True,
         scaler: torch.amp.GradScaler | None = None,
         process_group: Any = None,
-        model: nn.Module | None = None,
         engine: Engine = "auto",
         **strategy_kwargs: Any,
     ) -> None:
@@ -112,16 +112,12 @@ class MTLOptimizer(JacobianPath, RepresentationPath, ScalarizedPath, torch.optim
             raise TypeError("the optimizer is already an MTLOptimizer")
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
-        if model is not None and not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
         names = check_names(tasks) if tasks is not None else None
         if isinstance(strategy, str):
             if names is not None:
                 strategy_kwargs.setdefault("num_tasks", len(names))
-            if model is not None and takes_model(strategy):
-                strategy_kwargs.setdefault("model", model)
             strategy = create(strategy, **strategy_kwargs)
         elif strategy_kwargs:
             raise TypeError("strategy keyword arguments are only accepted with a strategy name")
@@ -155,8 +151,8 @@ class MTLOptimizer(JacobianPath, RepresentationPath, ScalarizedPath, torch.optim
         self._sparse_ids: set[int] = set()
         self._signal_sources: dict[str, Callable[[], Any]] = {}  # opt.observe(x=function)
         self.engine = engine
-        self._recorder = self._engine_recorder(engine, model, shared)
-        self._recorded_calls = {}
+        if engine == "gramian":
+            self._require_engine()
 
         # The torch.optim.Optimizer contract, sharing the wrapped optimizer's groups and state.
         delegating_optimizer_init(self, optimizer.defaults)
@@ -169,34 +165,19 @@ class MTLOptimizer(JacobianPath, RepresentationPath, ScalarizedPath, torch.optim
         if hasattr(self._combiner, "bind_optimizer"):  # i18c: Auto-λ's virtual step reads the lr
             self._combiner.bind_optimizer(optimizer)
 
-    def _engine_recorder(
-        self, engine: str, model: nn.Module | None, shared: object
-    ) -> LinearRecorder | None:
-        """The Gramian engine's forward hooks, on the linear layers of ``model`` (or of
-        ``shared`` when it is a module), where the engine can serve the strategy."""
-        # DTME's task streams take their own gradient path (mtlopt.tokens.stream_gradients).
-        serves = engine_serves(self._combiner) and not isinstance(self.strategy, TokenStrategy)
-        module = model if model is not None else shared if isinstance(shared, nn.Module) else None
-        if engine == "gramian":
-            if isinstance(self.strategy, TokenStrategy):
-                raise ValueError(
-                    f"engine='gramian' does not serve {self.strategy.info.name}: its task streams "
-                    "take their own gradient path; use engine='jacobian' (or leave 'auto')"
-                )
-            if not serves:
-                raise ValueError(
-                    f"engine='gramian' serves strategies whose weights come from the Gramian "
-                    f"G = J Jᵀ alone ({', '.join(gramian_engine_strategies())}); "
-                    f"{self._combiner.info.name} reads J itself: use engine='jacobian'"
-                )
-            if module is None:
-                raise ValueError(
-                    "engine='gramian' records the model's linear layers: pass the model, "
-                    "MTLOptimizer(optimizer, strategy, model=model)"
-                )
-        if engine == "jacobian" or module is None or not serves:
-            return None
-        return LinearRecorder(module)
+    def _require_engine(self) -> None:
+        """``engine="gramian"``: a strategy the engine cannot serve is an error here."""
+        if isinstance(self.strategy, TokenStrategy):
+            raise ValueError(
+                f"engine='gramian' does not serve {self.strategy.info.name}: its task streams "
+                "take their own gradient path; use engine='jacobian' (or leave 'auto')"
+            )
+        if not engine_serves(self._combiner):
+            raise ValueError(
+                f"engine='gramian' serves strategies whose weights come from the Gramian "
+                f"G = J Jᵀ alone ({', '.join(gramian_engine_strategies())}); "
+                f"{self._combiner.info.name} reads J itself: use engine='jacobian'"
+            )
 
     # torch.optim.Optimizer views ------------------------------------------------------------------
     @property
@@ -291,9 +272,6 @@ class MTLOptimizer(JacobianPath, RepresentationPath, ScalarizedPath, torch.optim
             raise
 
     def _backward(self, losses: Losses, features: Tensor | None) -> StepInfo:
-        # The linear layers' calls since the last backward (the Gramian engine's), taken now so
-        # that a path without the engine does not keep them.
-        self._recorded_calls = self._recorder.take() if self._recorder is not None else {}
         hooks.ready(self)  # a closure, other batches or a validation signal the strategy needs
         step = read_losses(losses, self._tasks)
         self.strategy.check_num_tasks(len(step.names))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import difflib
 import enum
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -164,14 +163,6 @@ def create(name: str, **kwargs: Any) -> Strategy:
         )
     num_tasks = kwargs.pop("num_tasks", None)
     return Grouped(cls(num_tasks=num_tasks, **kwargs), group_by, modules=modules, num_tasks=num_tasks)
-
-
-def takes_model(name: str) -> bool:
-    """Whether the strategy registered as ``name`` is built with ``model=`` (DTME, Auto-λ): the
-    optimizer then passes it the ``model`` it was given."""
-    if name.lower().startswith("torchjd:"):
-        return False
-    return "model" in inspect.signature(_lookup(name).__init__).parameters
 
 
 def available() -> list[str]:

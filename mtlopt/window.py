@@ -44,9 +44,15 @@ class Window:
     """A parameter whose ``.grad`` the window wrote: ``None`` there means someone zeroed it."""
 
 
-def accumulate(params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> None:
+def accumulate(
+    params: Sequence[Tensor], grads: Sequence[Tensor | None], fresh: bool = False
+) -> None:
     """``p.grad += g`` for every pair, creating ``p.grad`` where it is ``None`` (a ``None``
-    gradient leaves its parameter alone)."""
+    gradient leaves its parameter alone).
+
+    ``fresh``: the gradients come straight from ``autograd.grad`` and nothing else keeps them, so
+    one that is contiguous, not a view and not shared with another becomes ``p.grad`` itself, as
+    ``loss.backward()`` would leave it (no copy)."""
     if any(g is None for g in grads):
         kept = [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
         params, grads = [p for p, _ in kept], [g for _, g in kept]
@@ -61,8 +67,23 @@ def accumulate(params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> None
         torch._foreach_add_(
             [p.grad for p, _ in existing], [g.to(p.grad.dtype) for p, g in existing]
         )
+    shared: set[int] = set()
+    if fresh:
+        seen: set[int] = set()
+        for g in grads:
+            ptr = g.untyped_storage().data_ptr()
+            (shared if ptr in seen else seen).add(ptr)
     for p, g in zip(params, grads, strict=True):
         if p.grad is None:
+            if (
+                fresh
+                and g.dtype == p.dtype
+                and g._base is None
+                and g.is_contiguous()
+                and g.untyped_storage().data_ptr() not in shared
+            ):
+                p.grad = g.detach()
+                continue
             # Own copy: autograd may hand one tensor to several parameters (an addition passes its
             # incoming gradient to both operands) or a view of the combined update; adding into
             # such a .grad in place would double-count or rewrite the wrapper's own record.

@@ -251,15 +251,23 @@ def test_perf_small_and_solver_sections_run_and_replace_their_part_of_the_page()
 def test_perf_gramian_engine_and_memory_sections(monkeypatch):
     from mtlopt_bench import perf, perf_gramian
 
-    # every shared parameter of the MLP sits in a linear layer; the ViT's attention does not
-    assert perf_gramian.engine_share(perf_gramian._bench("mlp", 2)) == 1.0
-    assert 0.3 < perf_gramian.engine_share(perf.bench("multifashion", 2)) < 1.0
+    # every shared parameter of the MLP is in a product x Wᵀ + b; the ViT's LayerNorms are not
+    assert perf_gramian.engine_share(perf_gramian._bench("mlp", 5)) == (1.0, True)
+    share, pays = perf_gramian.engine_share(perf.bench("multifashion", 2))
+    assert 0.9 < share < 1.0 and not pays
     monkeypatch.setattr(perf_gramian, "MODELS", ["mlp"])
     lines = perf_gramian.speed_table([2], 1, 0, lambda m: None)
-    assert [line.split(" | ")[4] for line in lines[2:]] == perf_gramian.ENGINE_METHODS
+    assert [line.split(" | ")[5] for line in lines[2:]] == perf_gramian.ENGINE_METHODS
     for mode in ("jacobian", "gramian", "representation"):
         result = perf_gramian.memory_child(3000, 2, mode)
         assert result["peak"] >= 0 and 2500 < result["shared"] < 3500
+    vjp = perf_gramian.batched_vjp_lines(2, 1, 0, lambda m: None)
+    assert vjp[0] == "1 thread:" and "2 threads:" in vjp and sum("| mlp T=2 |" in x for x in vjp) == 2
+    # the fit recovers a known line and the 24 GiB bound follows from it
+    points = [(t, p, 4.0 * t * p + 8.0 * p + 5e7) for t in (2, 8) for p in (10**6, 10**7)]
+    fit = perf_gramian.fit_lines({"jacobian": points})
+    assert fit[0].startswith("- jacobian: peak ≈ 4.00·T·P + 8.00·P bytes + 50 MB")
+    assert f"P = 10 M: T ≤ {(24 * 2**30 - 8e7 - 5e7) / 4e7:.0f}" in fit[0]
 
 
 def test_vit_finetune_trunk_is_pretrained_once_into_the_cache(tmp_path, monkeypatch):

@@ -3,8 +3,6 @@ serves and on models this project did not write."""
 
 from __future__ import annotations
 
-import gc
-
 import pytest
 import torch
 from torch import nn
@@ -12,10 +10,10 @@ from torch import nn
 import mtlopt
 from mtlopt.autogram import (
     EngineLayer,
-    LinearRecorder,
-    engine_layers,
     engine_serves,
+    find_layers,
     gramian_engine_strategies,
+    record_gradients,
 )
 from mtlopt.partition import Partition
 
@@ -42,7 +40,7 @@ def run(build, strategy: str, engine: str, steps: int = 3, batches=None, dtype=t
     torch.manual_seed(0)
     model = build().to(dtype)
     opt = mtlopt.MTLOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.05), strategy, model=model, engine=engine,
+        torch.optim.SGD(model.parameters(), lr=0.05), strategy, engine=engine,
         tasks=["t0", "t1", "t2"][: len(model.heads) if hasattr(model, "heads") else 2],
         **options,
     )
@@ -62,7 +60,7 @@ def _inputs(step: int, dtype=torch.float32) -> torch.Tensor:
 
 def assert_same(build, strategy, batches=None, steps=3, dtype=torch.float32, tol=2e-5, **options):
     reference, ref_infos = run(build, strategy, "jacobian", steps, batches, dtype, **options)
-    params, infos = run(build, strategy, "auto", steps, batches, dtype, **options)
+    params, infos = run(build, strategy, "gramian", steps, batches, dtype, **options)
     assert [i.engine for i in ref_infos] == ["jacobian"] * steps
     for a, b in zip(reference, params, strict=True):
         torch.testing.assert_close(b, a, atol=tol, rtol=tol)
@@ -109,15 +107,12 @@ def test_a_layer_block_of_the_gramian_is_J_J_transpose(kernel, monkeypatch):
         gw, gb = torch.autograd.grad(loss, [layer.weight, layer.bias])
         rows.append(torch.cat([gw.reshape(-1), gb]))
     jacobian = torch.stack(rows)
-    recorder = LinearRecorder(layer)
     out = layer(x)
     losses = [(out * targets[t]).sum() + out.pow(2).sum() * t for t in range(3)]
-    calls = recorder.take()
     partition = Partition(shared=[layer.weight, layer.bias], specific=[[], [], []])
-    from mtlopt.autogram import record_gradients
-
-    recorded = record_gradients(losses, [layer.weight, layer.bias], partition,
-                                engine_layers(calls, losses, partition))
+    layers = find_layers(losses, partition)
+    assert [(found[0].weight, found[0].bias) for found in layers] == [(layer.weight, layer.bias)]
+    recorded = record_gradients(losses, [layer.weight, layer.bias], partition, layers)
     torch.testing.assert_close(recorded.gramian(torch.float64), jacobian @ jacobian.T,
                                rtol=1e-12, atol=1e-12)
     _, grads = recorded.combined(torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64))
@@ -125,24 +120,27 @@ def test_a_layer_block_of_the_gramian_is_J_J_transpose(kernel, monkeypatch):
     torch.testing.assert_close(torch.cat([g.reshape(-1) for g in grads]), expected)
 
 
-def test_a_weight_used_outside_its_layer_is_left_to_autograd():
-    """A tied weight (the layer's weight also used by F.linear elsewhere): the engine must not
-    take that layer, whose gradient would miss the other use."""
+def test_a_weight_used_outside_its_products_is_left_to_autograd():
+    """A weight also used other than as ``x Wᵀ`` (a penalty on it): the engine must not take it,
+    whose gradient would miss that use. A second product with the same weight (tied layers
+    through F.linear) is one more product of the same layer."""
 
     class Tied(Trunk):
         def forward(self, x):
             z = self.trunk(x)
-            z = z + nn.functional.linear(z, self.trunk[2].weight)  # a second use of the weight
-            return [h(z).pow(2).mean() * (i + 1) for i, h in enumerate(self.heads)]
+            z = z + nn.functional.linear(z, self.trunk[2].weight)  # a second product: taken
+            penalty = self.trunk[0].weight.pow(2).sum() * 1e-2  # another use: not taken
+            return [h(z).pow(2).mean() * (i + 1) + penalty for i, h in enumerate(self.heads)]
 
     model = Tied()
-    recorder = LinearRecorder(model)
     losses = model(_inputs(0))
     trainable = list(model.trunk.parameters())
     partition = Partition(shared=trainable, specific=[[], [], []])
-    taken = [m for m, _ in engine_layers(recorder.take(), losses, partition)]
-    assert taken == [model.trunk[0]]
-    assert_same(Tied, "upgrad")
+    layers = find_layers(losses, partition)
+    assert [found[0].weight for found in layers] == [model.trunk[2].weight]
+    assert len(layers[0]) == 2 and all(p.bias is None for p in layers[0])  # bias: one use of two
+    infos = assert_same(Tied, "upgrad")
+    assert infos[-1].engine == "gramian"
 
 
 def test_outputs_modified_in_place_and_stale_forwards():
@@ -167,7 +165,7 @@ def test_gradient_accumulation_and_absent_tasks():
         torch.manual_seed(0)
         model = build()
         opt = mtlopt.MTLOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), "upgrad",
-                                  model=model, engine=engine)
+                                  engine=engine)
         for step in range(3):
             opt.zero_grad()
             for micro in range(2):
@@ -179,7 +177,7 @@ def test_gradient_accumulation_and_absent_tasks():
             opt.step()
         return [p.detach().clone() for p in model.parameters()]
 
-    for a, b in zip(accumulate(Trunk, "jacobian"), accumulate(Trunk, "auto"), strict=True):
+    for a, b in zip(accumulate(Trunk, "jacobian"), accumulate(Trunk, "gramian"), strict=True):
         torch.testing.assert_close(b, a, atol=2e-5, rtol=2e-5)
 
     def absent(model, step):
@@ -202,6 +200,30 @@ class Poison(torch.autograd.Function):
         return grad * float("nan")
 
 
+@pytest.mark.parametrize("strategy", ["upgrad", "nash_mtl", "mgda"])
+def test_under_a_grad_scaler_the_engine_equals_the_unscaled_run_bit_for_bit(strategy):
+    """GradScaler's scales are powers of two: the engine's Gramian of the scaled losses over the
+    scale squared, and its update of the scaled losses, are the unscaled run's exactly."""
+
+    def train(scaler):
+        torch.manual_seed(0)
+        model = Trunk()
+        opt = mtlopt.MTLOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), strategy,
+                                  engine="gramian", scaler=scaler)
+        for step in range(3):
+            opt.zero_grad()
+            info = opt.step(model(_inputs(step)))
+            assert info.engine == "gramian"
+            if scaler is not None:
+                scaler.update()
+        return list(model.parameters())
+
+    plain = train(None)
+    scaled = train(torch.amp.GradScaler("cpu", init_scale=2.0**14))
+    for p, q in zip(plain, scaled, strict=True):
+        assert torch.equal(p, q)
+
+
 def test_a_non_finite_gradient_is_caught_as_with_J():
     class Poisoned(Trunk):
         def forward(self, x):
@@ -210,7 +232,7 @@ def test_a_non_finite_gradient_is_caught_as_with_J():
             losses[1] = losses[1] + Poison.apply(z).sum() * 0.0  # finite loss, NaN gradient
             return losses
 
-    for engine in ("jacobian", "auto"):
+    for engine in ("jacobian", "gramian"):
         with pytest.raises(FloatingPointError, match="non-finite gradient for task 't1'"):
             run(Poisoned, "upgrad", engine)
 
@@ -291,24 +313,47 @@ def test_recommender_with_embeddings():
     assert infos[-1].engine == "gramian"
 
 
+def test_attention_projections_are_found_on_the_graph():
+    """nn.MultiheadAttention calls its projections through F.linear (no module call): the engine
+    finds them as products on the graph, the fused in-projection's bias (added outside the
+    product) stays with autograd."""
+    layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True)
+    losses = [layer(torch.randn(3, 5, 16)).pow(2).mean() * (i + 1) for i in range(2)]
+    partition = Partition(shared=list(layer.parameters()), specific=[[], []])
+    found = {id(f[0].weight): f[0].bias for f in find_layers(losses, partition)}
+    attention = layer.self_attn
+    for weight in (attention.in_proj_weight, attention.out_proj.weight, layer.linear1.weight,
+                   layer.linear2.weight):
+        assert id(weight) in found
+    assert found[id(attention.out_proj.weight)] is attention.out_proj.bias
+    assert found[id(layer.linear1.weight)] is layer.linear1.bias
+
+
+@pytest.mark.parametrize(("batch", "width", "expected"), [(16, 256, "gramian"),
+                                                          (512, 8, "jacobian")])
+def test_auto_takes_the_engine_where_its_work_is_smaller(batch, width, expected):
+    """engine="auto": the engine where few rows meet wide layers (its blocks of G from the input
+    kernel), the Jacobian path where many rows meet narrow layers (both would form the same
+    weight gradients)."""
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, width))
+    heads = nn.ModuleList(nn.Linear(width, 1) for _ in range(5))
+    opt = mtlopt.MTLOptimizer(
+        torch.optim.SGD([*trunk.parameters(), *heads.parameters()], lr=0.1), "mgda"
+    )
+    z = trunk(torch.randn(batch, width))
+    info = opt.step([h(z).pow(2).mean() for h in heads])
+    assert info.engine == expected
+
+
 def test_engine_options_fail_clearly():
     model = Trunk()
     with pytest.raises(ValueError, match="engine must be one of"):
         mtlopt.MTLOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "mgda", engine="fast")
-    with pytest.raises(ValueError, match="pass the model"):
-        mtlopt.MTLOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "mgda", engine="gramian")
     with pytest.raises(ValueError, match="graddrop reads J itself"):
         mtlopt.MTLOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "graddrop",
-                            engine="gramian", model=model)
-    # without a model (or with a strategy it does not serve) "auto" is the Jacobian path
+                            engine="gramian")
     _, infos = run(Trunk, "mgda", "jacobian")
     assert infos[0].engine == "jacobian"
-
-
-def test_the_hooks_go_with_the_optimizer():
-    model = Trunk()
-    opt = mtlopt.MTLOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "mgda", model=model)
-    assert model.trunk[0]._forward_hooks
-    del opt
-    gc.collect()
-    assert not model.trunk[0]._forward_hooks
+    _, infos = run(Trunk, "graddrop", "auto")  # a strategy that reads J: the Jacobian path
+    assert infos[0].engine == "jacobian"

@@ -358,3 +358,33 @@ def test_pcgrad_and_gradvac_rounds_equal_one_pair_at_a_time(shape, data):
     # of 1e-16 in φ becomes ~1e-8 in a coefficient.
     np.testing.assert_allclose(coefficients, expected_coefficients, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(new_targets, expected_targets, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize(("tasks", "block"), [(40, 5), (40, 7), (90, None)])
+def test_pcgrad_and_gradvac_blocks_equal_one_pair_at_a_time(tasks, block):
+    """Many tasks, the rounds run in blocks (block boundaries crossed many times), sequences of
+    uneven length, some visiting the task itself (PCGrad's self_projection): the blocked passes
+    equal the papers' sequential loops."""
+    from mtlopt.strategies.gradvac import vaccinate
+    from mtlopt.strategies.pcgrad import project_conflicting
+
+    rng = np.random.default_rng(tasks)
+    jacobian = rng.standard_normal((tasks, 2 * tasks))
+    gramian = jacobian @ jacobian.T
+    orders = [rng.permutation(tasks)[: rng.integers(tasks // 2, tasks + 1)] for _ in range(tasks)]
+    np.testing.assert_allclose(
+        project_conflicting(gramian, orders, block),
+        _pcgrad_one_pair_at_a_time(gramian, orders),
+        rtol=1e-9,
+        atol=1e-12,
+    )
+    if tasks > 40:  # the sequential GradVac reference is O(T⁴)
+        return
+    others = [order[order != i] for i, order in enumerate(orders)]
+    targets = rng.uniform(-0.5, 0.5, (tasks, tasks))
+    coefficients, new_targets = vaccinate(gramian, targets, others, 0.3, block)
+    expected_coefficients, expected_targets = _gradvac_one_pair_at_a_time(
+        gramian, targets, others, 0.3
+    )
+    np.testing.assert_allclose(coefficients, expected_coefficients, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(new_targets, expected_targets, rtol=1e-8, atol=1e-10)

@@ -133,3 +133,31 @@ def _seed_parameter(name: str) -> set[str]:
     import inspect
 
     return set(inspect.signature(type(mtlopt.create(name, num_tasks=2)).__init__).parameters)
+
+
+@pytest.mark.parametrize("strategy", ["ew", "uw", "dwa"])
+def test_loss_strategies_keep_autograds_gradients_without_aliasing(strategy):
+    """The loss path hands autograd's gradients to .grad without a copy where nothing else holds
+    them; two parameters that autograd gives the same tensor (the operands of an addition), a
+    strategy's own parameters and a second micro-batch must still accumulate exactly as
+    loss.backward() does."""
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(4))
+    w = torch.nn.Parameter(torch.randn(4))
+
+    def losses(x):
+        s = (a + b) * w  # ∂/∂a and ∂/∂b: one tensor (not a view) out of AddBackward
+        return [(s * x).sum(), (s * x).pow(2).sum()]
+
+    xs = [torch.randn(4) for _ in range(2)]
+    opt = mtlopt.MTLOptimizer(torch.optim.SGD([a, b, w], lr=0.1), strategy, tasks=["p", "q"])
+    opt.zero_grad()
+    for x in xs:
+        info = opt.backward(losses(x))
+    got = [p.grad.clone() for p in (a, b, w)]
+    assert a.grad.data_ptr() != b.grad.data_ptr()
+    total = [sum(lo[i] for lo in map(losses, xs)) for i in range(2)]
+    reference = sum(float(info.weights[i]) * total[i] for i in range(2))
+    expected = torch.autograd.grad(reference, [a, b, w])
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e)

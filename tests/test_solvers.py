@@ -97,3 +97,170 @@ def test_dual_cone_rows_at_once_equal_one_at_a_time(seed):
     np.testing.assert_allclose(together, apart, rtol=1e-12, atol=1e-14)
     assert np.array_equal(together[11], lower[11])  # no conflict: its own projection
     assert not np.array_equal(together[10], lower[10])  # conflicting: solved
+
+
+def _kkt_violation(g, lower, v):
+    """Largest violation of the KKT conditions of min vᵀGv s.t. v ≥ lower, row by row, relative
+    to max|G| ‖v‖₁: primal (v ≥ lower), dual (Gv ≥ 0) and complementary slackness."""
+    gv = v @ g
+    scale = np.abs(g).max() * np.abs(v).sum(axis=1, keepdims=True)
+    slack = v - lower > 1e-9 * np.abs(v).sum(axis=1, keepdims=True)
+    return max(
+        float(np.max(lower - v, initial=0.0)),
+        float(np.max(-gv / scale, initial=0.0)),
+        float(np.max(np.abs(gv / scale)[slack], initial=0.0)),
+    )
+
+
+@pytest.mark.parametrize(
+    ("tasks", "dim", "rank", "ridge"),
+    [(5, 3, None, 1e-4), (40, 80, None, 1e-4), (60, 30, None, 0.0), (60, 200, 10, 1e-4),
+     (120, 240, None, 1e-4), (200, 400, None, 1e-4), (200, 400, 50, 1e-4)],
+)
+def test_batched_dual_cone_projection_equals_lawson_hanson(tasks, dim, rank, ridge):
+    """The batched active-set solver against row-by-row Lawson–Hanson (scipy's nnls), on the
+    trace-normalised Gramian UPGrad projects with, including rank-deficient gradients."""
+    from mtlopt.solvers import _project_dual_cone_nnls
+
+    g = _gramian(tasks, dim, tasks + dim, rank)
+    g = g / np.trace(g) + ridge * np.eye(tasks)
+    lower = np.vstack([np.eye(tasks), np.full(tasks, 1 / tasks)])
+    v = project_dual_cone(g, lower)
+    assert _kkt_violation(g, lower, v) < 1e-11
+    reference = _project_dual_cone_nnls(g, lower)
+    if ridge > 0:  # strictly convex: v is unique
+        np.testing.assert_allclose(v, reference, rtol=0, atol=1e-9)
+    else:  # dependent gradients: v may not be unique, Jᵀv (hence vᵀGv) is
+        np.testing.assert_allclose(
+            np.einsum("ij,jk,ik->i", v, g, v),
+            np.einsum("ij,jk,ik->i", reference, g, reference),
+            rtol=1e-9,
+            atol=1e-14,
+        )
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_dual_cone_projection_without_ridge_on_rank_deficient_gradients(seed):
+    """No ridge, 30 tasks in 6 dimensions (G singular): KKT still holds to rounding and the
+    projected gradient equals the reference's."""
+    from mtlopt.solvers import _project_dual_cone_nnls
+
+    rng = np.random.default_rng(seed)
+    j = rng.standard_normal((30, 6))
+    g = j @ j.T
+    v = project_dual_cone(g, np.eye(30))
+    assert _kkt_violation(g, np.eye(30), v) < 1e-9
+    np.testing.assert_allclose(
+        v @ j, _project_dual_cone_nnls(g, np.eye(30)) @ j, rtol=0, atol=1e-8 * np.abs(j).max()
+    )
+
+
+def test_rows_left_unsolved_fall_back_to_lawson_hanson(monkeypatch):
+    """A row the batched solver reports unsolved is solved by nnls: same answer."""
+    import mtlopt.solvers as solvers
+
+    g = _gramian(20, 40, 3)
+    expected = project_dual_cone(g, np.eye(20))
+    batched = solvers._project_rows
+
+    def give_up(gramian, lower, start=None, max_iter=None):
+        return batched(gramian, lower, start, max_iter=2)
+
+    monkeypatch.setattr(solvers, "_project_rows", give_up)
+    assert not batched(g / g.diagonal().max(), np.eye(20), max_iter=2)[1].all()
+    np.testing.assert_allclose(project_dual_cone(g, np.eye(20)), expected, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    ("tasks", "dim", "rank"), [(60, 120, None), (200, 400, None), (150, 100, None), (80, 300, 20)]
+)
+def test_min_norm_active_set_equals_wolfe(tasks, dim, rank):
+    """The support active-set method (or its Wolfe fallback) against Wolfe's method alone: the
+    same min-norm point, and the KKT conditions of the simplex QP hold to rounding."""
+    from mtlopt.solvers import _min_norm_wolfe
+
+    g = _gramian(tasks, dim, tasks * dim, rank)
+    w = min_norm_simplex(g)
+    gw, value = g @ w, w @ g @ w
+    scale = g.diagonal().max()
+    assert w.min() >= 0 and abs(w.sum() - 1) < 1e-12
+    assert np.all(gw >= value - 1e-11 * scale)
+    assert np.all(np.abs(gw[w > 0] - value) <= 1e-11 * scale)
+    reference = _min_norm_wolfe(g / scale)
+    assert abs(value - reference @ g @ reference) <= 1e-11 * scale
+    if rank is None and dim >= tasks:  # G positive definite: the weights are unique
+        np.testing.assert_allclose(w, reference, atol=1e-10)
+
+
+def _cagrad_dual_objective(g, c):
+    a = g.mean(axis=1)
+    return lambda w: w @ a + c * np.sqrt(w @ g @ w)
+
+
+@pytest.mark.parametrize("c", [0.1, 0.4, 1.0, 2.0])
+@pytest.mark.parametrize(("tasks", "seed"), [(3, 0), (12, 1), (60, 2), (200, 3)])
+def test_cagrad_dual_satisfies_kkt_and_beats_slsqp(tasks, seed, c):
+    """CAGrad's dual min_{w ∈ Δ} wᵀGb + c√(wᵀGw) (Liu et al., 2021, Eq. 5): the support method
+    answers (full-rank G), its KKT conditions hold (the gradient a + c Gw/‖g_w‖ is minimal and
+    equal on the support), and its objective is no worse than SLSQP's."""
+    from mtlopt.strategies.cagrad import _solve_dual, _solve_dual_on_support, _solve_dual_slsqp
+
+    g = _gramian(tasks, 2 * tasks, seed)
+    mean = np.full(tasks, 1 / tasks)
+    g = g / (mean @ g @ mean)
+    assert _solve_dual_on_support(g, c) is not None
+    w = _solve_dual(g, c)
+    assert w.min() >= 0 and abs(w.sum() - 1) < 1e-12
+    gradient = g.mean(axis=1) + c * (g @ w) / np.sqrt(w @ g @ w)
+    scale = np.abs(gradient).max()
+    floor = gradient[w > 0].min()
+    assert np.all(gradient >= floor - 1e-11 * scale)
+    assert np.all(gradient[w > 0] - floor <= 1e-11 * scale)
+    objective = _cagrad_dual_objective(g, c)
+    assert objective(w) <= objective(_solve_dual_slsqp(g, c)) + 1e-12 * abs(objective(w))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_cagrad_dual_two_tasks_by_brute_force(seed):
+    """T = 2: the dual is one-dimensional in w = (γ, 1 − γ); a fine grid then bounded scalar
+    minimisation gives γ independently."""
+    from scipy.optimize import minimize_scalar
+
+    from mtlopt.strategies.cagrad import _solve_dual
+
+    g = _gramian(2, 3, seed)
+    g = g / (np.full(2, 0.5) @ g @ np.full(2, 0.5))
+    objective = _cagrad_dual_objective(g, 0.4)
+    grid = np.linspace(0, 1, 10001)
+    values = [objective(np.array([x, 1 - x])) for x in grid]
+    best = grid[int(np.argmin(values))]
+    low, high = max(0.0, best - 1e-4), min(1.0, best + 1e-4)
+    gamma = minimize_scalar(
+        lambda x: objective(np.array([x, 1 - x])), bounds=(low, high), method="bounded",
+        options={"xatol": 1e-12},
+    ).x
+    np.testing.assert_allclose(_solve_dual(g, 0.4), [gamma, 1 - gamma], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("tasks", "dim", "tau"), [(5, 8, 0.02), (40, 80, 0.02), (40, 20, 0.3), (200, 400, 0.02)]
+)
+def test_pcd_dual_active_set_equals_lawson_hanson(tasks, dim, tau):
+    """PCD's dual min_{μ ≥ 0} ½ μᵀHμ − bᵀμ: the primal-dual active-set method and Lawson–Hanson
+    (the previous solver) give the same μ, which meets the KKT conditions (H μ ≥ b − tol,
+    equality where μ > 0), also with more secondary tasks than dimensions (ridge only)."""
+    from mtlopt.strategies.pcd import _lawson_hanson, _nonnegative_qp_support
+
+    g = _gramian(tasks, dim, tasks + dim)
+    scale = g.diagonal().max()
+    hessian = g[1:, 1:] + 1e-9 * scale * np.eye(tasks - 1)
+    b = tau * np.diag(g)[1:] - g[1:, 0]
+    tol = 1e-10 * scale
+    mu = _nonnegative_qp_support(hessian, b, tol)
+    if dim < tasks and mu is None:  # near-singular H: the method may cycle; PCD then runs LH
+        return
+    assert mu is not None
+    gradient = b - hessian @ mu
+    assert mu.min() >= 0 and np.all(gradient <= tol)
+    assert np.all(np.abs(gradient[mu > 0]) <= 1e-9 * scale)
+    np.testing.assert_allclose(mu, _lawson_hanson(hessian, b, tol), rtol=1e-7, atol=1e-9)

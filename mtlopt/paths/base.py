@@ -102,7 +102,7 @@ class PathBase:
         for k, p in enumerate(params):
             if id(p) in own and out[k] is not None:
                 previous = written.get((task, id(p)))
-                written[task, id(p)] = out[k]
+                written[task, id(p)] = out[k].detach().clone()  # .grad may become out[k] itself
                 if previous is not None:
                     out[k] = out[k] - previous
         return out

@@ -3,8 +3,8 @@ without ``J``, and the update is formed once per layer.
 
 It takes a step only where its result is the Jacobian path's: a strategy whose combination is a
 function of ``G`` (:class:`~mtlopt.strategies.base.GramianStrategy`, not overriding ``combine``),
-no torch.distributed, no GradScaler scale, no sparse gradient, no partition change, and the first
-micro-batch of a step. Elsewhere the same backward passes give the full ``J``
+no torch.distributed, no sparse gradient, no partition change, and the first micro-batch of a
+step. Elsewhere the same backward passes give the full ``J``
 (:meth:`~mtlopt.autogram.Recorded.task_gradients`) to the Jacobian path; a second micro-batch
 forms the first's rows of ``J`` from what the engine kept.
 """
@@ -15,14 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..autogram import (
-    LinearCall,
-    LinearRecorder,
-    Recorded,
-    engine_layers,
-    engine_serves,
-    record_gradients,
-)
+from ..autogram import Recorded, engine_pays, engine_serves, find_layers, record_gradients
 from ..engine import _real_dtype
 from ..finite import check_tasks, finite_tensors
 from ..partition import Partition
@@ -39,28 +32,28 @@ ENGINES = ("auto", "jacobian", "gramian")
 class GramianEnginePath(PathBase):
     """The engine's part of :class:`~mtlopt.MTLOptimizer`."""
 
-    _recorder: LinearRecorder | None
-    _recorded_calls: dict
+    engine: str
 
     def _engine_gradients(
-        self, losses: list[Tensor], trainable: list[Tensor], partition: Partition, scale: float
+        self, losses: list[Tensor], trainable: list[Tensor], partition: Partition
     ) -> Recorded | None:
-        """The engine's backward passes, where it holds shared linear layers of these losses."""
-        calls: dict = self._recorded_calls
-        self._recorded_calls = {}
-        if not calls or self._replicas is not None or not engine_serves(self._combiner):
+        """The engine's backward passes, where it finds shared linear layers in these losses'
+        graph."""
+        if self.engine == "jacobian" or self._replicas is not None:
             return None
-        layers = engine_layers(calls, losses, partition)
-        if not layers:
+        if not engine_serves(self._combiner):
+            return None
+        layers = find_layers(losses, partition)
+        if not layers or (self.engine == "auto" and not engine_pays(layers, len(losses))):
             return None
         return record_gradients(losses, trainable, partition, layers)
 
-    def _engine_takes_step(self, step: StepTasks, recorded: Recorded, scale: float) -> bool:
+    def _engine_takes_step(self, step: StepTasks, recorded: Recorded) -> bool:
         """Whether the engine's combination is the Jacobian path's for this step (else the full
         ``J`` is formed from the same backward passes)."""
         assert self._reach is not None and self._partition_key is not None
         window = self._window
-        if scale != 1.0 or window.jacobian is not None or window.engine is not None:
+        if window.jacobian is not None or window.engine is not None:
             return False
         if recorded.any_sparse():
             return False
@@ -70,7 +63,13 @@ class GramianEnginePath(PathBase):
             for task, reached in zip(step.present, recorded.reached(), strict=True)
         )
 
-    def _backward_gramian(self, step: StepTasks, recorded: Recorded, detached: Tensor) -> StepInfo:
+    def _backward_gramian(
+        self, step: StepTasks, recorded: Recorded, detached: Tensor, scale: float
+    ) -> StepInfo:
+        """The engine's step. Under a GradScaler the recorded gradients are those of the scaled
+        losses: ``G`` is divided by the scale squared and the update written as it comes (the
+        scale times the update, as ``.grad`` holds until ``scaler.unscale_``), both exact since
+        the scales are powers of two."""
         assert isinstance(self._combiner, GramianStrategy)
         window = self._window
         partition = recorded.partition
@@ -83,11 +82,11 @@ class GramianEnginePath(PathBase):
             for k, task in enumerate(step.present)
         ]
         dtype = _real_dtype(partition.shared)
-        gramian = _host(recorded.gramian(dtype))
+        gramian = _host(recorded.gramian(dtype), scale)
         diagonal = gramian.diagonal()
         if not (np.all(np.isfinite(diagonal)) and np.all(diagonal > 0)):
             # Overflow or underflow of squares in J's dtype: the exact account, in float64.
-            gramian = _host(recorded.gramian(torch.float64))
+            gramian = _host(recorded.gramian(torch.float64), scale)
             diagonal = gramian.diagonal()
         for name, value in zip(step.present_names, diagonal, strict=True):
             if not np.isfinite(value):
@@ -117,7 +116,7 @@ class GramianEnginePath(PathBase):
                 step, detached, f"{self._combiner.info.name} produced a non-finite update"
             )
         accumulate(params, grads)
-        self._write_own(step, partition, specific, combined, present, 1.0)
+        self._write_own(step, partition, specific, combined, present, scale)
         window.present, window.losses = present, losses_sum
         window.engine = (recorded, combined.weights)
         window.commit = self._combiner.commit_restricted(restriction, combined.commit)
@@ -149,9 +148,10 @@ class GramianEnginePath(PathBase):
         raise NotImplementedError  # JacobianPath
 
 
-def _host(gramian: Tensor) -> np.ndarray:
+def _host(gramian: Tensor, scale: float = 1.0) -> np.ndarray:
     array = gramian.double().cpu().numpy()
+    if scale != 1.0:
+        array = array / (scale * scale)
     return (array + array.T) / 2
 
 
-__all__ = ["ENGINES", "GramianEnginePath", "LinearCall", "LinearRecorder"]

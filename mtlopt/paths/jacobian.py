@@ -65,10 +65,10 @@ class JacobianPath(GramianEnginePath):
         if isinstance(self.strategy, TokenStrategy):  # DTME's task streams: one backward for all
             grads = self.strategy.task_gradients(losses, trainable, partition)
         else:
-            recorded = self._engine_gradients(losses, trainable, partition, scale)
+            recorded = self._engine_gradients(losses, trainable, partition)
             if recorded is not None:
-                if self._engine_takes_step(step, recorded, scale):
-                    return self._backward_gramian(step, recorded, detached)
+                if self._engine_takes_step(step, recorded):
+                    return self._backward_gramian(step, recorded, detached, scale)
                 grads = recorded.task_gradients(buffer)
         if grads is None:
             grads = task_gradients(losses, trainable, partition, buffer, retain_graph=keep_graph)

@@ -60,7 +60,7 @@ class ScalarizedPath(PathBase):
         if not finite_tensors(grads_present):
             return self._bad_gradient(step, detached, "non-finite gradient of the combined loss")
         params_present = [p for p, _ in reached]
-        accumulate(params_present, self._correct_own(params_present, grads_present))
+        accumulate(params_present, self._correct_own(params_present, grads_present), fresh=True)
         window.losses = seen
         window.present = union(window.present, present)
         window.commit = self._combiner.commit_restricted(step.restriction, scalarized.commit)

@@ -8,7 +8,7 @@ import numpy as np
 from scipy.optimize import minimize
 
 from ..registry import register
-from ..solvers import project_dual_cone
+from ..solvers import project_dual_cone, simplex_qp_support
 from .base import Commit, GramianStrategy, _noop, check_max_norm, clip_weights
 
 
@@ -100,7 +100,81 @@ def _conflicts(gramian: np.ndarray, weights: np.ndarray) -> bool:
 
 
 def _solve_dual(gramian: np.ndarray, c: float) -> np.ndarray:
-    """``argmin_{w ∈ Δ} wᵀ G b + c √(wᵀ G w)`` with ``b`` uniform (G scaled so that ‖g_0‖ = 1)."""
+    """``argmin_{w ∈ Δ} wᵀ G b + c √(wᵀ G w)`` with ``b`` uniform (G scaled so that ‖g_0‖ = 1):
+    exactly on the solution's support (:func:`_solve_dual_on_support`), else by SLSQP."""
+    w = _solve_dual_on_support(gramian, c)
+    return w if w is not None else _solve_dual_slsqp(gramian, c)
+
+
+def _solve_dual_on_support(gramian: np.ndarray, c: float, max_iter: int = 50) -> np.ndarray | None:
+    """The dual's minimiser from its support, or None where the method does not apply.
+
+    With ``a = G b`` and ``s`` standing for ``‖g_w‖``, ``√x = min_{s>0} x/(2s) + s/2`` turns the
+    dual into the jointly convex ``min_{w ∈ Δ, s > 0} aᵀw + c wᵀGw/(2s) + c s/2``. Alternating
+    its exact minimisations, ``w`` is the simplex QP ``argmin ½ wᵀGw + (s/c) aᵀw``
+    (:func:`~mtlopt.solvers.simplex_qp_support`, warm-started from the last support) and
+    ``s = ‖g_w‖``; after each QP the dual is solved in closed form on the QP's support S
+    (:func:`_closed_form_on_support`), and that point is returned once it satisfies the dual's
+    KKT conditions. Four to eight rounds on random Gaussian Gramians up to T = 1000.
+    """
+    a = gramian.mean(axis=1)
+    s = 1.0
+    support = None
+    for _ in range(max_iter):
+        w = simplex_qp_support(gramian, (s / c) * a, support)
+        if w is None:
+            return None
+        support = w > 0
+        exact = _closed_form_on_support(gramian, a, c, support)
+        if exact is not None:
+            return exact
+        s = float(np.sqrt(max(w @ gramian @ w, 0.0)))
+        if not s > 0:
+            return None
+    return None
+
+
+def _closed_form_on_support(
+    gramian: np.ndarray, a: np.ndarray, c: float, support: np.ndarray
+) -> np.ndarray | None:
+    """The dual's minimiser if its support is ``support``, else None.
+
+    Stationarity on S reads ``a_S + (c/n) G_SS w_S = ν 1`` with ``n = ‖g_w‖``, so
+    ``w_S = (n/c) u``, ``u = ν x − y``, ``x = G_SS⁻¹ 1``, ``y = G_SS⁻¹ a_S``; ``n² = wᵀGw`` gives
+    ``uᵀ G_SS u = c²``, a quadratic in ``ν`` (the larger root makes ``n > 0``), and ``Σ w = 1``
+    gives ``n``. The point is the minimiser when ``w_S > 0`` and the gradient
+    ``a + (c/n) G w`` is at least ``ν`` off S (to ``max(10⁻¹², 10 T ε)`` of its largest entry).
+    """
+    from scipy.linalg import cho_factor, cho_solve
+
+    index = np.flatnonzero(support)
+    try:
+        factor = cho_factor(gramian[np.ix_(index, index)], check_finite=False)
+    except np.linalg.LinAlgError:
+        return None
+    right = np.stack([np.ones(index.size), a[index]], axis=1)
+    x, y = cho_solve(factor, right, check_finite=False).T
+    sum_x, sum_y, a_y = float(x.sum()), float(y.sum()), float(a[index] @ y)
+    discriminant = sum_y**2 - sum_x * (a_y - c**2)
+    if not (sum_x > 0 and discriminant > 0):
+        return None
+    multiplier = (sum_y + np.sqrt(discriminant)) / sum_x
+    u = multiplier * x - y  # sums to √discriminant
+    w = np.zeros(len(a))
+    w[index] = u / u.sum()
+    norm = c / u.sum()
+    gradient = a + (c / norm) * (gramian @ w)
+    tol = max(1e-12, 10 * len(a) * np.finfo(np.float64).eps) * float(np.max(np.abs(gradient)))
+    kkt = (
+        np.all(w[index] > 0)
+        and np.all(gradient[~support] >= multiplier - tol)
+        and np.all(np.abs(gradient[index] - multiplier) <= tol)
+    )
+    return w if kkt else None
+
+
+def _solve_dual_slsqp(gramian: np.ndarray, c: float) -> np.ndarray:
+    """The dual by SciPy's SLSQP (general, slow at many tasks, accurate to ~1e-7 in ``w``)."""
     t = gramian.shape[0]
     gb = gramian.mean(axis=1)
 

@@ -9,7 +9,7 @@ import numpy as np
 from ..registry import register
 from ._state import TaskAxes
 from .base import Commit, GramianStrategy, Randomized, chain
-from .pcgrad import visiting_rounds
+from .pcgrad import advance_together
 
 
 @register(
@@ -93,36 +93,41 @@ class GradVac(Randomized, GramianStrategy):
 
 
 def vaccinate(
-    gramian: np.ndarray, targets: np.ndarray, orders: list[np.ndarray], beta: float
+    gramian: np.ndarray,
+    targets: np.ndarray,
+    orders: list[np.ndarray],
+    beta: float,
+    block: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """GradVac's adjusted gradients as coefficients (row i: ``g_i' = c_iᵀ J``) and the new targets.
 
     ``orders[i]`` is the order in which task i visits the other tasks. As in PCGrad the T
-    sequences are independent and advance together, round k pairing task i with
-    ``orders[i][k]``; ``M = C G`` and the squared norms ``‖g_i'‖² = c_iᵀ G c_i`` are updated in
-    place of being recomputed, so a pass costs O(T³) in T vector operations.
+    sequences are independent and advance together (:func:`~mtlopt.strategies.pcgrad.
+    advance_together`), round k pairing task i with ``orders[i][k]``; the squared norms
+    ``‖g_i'‖² = c_iᵀ G c_i`` are updated in place of being recomputed.
     """
     t = gramian.shape[0]
     targets = targets.copy()
     norms = np.sqrt(np.clip(np.diag(gramian), 0.0, None))
-    coefficients = np.eye(t)
-    products = gramian.copy()  # C G
     squared = np.diag(gramian).copy()  # diag(C G Cᵀ)
     tasks = np.arange(t)
-    for partners, present in visiting_rounds(orders, t):
+
+    def adjust(partners: np.ndarray, present: np.ndarray, dots: np.ndarray) -> np.ndarray:
+        nonlocal squared
         norm_i = np.sqrt(np.clip(squared, 0.0, None))
         norm_j = norms[partners]
         active = present & (norm_i > 0.0) & (norm_j > 0.0)
         denominator = np.where(active, norm_i * norm_j, 1.0)
-        phi = np.where(active, np.clip(products[tasks, partners] / denominator, -1.0, 1.0), 0.0)
+        phi = np.where(active, np.clip(dots / denominator, -1.0, 1.0), 0.0)
         target = targets[tasks, partners]
         below_target = active & (phi < target)
         w = norm_i * (target * np.sqrt(1 - phi**2) - phi * np.sqrt(1 - target**2))
         scale = np.where(active, norm_j * np.sqrt(np.maximum(1 - target**2, 1e-12)), 1.0)
         steps = np.where(below_target, w / scale, 0.0)
-        # ‖c + s e_j‖²_G = ‖c‖²_G + 2 s (C G)_ij + s² G_jj, then M_i += s G_j.
-        squared += 2 * steps * products[tasks, partners] + steps**2 * gramian[partners, partners]
-        coefficients[tasks, partners] += steps
-        products += steps[:, None] * gramian[partners]
+        # ‖c + s e_j‖²_G = ‖c‖²_G + 2 s (C G)_ij + s² G_jj.
+        squared = squared + 2 * steps * dots + steps**2 * gramian[partners, partners]
         targets[tasks, partners] = np.where(active, (1 - beta) * target + beta * phi, target)
+        return steps
+
+    coefficients = advance_together(gramian, orders, adjust, block)
     return coefficients, targets

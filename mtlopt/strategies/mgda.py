@@ -20,7 +20,8 @@ Normalization = Literal["none", "l2", "loss", "loss+"]
     cost="T backward",
     stateful=False,
     paper="Sener & Koltun, Multi-Task Learning as Multi-Objective Optimization, NeurIPS 2018",
-    conventions="exact min-norm solver (Wolfe) instead of Frank-Wolfe; weights on the simplex; "
+    conventions="exact min-norm solver (active set on the support, Wolfe's method as fallback) "
+    "instead of Frank-Wolfe; weights on the simplex; "
     "normalization='none'; with normalization the weights multiply the raw gradients (official "
     "code); heads get their raw gradient, the authors' code back-propagates Σ α_i L_i and scales "
     "head i's by α_i (weighted_heads=True)",
@@ -29,8 +30,10 @@ class MGDA(GramianStrategy):
     """MGDA (Sener & Koltun, 2018, Eq. 3 and Algorithm 2).
 
     Finds the min-norm element of the convex hull of the task gradients,
-    ``min_{α ∈ Δ} ‖Σ_i α_i g_i‖²``, solved exactly from the Gramian with Wolfe's algorithm. The
-    direction is a common descent direction: ``d · g_i ≥ ‖d‖² ≥ 0`` for every task.
+    ``min_{α ∈ Δ} ‖Σ_i α_i g_i‖²``, solved exactly from the Gramian
+    (:func:`~mtlopt.solvers.min_norm_simplex`: an active-set method on the support, with Wolfe's
+    algorithm as its fallback). The direction is a common descent direction:
+    ``d · g_i ≥ ‖d‖² ≥ 0`` for every task.
 
     Args:
         normalization: rescaling of the gradients before the solve, as in the authors' code:

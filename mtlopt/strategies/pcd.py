@@ -135,8 +135,9 @@ def priority_weights(gramian: np.ndarray, taus: np.ndarray, rounding: float = 0.
     multipliers of ``min ½‖d − g_1‖²  s.t.  g_jᵀ d ≥ τ_j ‖g_j‖²``, ``d = g_1 + Σ_j μ_j g_j``;
     ``[1, 0, …]`` when the constraints are infeasible.
 
-    The dual, ``min_{μ ≥ 0} ½ μᵀ G_s μ − bᵀ μ`` with ``b_j = τ_j G_jj − G_j1``, is solved by the
-    Lawson–Hanson active-set method (each iteration solves the passive set's equations) with a
+    The dual, ``min_{μ ≥ 0} ½ μᵀ G_s μ − bᵀ μ`` with ``b_j = τ_j G_jj − G_j1``, is solved by a
+    primal-dual active-set method (:func:`_nonnegative_qp_support`), or where that cycles by the
+    Lawson–Hanson active-set method (:func:`_lawson_hanson`), with a
     ridge on ``G_s`` of ``max(1e-9, rounding)`` of the scale (``rounding``: the Gramian's relative
     rounding level, :func:`~mtlopt.strategies.base.gramian_rounding`, which a float32 Gramian can
     make indefinite by); then the primal constraints are checked: an unbounded dual (infeasible
@@ -154,6 +155,56 @@ def priority_weights(gramian: np.ndarray, taus: np.ndarray, rounding: float = 0.
     ridge = max(1e-9, rounding)
     hessian = gramian[1:, 1:] + ridge * scale * np.eye(m - 1)
     tol = 1e-10 * scale
+    mu = _nonnegative_qp_support(hessian, b, tol)
+    if mu is None:
+        mu = _lawson_hanson(hessian, b, tol)
+    slack = gramian[1:, 1:] @ mu - b  # g_jᵀ d − τ_j ‖g_j‖² for d = g_1 + Σ μ_j g_j
+    if np.any(slack < -max(1e-6, 100 * ridge) * scale) or not np.all(np.isfinite(mu)):
+        return weights
+    weights[1:] = mu
+    return weights
+
+
+def _nonnegative_qp_support(
+    hessian: np.ndarray, b: np.ndarray, tol: float, max_iter: int = 50
+) -> np.ndarray | None:
+    """``argmin_{μ ≥ 0} ½ μᵀ H μ − bᵀ μ`` by a primal-dual active-set method (Hintermüller, Ito &
+    Kunisch, 2002): on the free set F solve ``H_FF μ_F = b_F`` (one Cholesky factorisation), then
+    the ``μ_j ≤ 0`` leave F and the bounds whose gradient ``(b − H μ)_j`` exceeds ``tol`` join it,
+    from ``F = {b_j > tol}``. It stops where Lawson–Hanson does (no gradient above ``tol`` off F,
+    ``μ_F > 0``), with a few factorisations instead of one per constraint added. None if a free
+    set repeats (the method can cycle), ``H_FF`` fails Cholesky or ``max_iter`` steps pass."""
+    from scipy.linalg import cho_factor, cho_solve
+
+    n = len(b)
+    free = b > tol
+    seen: set[bytes] = set()
+    for _ in range(max_iter):
+        key = np.packbits(free).tobytes()
+        if key in seen:
+            return None
+        seen.add(key)
+        mu = np.zeros(n)
+        index = np.flatnonzero(free)
+        if index.size:
+            try:
+                factor = cho_factor(hessian[np.ix_(index, index)], check_finite=False)
+            except np.linalg.LinAlgError:
+                return None
+            mu[index] = cho_solve(factor, b[index], check_finite=False)
+        gradient = b - hessian @ mu
+        leave = free & (mu <= 0)
+        join = ~free & (gradient > tol)
+        if not leave.any() and not join.any():
+            return mu
+        free = (free & ~leave) | join
+    return None
+
+
+def _lawson_hanson(hessian: np.ndarray, b: np.ndarray, tol: float) -> np.ndarray:
+    """``argmin_{μ ≥ 0} ½ μᵀ H μ − bᵀ μ`` by Lawson–Hanson: one constraint joins the passive set
+    per outer step (the largest gradient above ``tol``), inner steps keep μ feasible."""
+    m = len(b) + 1
     mu = np.zeros(m - 1)
     passive = np.zeros(m - 1, dtype=bool)
     for _ in range(5 * m + 10):
@@ -174,8 +225,4 @@ def priority_weights(gramian: np.ndarray, taus: np.ndarray, rounding: float = 0.
             mu = mu + alpha * (z - mu)
             passive &= mu > 1e-15 * max(1.0, float(mu.max(initial=0.0)))
             mu[~passive] = 0.0
-    slack = gramian[1:, 1:] @ mu - b  # g_jᵀ d − τ_j ‖g_j‖² for d = g_1 + Σ μ_j g_j
-    if np.any(slack < -max(1e-6, 100 * ridge) * scale) or not np.all(np.isfinite(mu)):
-        return weights
-    weights[1:] = mu
-    return weights
+    return mu

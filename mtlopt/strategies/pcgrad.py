@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -79,37 +79,68 @@ class PCGrad(Randomized, GramianStrategy):
         return weights, commit
 
 
-def project_conflicting(gramian: np.ndarray, orders: list[np.ndarray]) -> np.ndarray:
+def project_conflicting(
+    gramian: np.ndarray, orders: list[np.ndarray], block: int | None = None
+) -> np.ndarray:
     """PCGrad's projected gradients as coefficients: row i holds ``c_i`` with ``g_i^PC = c_iᵀ J``.
 
     ``orders[i]`` is the order in which task i is projected against the other tasks (it may
-    contain i itself: then ``g_i^PC`` is projected off the original ``g_i`` when they conflict). Every task's
-    projections are independent of the others', so the T sequences advance together: at round k,
-    task i meets ``orders[i][k]``, with ``M = C G`` kept up to date (``⟨g_i', g_j⟩ = M_ij``), which
-    makes the whole pass O(T³) in T vector operations instead of T² scalar steps.
+    contain i itself: then ``g_i^PC`` is projected off the original ``g_i`` when they conflict).
+    Every task's projections are independent of the others', so the T sequences advance together
+    (:func:`advance_together`), round k pairing task i with ``orders[i][k]``.
     """
-    t = gramian.shape[0]
     squared_norms = np.diag(gramian)
-    coefficients = np.eye(t)
-    products = gramian.copy()  # C G
-    tasks = np.arange(t)
-    for partners, present in visiting_rounds(orders, t):
-        dots = products[tasks, partners]
+
+    def project(partners: np.ndarray, present: np.ndarray, dots: np.ndarray) -> np.ndarray:
         norms = squared_norms[partners]
         conflicting = present & (dots < 0.0) & (norms > 0.0)
-        steps = np.where(conflicting, dots / np.where(norms > 0.0, norms, 1.0), 0.0)
-        coefficients[tasks, partners] -= steps
-        products -= steps[:, None] * gramian[partners]
-    return coefficients
+        return np.where(conflicting, -dots / np.where(norms > 0.0, norms, 1.0), 0.0)
+
+    return advance_together(gramian, orders, project, block)
 
 
-def visiting_rounds(orders: list[np.ndarray], t: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Round k of the T visiting sequences: each task's k-th partner, and whether it has one (a
-    shorter sequence is over; its partner is then the task itself, to be ignored)."""
+Step = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+
+def advance_together(
+    gramian: np.ndarray, orders: list[np.ndarray], step: Step, block: int | None = None
+) -> np.ndarray:
+    """Coefficients ``C`` (``g_i' = c_iᵀ J``, from ``C = I``) after T sequences of updates
+    ``c_i ← c_i + s e_p``, task i meeting ``p = orders[i][k]`` at round k with
+    ``s = step(partners, present, dots)[i]``, where ``dots_i = ⟨g_i', g_p⟩ = (C G)_ip`` before the
+    update (``present``: whether task i's sequence has a k-th entry; the step must be 0 where not).
+
+    Only the entries of ``C G`` that a round reads are formed: the rounds run in blocks of ``b``;
+    at the start of a block one product ``C G`` gives them as of then, and within the block each
+    row adds the earlier steps' contributions ``Σ s_k' G_{p_k', p_k}`` from the b × b Gramian of
+    its own partners. That is ``L/b`` matrix products and ``T L b`` scalar work for sequences of
+    length L (``b ≈ 2√T``), against the ``T L`` row updates of length T of one round at a time.
+    """
+    t = gramian.shape[0]
     length = max((len(order) for order in orders), default=0)
-    partners = np.tile(np.arange(t)[:, None], (1, length))
+    # int32 indices where they fit: the gathers below read them as fast as they read G.
+    index_type = np.int32 if t * t < 2**31 else np.int64
+    partners = np.tile(np.arange(t, dtype=index_type)[:, None], (1, length))
     present = np.zeros((t, length), dtype=bool)
     for i, order in enumerate(orders):
         partners[i, : len(order)] = order
         present[i, : len(order)] = True
-    return zip(partners.T, present.T, strict=True)
+    block = max(8, int(2 * np.sqrt(t))) if block is None else block
+    coefficients = np.eye(t)
+    rows = np.arange(t)[:, None]
+    for start in range(0, length, block):
+        mine = partners[:, start : start + block]
+        products = gramian if start == 0 else coefficients @ gramian
+        base = products[rows, mine]
+        # Row i's G[p_k', p_k] for its partners p in this block, k' < k, by k then k'.
+        later, earlier = np.tril_indices(mine.shape[1], -1)
+        flat = mine[:, earlier] * index_type(t)
+        flat += mine[:, later]
+        among = np.take(gramian, flat)  # flat (C-order) indices into G
+        steps = np.zeros(mine.shape)
+        for k in range(mine.shape[1]):
+            offset = k * (k - 1) // 2
+            dots = base[:, k] + np.einsum("ij,ij->i", steps[:, :k], among[:, offset : offset + k])
+            steps[:, k] = step(mine[:, k], present[:, start + k], dots)
+        np.add.at(coefficients, (np.broadcast_to(rows, mine.shape), mine), steps)
+    return coefficients
