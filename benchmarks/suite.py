@@ -133,7 +133,7 @@ def _structural_kwargs(
 ) -> dict[str, Any]:
     """What the structural methods need from the problem (i18c): Auto-λ the model and a
     validation closure (the problem's validation batches where it has them, else another training
-    batch per step), Rep-MTL and NTKMTL-SR the representation module, Recon the candidate layers (the
+    batch per step), Rep-MTL, NTKMTL-SR and ConsMTL the representation module, Recon the candidate layers (the
     transformer blocks) and an analysis of a third of the run (at most 100 steps, as DTME's)."""
     if method == "auto_lambda" and "validation" not in given:
         model = instance.model
@@ -146,7 +146,7 @@ def _structural_kwargs(
             "model": model,
             "validation": lambda: instance.losses(model, instance.batch(next(draws))),
         }
-    if method in ("rep_mtl", "ntkmtl_sr") and "representation" not in given:
+    if method in ("rep_mtl", "ntkmtl_sr", "consmtl") and "representation" not in given:
         if instance.representation is None:
             raise ValueError(f"{method} needs the problem's representation module")
         return {"representation": instance.representation}

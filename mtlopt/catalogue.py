@@ -81,6 +81,8 @@ FAMILIES = {
         "`validation` closure, and step with a closure), a regulariser on the feature gradients "
         "∂L_t/∂z back-propagated through the heads (`rep_mtl`: pass the `representation` module), "
         "task weights from the per-sample gradients ∂ℓ/∂z (`ntkmtl_sr`: the same `representation`), "
+        "an α-fair shared update with a consistency term on the heads from ∂ℓ_t/∂z (`consmtl`: the "
+        "same `representation`), "
         "a mask on the combined update of any gradient strategy (`sparse_mtl`: `base=`, "
         "`density=` or `mask=`), and a change of the model's sharing after an analysis "
         "(`recon`: pass the candidate `layers`; heads read their stream with "

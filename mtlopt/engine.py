@@ -34,8 +34,10 @@ def task_gradients(
     trainable: Sequence[Tensor],
     partition: Partition,
     buffer: Tensor | None = None,
+    retain_graph: bool = False,
 ) -> TaskGradients:
-    """One ``autograd.grad`` per loss over every trainable parameter; graph freed at the end.
+    """One ``autograd.grad`` per loss over every trainable parameter; graph freed at the end
+    unless ``retain_graph`` (a strategy differentiates through it after the combination).
 
     Each task's shared gradient is written straight into its row of a preallocated matrix (into
     ``buffer`` when its shape, dtype and device fit, see :func:`reusable_buffer`); its other
@@ -43,7 +45,9 @@ def task_gradients(
     parameter shared)."""
     count = len(losses)
     per_task = (
-        torch.autograd.grad(loss, trainable, retain_graph=k < count - 1, allow_unused=True)
+        torch.autograd.grad(
+            loss, trainable, retain_graph=retain_graph or k < count - 1, allow_unused=True
+        )
         for k, loss in enumerate(losses)
     )
     return collect_task_gradients(per_task, trainable, partition, buffer, count)

@@ -47,6 +47,9 @@ class Cost(str, enum.Enum):
     FEATURE_GRADIENTS = "1 backward + T to the features"
     """NTKMTL-SR: per-task gradients of the shared features (first order), then one backward of
     the weighted losses."""
+    HEAD_DOUBLE_BACKWARD = "T backward + T to the features, double backward to the heads"
+    """ConsMTL: per-task gradients of the shared parameters, per-task gradients of the shared
+    features with a graph, then one double backward per task to its own parameters."""
     AS_BASE = "the base strategy's"
     """A transform of another strategy's update (sparse training): the base's cost."""
     BRANCHES = "T backward (analysis), then T streams after the branch"

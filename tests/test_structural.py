@@ -14,6 +14,7 @@ WHAT_TO_PASS = {
     "auto_lambda": "model=model, validation=",
     "rep_mtl": "representation=model.encoder",
     "ntkmtl_sr": "representation=model.encoder",
+    "consmtl": "representation=model.encoder",
     "recon": "layers=model.trunk",
 }
 
@@ -35,4 +36,4 @@ def test_a_method_stepped_without_what_it_needs_says_what_to_pass(name):
 
 def test_the_structural_family_is_registered():
     names = {n for n in mtlopt.available() if mtlopt.info(n).kind.value == "structural"}
-    assert names >= {"auto_lambda", "rep_mtl", "sparse_mtl", "recon", "ntkmtl_sr"}
+    assert names >= {"auto_lambda", "rep_mtl", "sparse_mtl", "recon", "ntkmtl_sr", "consmtl"}

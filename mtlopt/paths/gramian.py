@@ -143,6 +143,7 @@ class GramianEnginePath(PathBase):
         combined: Combined,
         present: np.ndarray,
         scale: float,
+        extras: list[list[Tensor | None]] | None = None,
     ) -> None:
         raise NotImplementedError  # JacobianPath
 

@@ -17,7 +17,7 @@ from ..engine import (
     task_gradients,
     unflatten,
 )
-from ..finite import all_finite, check_tasks
+from ..finite import all_finite, check_tasks, finite_tensors
 from ..partition import Partition, column_map
 from ..stepinfo import StepInfo
 from ..strategies.base import (
@@ -46,6 +46,13 @@ class JacobianPath(GramianEnginePath):
         self, step: StepTasks, losses: list[Tensor], detached: Tensor, scale: float
     ) -> StepInfo:
         assert isinstance(self._combiner, GradientStrategy)
+        keep_graph = self._combiner.adds_head_gradients
+        if keep_graph and self._replicas is not None:
+            raise NotImplementedError(
+                f"{self._combiner.info.name} under torch.distributed is not supported: its extra "
+                "head gradients are taken from each rank's own graph and would not be averaged "
+                "across ranks; nothing was changed"
+            )
         window = self._window
         if window.engine is not None:
             self._unfold_engine_window()
@@ -64,7 +71,7 @@ class JacobianPath(GramianEnginePath):
                     return self._backward_gramian(step, recorded, detached, scale)
                 grads = recorded.task_gradients(buffer)
         if grads is None:
-            grads = task_gradients(losses, trainable, partition, buffer)
+            grads = task_gradients(losses, trainable, partition, buffer, retain_graph=keep_graph)
         self._check_reached(step, grads)
         counts = None
         if self._replicas is not None:
@@ -134,6 +141,13 @@ class JacobianPath(GramianEnginePath):
             return self._nonfinite(
                 step, detached, f"{self._combiner.info.name} produced a non-finite update"
             )
+        extras = None
+        if combined.head_extra is not None:
+            extras = self._head_extras(step, partition, specific, combined, scale)
+            if not finite_tensors([g for task in extras for g in task]):
+                return self._nonfinite(
+                    step, detached, f"{self._combiner.info.name} produced a non-finite head gradient"
+                )
 
         delta = (
             combined.direction if window.written is None else combined.direction - window.written
@@ -141,7 +155,7 @@ class JacobianPath(GramianEnginePath):
         if scale != 1.0:
             delta = delta * scale  # .grad holds scaled gradients until scaler.unscale_
         accumulate(partition.shared, unflatten(delta, partition.shared))
-        self._write_own(step, partition, specific, combined, present, scale)
+        self._write_own(step, partition, specific, combined, present, scale, extras)
         if partition.sparse:
             self._write_sparse(step, grads, partition, present, combined, scale)
         window.present, window.jacobian, window.losses = present, jacobian, losses_sum
@@ -161,14 +175,18 @@ class JacobianPath(GramianEnginePath):
         combined: Combined,
         present: np.ndarray,
         scale: float,
+        extras: list[list[Tensor | None]] | None = None,
     ) -> None:
         """Each present task's gradients of its own parameters (times the strategy's head factor
-        where it has one), kept in the window as well."""
+        where it has one, plus the strategy's ``extras`` where it has them: unscaled, per present
+        task and parameter), kept in the window as well (without the extras)."""
         window = self._window
         head_rows = None
         if combined.head_weights is not None:
             self._warn_weighted_heads_accumulation()
             head_rows = torch.as_tensor(np.searchsorted(present, step.present))
+        if extras is not None:
+            self._warn_head_extra_accumulation()
         for k, task in enumerate(step.present):
             params = partition.specific[task]
             own = specific[k]
@@ -176,10 +194,38 @@ class JacobianPath(GramianEnginePath):
             if head_rows is not None:
                 factor = combined.head_weights[head_rows[k]]
                 written = [None if g is None else g * factor.to(g.dtype) for g in own]
+            if extras is not None:
+                written = [_plus(g, e, scale) for g, e in zip(written, extras[k], strict=True)]
             accumulate(params, self._correct_own(params, written, int(task)))  # type: ignore[arg-type]
             for p, g in zip(params, own, strict=True):
                 if g is not None:  # kept unscaled, as J: they become J's columns if p turns shared
                     add_to_sum(window.own_sums, (int(task), id(p)), g if scale == 1.0 else g / scale)
+
+    def _head_extras(
+        self,
+        step: StepTasks,
+        partition: Partition,
+        specific: list[list[Tensor | None]],
+        combined: Combined,
+        scale: float,
+    ) -> list[list[Tensor | None]]:
+        """The strategy's extra gradients of each present task's own parameters
+        (:attr:`Combined.head_extra`), given the task's unscaled raw gradients of them."""
+        assert combined.head_extra is not None
+        extras = []
+        for k, task in enumerate(step.present):
+            raw = [g if g is None or scale == 1.0 else g / scale for g in specific[k]]
+            extras.append(list(combined.head_extra(int(task), partition.specific[task], raw)))
+        return extras
+
+    def _warn_head_extra_accumulation(self) -> None:
+        if self._window.jacobian is not None:
+            self._warn_once(
+                "head-extra-accumulation",
+                f"{self._combiner.info.name} under gradient accumulation: each micro-batch's extra "
+                "head gradients come from its own graph and the task weights of the step so far, "
+                "not from the step's final weights",
+            )
 
     def _warn_weighted_heads_accumulation(self) -> None:
         if self._window.jacobian is not None:
@@ -355,3 +401,12 @@ class JacobianPath(GramianEnginePath):
             [next(rest) / float(c) for _ in task] for task, c in zip(specific, counts, strict=True)
         ]
         return jacobian, specific
+
+
+def _plus(grad: Tensor | None, extra: Tensor | None, scale: float) -> Tensor | None:
+    """``grad + scale · extra`` (``.grad`` holds scaled gradients until ``scaler.unscale_``)."""
+    if extra is None:
+        return grad
+    if scale != 1.0:
+        extra = extra * scale
+    return extra if grad is None else grad + extra.to(grad.dtype)

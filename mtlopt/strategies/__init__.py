@@ -6,6 +6,7 @@ from . import (  # noqa: F401  (importing registers each strategy)
     cagrad,
     coba,
     config,
+    consmtl,
     constant,
     cosmos,
     cr_mogm,

@@ -31,6 +31,7 @@ from ..tasks import resolve_task
 from ._state import TaskAxes, decode, encode, put, take, task_count
 
 Commit = Callable[[], None]
+HeadExtra = Callable[[int, list[Tensor], list[Tensor | None]], list[Tensor | None]]
 STRATEGY_KEY = "__strategy__"
 """The key under which a strategy's ``state_dict`` records the strategy's registered name."""
 
@@ -54,6 +55,13 @@ class Combined:
     head_weights: Tensor | None = None
     """Per task, a factor for the gradients of its own parameters (heads), where the reference
     code scales them (Nash-MTL and MGDA with ``weighted_heads=True``); ``None``: raw gradients."""
+    head_extra: HeadExtra | None = None
+    """Extra gradients for each task's own parameters (heads), added to what is written there
+    (ConsMTL's consistency term); only from strategies with
+    :attr:`GradientStrategy.adds_head_gradients`. Called once per present task, after the
+    combination, as ``head_extra(task, params, grads)``: ``task`` in the full task order, the
+    task's own parameters and its raw (unscaled) gradients of them (``None`` where not reached);
+    it returns one unscaled gradient (or ``None``) per parameter."""
 
 
 @dataclass
@@ -253,6 +261,11 @@ class GradientStrategy(Strategy):
 
     supports_representation: ClassVar[bool] = True
     """Whether the strategy may combine gradients taken with respect to shared features."""
+    adds_head_gradients: ClassVar[bool] = False
+    """True where :meth:`combine` returns :attr:`Combined.head_extra`, taken from the step's graph
+    after the combination: the Jacobian path then keeps the graph through the per-task backward
+    passes (freed once the step's losses are dropped) and refuses torch.distributed (the extra
+    gradients are not averaged across ranks)."""
 
     def transform_loss(self, index: int, loss: Tensor) -> Tensor:
         """A differentiable map applied to task ``index``'s loss before differentiation.

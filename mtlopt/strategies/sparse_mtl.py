@@ -92,6 +92,8 @@ class SparseMTL(GradientStrategy):
                 "gradient: use a gradient strategy or 'ew'"
             )
         self.base = base
+        # The base's extra head gradients (ConsMTL) pass through: the mask is on shared columns.
+        self.adds_head_gradients = getattr(base, "adds_head_gradients", False)  # type: ignore[misc]
         self.density = float(density)
         self._given = None if mask is None else {id(p): (p, m) for p, m in mask.items()}
         if self._given is not None:
@@ -187,6 +189,7 @@ class SparseMTL(GradientStrategy):
             commit=chain(combined.commit, commit_mask),
             gramian=combined.gramian,
             head_weights=combined.head_weights,
+            head_extra=combined.head_extra,
         )
 
     # State -------------------------------------------------------------------------------------
