@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from strategies_under_test import aggregate, gradient_strategies, hooked
 
@@ -195,6 +195,9 @@ def _unresolved_in_float32(jacobian: torch.Tensor) -> bool:
 @pytest.mark.parametrize("name", gradient_strategies())
 @SETTINGS
 @given(case=cases)
+# PCD near conflicting constraints (its normalisation by wᵀGw cancels): found by hypothesis
+@example(case=("random", 3, 2, 3150, 1e-15))
+@example(case=("random", 2, 1, 101687345, 1e-15))
 def test_float32_agrees_with_float64(name, case):
     """The same numbers in float32 and float64 give the same update to float32 accuracy."""
     if _unsolvable(name, case):

@@ -82,7 +82,8 @@ class GramianEnginePath(PathBase):
             for k, task in enumerate(step.present)
         ]
         dtype = _real_dtype(partition.shared)
-        gramian = _host(recorded.gramian(dtype), scale)
+        precision = torch.float64 if self._combiner.float64_gramian else dtype
+        gramian = _host(recorded.gramian(precision), scale)
         diagonal = gramian.diagonal()
         if not (np.all(np.isfinite(diagonal)) and np.all(diagonal > 0)):
             # Overflow or underflow of squares in J's dtype: the exact account, in float64.

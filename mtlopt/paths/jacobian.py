@@ -94,7 +94,7 @@ class JacobianPath(GramianEnginePath):
         if jacobian.shape[1] > 0 and (
             self.diagnostics or isinstance(self._combiner, GramianStrategy)
         ):
-            gramian = gramian_of(jacobian)
+            gramian = gramian_of(jacobian, getattr(self._combiner, "float64_gramian", False))
         checks = check_tasks(jacobian, checked, None if gramian is None else gramian.diagonal())
         for name, check in zip(step.present_names, checks, strict=True):
             if not check.finite:

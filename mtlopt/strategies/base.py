@@ -325,9 +325,17 @@ class GramianStrategy(GradientStrategy):
         (:func:`gramian_rounding`); the default ignores it."""
         return self.weigh(gramian, losses)
 
+    float64_gramian: ClassVar[bool] = False
+    """Whether the weights need ``G`` formed in float64 whatever ``J``'s dtype (PCD: its
+    normalisation divides by ``wᵀ G w``, which cancels where the constraints nearly conflict)."""
+
     def combine(self, jacobian: Tensor, losses: Tensor | None = None) -> Combined:
         combined = self.combine_gramian(
-            gramian_of(jacobian), losses, jacobian.dtype, jacobian.shape[1], jacobian.device
+            gramian_of(jacobian, self.float64_gramian),
+            losses,
+            jacobian.dtype,
+            jacobian.shape[1],
+            jacobian.device,
         )
         assert combined.weights is not None
         combined.direction = combined.weights @ jacobian
@@ -346,7 +354,8 @@ class GramianStrategy(GradientStrategy):
         to form (``wᵀ J``, or one product per layer). ``dtype`` and ``width`` are ``J``'s, for
         the Gramian's rounding level."""
         loss_array = None if losses is None else losses.detach().double().cpu().numpy()
-        rounding = gramian_rounding(dtype, gramian.shape[0], width)
+        precision = torch.float64 if self.float64_gramian else dtype
+        rounding = gramian_rounding(precision, gramian.shape[0], width)
         weights, commit = self.weigh_at_precision(gramian, loss_array, rounding)
         if not np.all(np.isfinite(weights)):
             raise FloatingPointError(f"{self.info.name} produced non-finite task weights {weights}")
@@ -378,19 +387,25 @@ def known_gramian(jacobian: Tensor, gramian: np.ndarray) -> Iterator[None]:
         _known_gramian.reset(token)
 
 
-def gramian_of(jacobian: Tensor) -> np.ndarray:
+def gramian_of(jacobian: Tensor, float64: bool = False) -> np.ndarray:
     """``J Jᵀ`` as a float64 host array (one matrix product on the device, one transfer).
 
     A finite float32 ``J`` with entries beyond ~1e19 overflows its Gramian: it is then recomputed
-    in float64 (only in that case, to keep the common path at one pass in ``J``'s dtype). A ``J``
-    that requires grad is read as data (detached)."""
+    in float64 (only in that case, to keep the common path at one pass in ``J``'s dtype), or
+    always with ``float64``. A ``J`` that requires grad is read as data (detached)."""
     known = _known_gramian.get()
     if known is not None and known[0] is jacobian and known[1] == jacobian._version:
         return known[2].copy()
     jacobian = jacobian.detach()
+    if float64 and jacobian.dtype != torch.float64:
+        return _symmetric(_gram(jacobian.double()).cpu().numpy())
     gramian = _gram(jacobian).double().cpu().numpy()
     if not np.all(np.isfinite(gramian)) and jacobian.dtype != torch.float64:
         gramian = _gram(jacobian.double()).cpu().numpy()
+    return _symmetric(gramian)
+
+
+def _symmetric(gramian: np.ndarray) -> np.ndarray:
     return (gramian + gramian.T) / 2
 
 

@@ -56,6 +56,7 @@ class PCD(GramianStrategy):
         "with the primary task absent the shared update is zero (as for g_primary = 0)"
     )
 
+    float64_gramian = True  # its normalisation by wᵀ G w cancels near conflicting constraints
     _state_attrs = ("_squared_ema", "_steps")
     _task_state: ClassVar[dict[str, TaskAxes]] = {
         "_squared_ema": TaskAxes((0,), 0.0),
