@@ -258,24 +258,33 @@ def project_dual_cone(gramian: np.ndarray, lower: np.ndarray) -> np.ndarray:
     a row whose KKT conditions it does not meet to rounding (very ill-conditioned ``G``) is solved
     again by the Lawson–Hanson active-set method (:func:`_project_row_nnls`).
     """
-    gramian = np.asarray(gramian, dtype=np.float64)
-    lower = np.asarray(lower, dtype=np.float64)
-    rows = np.atleast_2d(lower)
+    unit, rows, conflicting = _conflicting_rows(gramian, lower)
     result = rows.copy()
+    if conflicting.size:
+        targets = rows[conflicting]
+        z, solved = _project_rows(unit, targets, _projected_gradient(unit, targets))
+        result[conflicting] += z
+        unsolved = conflicting[~solved]
+        if unsolved.size:
+            root = _square_root(unit)
+            for k in unsolved:
+                result[k] = rows[k] + _project_row_nnls(root, rows[k])
+    return result.reshape(np.shape(lower))
+
+
+def _conflicting_rows(
+    gramian: np.ndarray, lower: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``G`` over its largest diagonal entry, the rows of ``lower`` (2-D, float64), and the
+    indices of the rows whose combination ``Jᵀ lower`` conflicts with some task (the only rows
+    that need a projection; none when ``G`` is zero)."""
+    gramian = np.asarray(gramian, dtype=np.float64)
+    rows = np.atleast_2d(np.asarray(lower, dtype=np.float64))
     scale = float(np.max(np.abs(np.diag(gramian))))
-    if scale > 0:
-        unit = gramian / scale
-        conflicting = np.flatnonzero(np.any(rows @ unit < 0, axis=1))
-        if conflicting.size:
-            targets = rows[conflicting]
-            z, solved = _project_rows(unit, targets, _projected_gradient(unit, targets))
-            result[conflicting] += z
-            unsolved = conflicting[~solved]
-            if unsolved.size:
-                root = _square_root(unit)
-                for k in unsolved:
-                    result[k] = rows[k] + _project_row_nnls(root, rows[k])
-    return result.reshape(lower.shape)
+    if not scale > 0:
+        return gramian, rows, np.zeros(0, dtype=np.int64)
+    unit = gramian / scale
+    return unit, rows, np.flatnonzero(np.any(rows @ unit < 0, axis=1))
 
 
 def _square_root(gramian: np.ndarray) -> np.ndarray:
@@ -295,19 +304,13 @@ def _project_row_nnls(root: np.ndarray, lower: np.ndarray) -> np.ndarray:
 def _project_dual_cone_nnls(gramian: np.ndarray, lower: np.ndarray) -> np.ndarray:
     """:func:`project_dual_cone` row by row with Lawson–Hanson only: the reference the batched
     solver is tested against (and the method it falls back to)."""
-    gramian = np.asarray(gramian, dtype=np.float64)
-    lower = np.asarray(lower, dtype=np.float64)
-    rows = np.atleast_2d(lower)
+    unit, rows, conflicting = _conflicting_rows(gramian, lower)
     result = rows.copy()
-    scale = float(np.max(np.abs(np.diag(gramian))))
-    if scale > 0:
-        unit = gramian / scale
-        conflicting = np.flatnonzero(np.any(rows @ unit < 0, axis=1))
-        if conflicting.size:
-            root = _square_root(unit)
-            for k in conflicting:
-                result[k] += _project_row_nnls(root, rows[k])
-    return result.reshape(lower.shape)
+    if conflicting.size:
+        root = _square_root(unit)
+        for k in conflicting:
+            result[k] += _project_row_nnls(root, rows[k])
+    return result.reshape(np.shape(lower))
 
 
 def _projected_gradient(gramian: np.ndarray, lower: np.ndarray, max_iter: int = 20) -> np.ndarray:

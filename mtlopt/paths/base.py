@@ -26,7 +26,7 @@ from ..strategies.base import (
     gramian_of,
 )
 from ..tasks import StepTasks
-from ..window import Window
+from ..window import Window, accumulate, add_to_sum
 
 
 class PathBase:
@@ -106,6 +106,58 @@ class PathBase:
                 if previous is not None:
                     out[k] = out[k] - previous
         return out
+
+    def _write_own(
+        self,
+        step: StepTasks,
+        partition: Partition,
+        specific: list[list[Tensor | None]],
+        combined: Combined,
+        present: np.ndarray,
+        scale: float,
+        extras: list[list[Tensor | None]] | None = None,
+    ) -> None:
+        """Each present task's gradients of its own parameters (times the strategy's head factor
+        where it has one, plus the strategy's ``extras`` where it has them: unscaled, per present
+        task and parameter), kept in the window as well (without the extras)."""
+        window = self._window
+        head_rows = None
+        if combined.head_weights is not None:
+            self._warn_weighted_heads_accumulation()
+            head_rows = torch.as_tensor(np.searchsorted(present, step.present))
+        if extras is not None:
+            self._warn_head_extra_accumulation()
+        for k, task in enumerate(step.present):
+            params = partition.specific[task]
+            own = specific[k]
+            written = own
+            if head_rows is not None:
+                factor = combined.head_weights[head_rows[k]]
+                written = [None if g is None else g * factor.to(g.dtype) for g in own]
+            if extras is not None:
+                written = [_plus(g, e, scale) for g, e in zip(written, extras[k], strict=True)]
+            accumulate(params, self._correct_own(params, written, int(task)))  # type: ignore[arg-type]
+            for p, g in zip(params, own, strict=True):
+                if g is not None:  # kept unscaled, as J: they become J's columns if p turns shared
+                    add_to_sum(window.own_sums, (int(task), id(p)), g if scale == 1.0 else g / scale)
+
+    def _warn_head_extra_accumulation(self) -> None:
+        if self._window.jacobian is not None:
+            self._warn_once(
+                "head-extra-accumulation",
+                f"{self._combiner.info.name} under gradient accumulation: each micro-batch's extra "
+                "head gradients come from its own graph and the task weights of the step so far, "
+                "not from the step's final weights",
+            )
+
+    def _warn_weighted_heads_accumulation(self) -> None:
+        if self._window.jacobian is not None:
+            self._warn_once(
+                "weighted-heads-accumulation",
+                f"{self._combiner.info.name} with weighted_heads=True under gradient accumulation: "
+                "each micro-batch's head gradients are weighted by the weights of the step so far, "
+                "not by the step's final weights",
+            )
 
     def _info(
         self, step: StepTasks, losses: Tensor, present: np.ndarray, weights: Tensor | None
@@ -300,3 +352,12 @@ def unreached_loss(task: str) -> ValueError:
         "from another model, or is it a constant placeholder?); pass None for a task without a "
         "loss in this step; nothing was changed"
     )
+
+
+def _plus(grad: Tensor | None, extra: Tensor | None, scale: float) -> Tensor | None:
+    """``grad + scale · extra`` (``.grad`` holds scaled gradients until ``scaler.unscale_``)."""
+    if extra is None:
+        return grad
+    if scale != 1.0:
+        extra = extra * scale
+    return extra if grad is None else grad + extra.to(grad.dtype)

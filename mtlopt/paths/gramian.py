@@ -20,7 +20,7 @@ from ..engine import _real_dtype
 from ..finite import check_tasks, finite_tensors
 from ..partition import Partition
 from ..stepinfo import StepInfo
-from ..strategies.base import Combined, GramianStrategy
+from ..strategies.base import GramianStrategy
 from ..tasks import StepTasks
 from ..window import accumulate, window_losses
 from .base import PathBase, unreached_loss
@@ -135,18 +135,6 @@ class GramianEnginePath(PathBase):
         window.engine = None
         window.jacobian = recorded.task_gradients().jacobian
         window.written = weights.to(window.jacobian) @ window.jacobian
-
-    def _write_own(
-        self,
-        step: StepTasks,
-        partition: Partition,
-        specific: list[list[Tensor | None]],
-        combined: Combined,
-        present: np.ndarray,
-        scale: float,
-        extras: list[list[Tensor | None]] | None = None,
-    ) -> None:
-        raise NotImplementedError  # JacobianPath
 
 
 def _host(gramian: Tensor, scale: float = 1.0) -> np.ndarray:
