@@ -92,7 +92,6 @@ def simplex_qp_support(
     support's ``G_SS`` is not positive definite to Cholesky, a support repeats (the method can
     cycle) or ``max_iter`` steps pass: the caller then runs a method that always applies.
     """
-    from scipy.linalg import cho_factor, cho_solve
 
     t = g.shape[0]
     rel = max(1e-12, 10 * t * np.finfo(np.float64).eps)
@@ -104,12 +103,10 @@ def simplex_qp_support(
             return None
         seen.add(key)
         index = np.flatnonzero(support)
-        try:
-            factor = cho_factor(g[np.ix_(index, index)], check_finite=False)
-        except np.linalg.LinAlgError:
+        solved = support_solve(g, index, linear)
+        if solved is None:
             return None
-        right = np.stack([np.ones(index.size), linear[index]], axis=1)
-        x, y = cho_solve(factor, right, check_finite=False).T
+        x, y = solved
         total = float(x.sum())
         if not (np.isfinite(total) and total > 0):
             return None
@@ -462,3 +459,20 @@ def _project_rows(
         direction += residual
         squared = new_squared
     return result, solved
+
+
+def support_solve(
+    gramian: np.ndarray, index: np.ndarray, linear: np.ndarray
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """``G_SS⁻¹ 1`` and ``G_SS⁻¹ a_S`` on the support ``S = index`` by one Cholesky
+    factorisation (``None`` where ``G_SS`` is not positive definite): the two solves the
+    active-set methods on the simplex (MGDA's, CAGrad's) combine."""
+    from scipy.linalg import cho_factor, cho_solve
+
+    try:
+        factor = cho_factor(gramian[np.ix_(index, index)], check_finite=False)
+    except np.linalg.LinAlgError:
+        return None
+    right = np.stack([np.ones(index.size), linear[index]], axis=1)
+    x, y = cho_solve(factor, right, check_finite=False).T
+    return x, y

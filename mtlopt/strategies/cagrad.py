@@ -8,7 +8,7 @@ import numpy as np
 from scipy.optimize import minimize
 
 from ..registry import register
-from ..solvers import project_dual_cone, simplex_qp_support
+from ..solvers import project_dual_cone, simplex_qp_support, support_solve
 from .base import Commit, GramianStrategy, _noop, check_max_norm, clip_weights
 
 
@@ -145,15 +145,11 @@ def _closed_form_on_support(
     gives ``n``. The point is the minimiser when ``w_S > 0`` and the gradient
     ``a + (c/n) G w`` is at least ``ν`` off S (to ``max(10⁻¹², 10 T ε)`` of its largest entry).
     """
-    from scipy.linalg import cho_factor, cho_solve
-
     index = np.flatnonzero(support)
-    try:
-        factor = cho_factor(gramian[np.ix_(index, index)], check_finite=False)
-    except np.linalg.LinAlgError:
+    solved = support_solve(gramian, index, a)
+    if solved is None:
         return None
-    right = np.stack([np.ones(index.size), a[index]], axis=1)
-    x, y = cho_solve(factor, right, check_finite=False).T
+    x, y = solved
     sum_x, sum_y, a_y = float(x.sum()), float(y.sum()), float(a[index] @ y)
     discriminant = sum_y**2 - sum_x * (a_y - c**2)
     if not (sum_x > 0 and discriminant > 0):
