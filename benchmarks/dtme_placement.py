@@ -21,6 +21,9 @@ seed (paired):
 - ``dtme_budget``: the plan under ``budget=2.0`` (branch in the last layers);
 - ``dtme_upgrad``: the plan with UPGrad as the base;
 - ``dtme_ungated``: the plan with the paper's ungated task tokens;
+- ``dtme_intrain``: no plan at iteration 0: EW steps while DTME's in-training analysis counts the
+  conflicts (the same 50-step warm-up as EW's warm probe, 10 of them for the covariance), then the
+  expansion from that analysis's plan, for the rest of the steps;
 - ``stl-0..2``: single-task fine-tunes from the same trunk, for Δm.
 
 Every finished (seed, arm) is written at once to ``OUT/runs/seed<k>/<arm>.json`` and reused by a
@@ -63,8 +66,11 @@ ARMS = [
     "dtme_budget",
     "dtme_upgrad",
     "dtme_ungated",
+    "dtme_intrain",
 ]
 OPTIONAL_ARMS: list[str] = []
+PLANLESS = ("ew", "ew_compute", "dtme_intrain")
+"""Arms without a plan made before training (DTME in-training plans its own)."""
 # The placement question's arms run first for every seed, the other arms after them: an
 # interrupted run then already answers "does conflict-driven placement beat random?" on all seeds.
 FIRST_ARMS = ("ew", "dtme", "random", "reverse")
@@ -81,6 +87,7 @@ LABELS = {
     "te_only": "TE only",
     "dtme_budget": f"budgeted DTME (budget={BUDGET})",
     "dtme_upgrad": "DTME + UPGrad",
+    "dtme_intrain": "DTME, in-training analysis (plan after the warm-up)",
     "dtme_ungated": "DTME, ungated tokens (paper)",
 }
 
@@ -158,6 +165,15 @@ def train_arm(
             seed=seed,
             base="upgrad" if arm == "dtme_upgrad" else "ew",
         )
+    elif arm == "dtme_intrain":
+        analysis = warm_steps(steps)
+        strategy = mtlopt.create(
+            "dtme",
+            model=model,
+            seed=seed,
+            analysis_steps=analysis,
+            covariance_steps=max(1, analysis // 5),
+        )
     else:
         strategy = mtlopt.create("ew")
     opt = mtlopt.MTLOptimizer(torch.optim.Adam(model.parameters(), lr=inst.lr), strategy)
@@ -177,6 +193,16 @@ def train_arm(
         cpu.append(time.process_time() - began_cpu)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
     metrics = inst.evaluate(model)
+    if arm == "dtme_intrain" and getattr(strategy, "plan", None) is not None:
+        chosen = strategy.plan  # type: ignore[attr-defined]
+        plan_record: dict[str, Any] | None = {
+            "modulation_layers": list(chosen.modulation_layers),
+            "expansion_layers": list(chosen.expansion_layers),
+            "predicted_multiplier": chosen.predicted_multiplier,
+            "expanded_at": warm_steps(steps),
+        }
+    else:
+        plan_record = None if plan is None else plan.as_dict()
     if task is not None:
         metrics = {k: v for k, v in metrics.items() if vf.PROBLEM.metric_task[k] == task}
     result = {
@@ -189,11 +215,17 @@ def train_arm(
         "median_step_ms": 1e3 * statistics.median(times[min(5, len(times) - 1) :]),
         # CPU time of this process: on a shared machine far steadier than wall time
         "median_step_cpu_ms": 1e3 * statistics.median(cpu[min(5, len(cpu) - 1) :]),
-        "plan": None if plan is None else plan.as_dict(),
+        "plan": plan_record,
     }
     if warm is not None:
         result["warm_plan"] = {"after_steps": warm_probe, **warm}
     return result
+
+
+def warm_steps(steps: int) -> int:
+    """The warm-up of EW's probe and of the in-training analysis: 50 steps, at most a fifth of
+    the run (at least 2)."""
+    return max(2, min(50, steps // 5))
 
 
 def _fingerprint(config: dict) -> str:
@@ -258,7 +290,7 @@ def run(
                 results.append(saved)
                 continue
         plan = None
-        if arm not in ("ew", "ew_compute") and not arm.startswith("stl-"):
+        if arm not in PLANLESS and not arm.startswith("stl-"):
             if seed not in seed_plans:
                 seed_plans[seed] = plans(setting, seed, analysis, bootstrap)
             plan = seed_plans[seed][arm]
@@ -277,7 +309,7 @@ def run(
             arm_steps,
             plan,
             analysis,
-            warm_probe=min(50, steps // 5) if arm == "ew" else 0,
+            warm_probe=warm_steps(steps) if arm == "ew" else 0,
         )
         result["fingerprint"] = key
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -328,7 +328,7 @@ def test_dtme_placement_runs_every_arm_paired_and_resumes(tmp_path, monkeypatch)
     monkeypatch.setenv("MTLOPT_CACHE", str(tmp_path / "cache"))
     setting = vf.Setting(vf.Pretraining(steps=2, batch=8), 300, 60, 8)
     arms = ["ew", "dtme", "ew_compute", "random", "reverse", "swapped", "tm_only", "te_only",
-            "dtme_budget", "dtme_upgrad"]
+            "dtme_budget", "dtme_upgrad", "dtme_intrain"]
     args = (tmp_path / "out", 2, 3, setting, arms, 1, 2, 5, "test")
     summary = study.run(*args)
     rows = {r["arm"]: r for r in summary["rows"]}
@@ -345,6 +345,10 @@ def test_dtme_placement_runs_every_arm_paired_and_resumes(tmp_path, monkeypatch)
         assert random["branch_layer"] == plan["branch_layer"]
         swapped = by[(seed, "swapped")]
         assert swapped["modulation_layers"] == plan["expansion_layers"]
+        # the in-training arm planned from its own warm-up and expanded after it
+        intrain = by[(seed, "dtme_intrain")]
+        assert intrain["expanded_at"] == study.warm_steps(3) == 2
+        assert intrain["modulation_layers"] or intrain["expansion_layers"]
         assert plan["stability"]["resamples"] == 5
     md = (tmp_path / "out" / "results.md").read_text()
     assert "random placement" in md and "Plan stability" in md
