@@ -69,65 +69,70 @@ def engine_pays(layers: list[list[Product]], tasks: int, margin: float = 0.9) ->
 
 @dataclass
 class EngineLayer:
-    """A shared weight under the engine (every product it enters): its inputs and each task's
-    output gradients."""
+    """A shared weight under the engine (every product it enters), kept the cheaper of two ways:
+    its inputs and each task's output gradients (few rows against the layer's width: its block of
+    ``G`` from the N × N input kernel), or each task's weight gradient formed from them, the
+    layer's block of ``J`` (many rows: smaller than the output gradients, and no kernel pays)."""
 
     weight: Tensor
     bias: Tensor | None
     """A shared bias added inside the same products (``addmm``), else ``None``."""
-    inputs: Tensor
-    """N × in: the rows of every product's input."""
-    deltas: Tensor
-    """N × T × out: ``∂L_i/∂y`` of every product's rows (zeros where a task does not reach it),
-    rows first so that the T weight gradients are one product ``(N × T·out)ᵀ (N × in)``."""
     reached: list[bool]
     """Per task: whether its loss reaches the layer."""
+    inputs: Tensor | None = None
+    """N × in: the rows of every product's input (kernel form)."""
+    deltas: Tensor | None = None
+    """T × N × out: ``∂L_i/∂y`` of every product's rows, zeros where a task does not reach it
+    (kernel form)."""
+    blocks: Tensor | None = None
+    """T × out × in: each task's ``Σ δ_iᵀ x`` over the products (block form)."""
+    bias_blocks: Tensor | None = None
+    """T × out: each task's bias gradient (block form, with a bias)."""
 
     @property
     def has_bias(self) -> bool:
         return self.bias is not None
 
-    def use_kernel(self) -> bool:
-        """Whether the N × N input kernel costs less than forming the T weight gradients."""
-        rows, tasks, width = self.deltas.shape
-        sizes = (rows, tasks, width, self.inputs.shape[1] + self.has_bias)
-        return kernel_cost(*sizes) < blocks_cost(*sizes)
-
     def gramian(self, dtype: torch.dtype) -> Tensor:
         """This layer's T × T block of ``J Jᵀ`` (weight and bias columns)."""
-        x, d = self.inputs.to(dtype), self.deltas.to(dtype)
-        tasks = d.shape[1]
-        if self.use_kernel():
+        if self.deltas is not None:
+            assert self.inputs is not None
+            x, d = self.inputs.to(dtype), self.deltas.to(dtype)
             kernel = x @ x.T
             if self.has_bias:
                 kernel += 1
-            by_task = d.permute(1, 0, 2)  # T × N × out (a view)
-            mixed = torch.matmul(kernel, by_task)
-            return by_task.reshape(tasks, -1) @ mixed.reshape(tasks, -1).T
-        grads = self.weight_gradients(x, d)
-        gram = grads @ grads.T
-        if self.has_bias:
-            bias = d.sum(dim=0)
+            tasks = d.shape[0]
+            return d.reshape(tasks, -1) @ torch.matmul(kernel, d).reshape(tasks, -1).T
+        assert self.blocks is not None
+        rows = self.blocks.reshape(self.blocks.shape[0], -1).to(dtype)
+        gram = rows @ rows.T
+        if self.bias_blocks is not None:
+            bias = self.bias_blocks.to(dtype)
             gram += bias @ bias.T
         return gram
 
-    @staticmethod
-    def weight_gradients(x: Tensor, d: Tensor) -> Tensor:
-        """T × (out·in): every task's ``δ_iᵀ x``, in one matrix product."""
-        rows, tasks, width = d.shape
-        return (d.reshape(rows, tasks * width).T @ x).reshape(tasks, width * x.shape[1])
-
     def task_gradients(self) -> tuple[Tensor, Tensor | None]:
         """Per task, the weight's and the bias's gradients (T × out × in, T × out)."""
-        _, tasks, width = self.deltas.shape
-        weight = self.weight_gradients(self.inputs, self.deltas).reshape(tasks, width, -1)
-        return weight, self.deltas.sum(dim=0) if self.has_bias else None
+        if self.deltas is not None:
+            assert self.inputs is not None
+            weight = torch.matmul(self.deltas.transpose(1, 2), self.inputs)
+            return weight, self.deltas.sum(dim=1) if self.has_bias else None
+        assert self.blocks is not None
+        return self.blocks, self.bias_blocks
 
     def combined(self, weights: Tensor) -> tuple[Tensor, Tensor | None]:
         """``Σ_i w_i ∇_W L_i`` and ``Σ_i w_i ∇_b L_i``: one product."""
-        w = weights.to(self.deltas.dtype)
-        mixed = torch.matmul(self.deltas.transpose(1, 2), w)  # N × out
-        return mixed.T @ self.inputs, mixed.sum(dim=0) if self.has_bias else None
+        if self.deltas is not None:
+            assert self.inputs is not None
+            tasks, rows, width = self.deltas.shape
+            w = weights.to(self.deltas.dtype)
+            mixed = (w @ self.deltas.reshape(tasks, -1)).reshape(rows, width)
+            return mixed.T @ self.inputs, mixed.sum(dim=0) if self.has_bias else None
+        assert self.blocks is not None
+        tasks = self.blocks.shape[0]
+        w = weights.to(self.blocks.dtype)
+        weight = (w @ self.blocks.reshape(tasks, -1)).view_as(self.weight)
+        return weight, None if self.bias_blocks is None else w @ self.bias_blocks
 
 
 @dataclass
@@ -163,7 +168,7 @@ class Recorded:
                 ]
                 self._rest_jacobian = torch.stack(rows)
             else:
-                device = self.layers[0].inputs.device if self.layers else None
+                device = self.layers[0].weight.device if self.layers else None
                 self._rest_jacobian = torch.zeros(self.num_tasks, 0, device=device)
         return self._rest_jacobian
 
@@ -357,23 +362,43 @@ def record_gradients(
     start = 0
     for found in layers:
         stop = start + len(found)
-        weight = found[0].weight
-        inputs_ = torch.cat([p.inputs for p in found]) if len(found) > 1 else found[0].inputs
-        complete = all(d is not None for task in deltas for d in task[start:stop])
-        shape = (inputs_.shape[0], tasks, weight.shape[0])
-        stacked = inputs_.new_empty(shape) if complete else inputs_.new_zeros(shape)
-        reached = []
-        for k, task in enumerate(deltas):
-            row = 0
-            for d, p in zip(task[start:stop], found, strict=True):
-                size = p.inputs.shape[0]
-                if d is not None:
-                    stacked[row : row + size, k].copy_(d)
-                row += size
-            reached.append(any(d is not None for d in task[start:stop]))
-        out.append(EngineLayer(weight, found[0].bias, inputs_, stacked, reached))
+        given = [task[start:stop] for task in deltas]
+        reached = [any(d is not None for d in task) for task in given]
+        out.append(_layer(found, given, reached))
         start = stop
     return Recorded(out, other, other_grads, trainable, partition)
+
+
+def _layer(
+    found: list[Product], deltas: list[list[Tensor | None]], reached: list[bool]
+) -> EngineLayer:
+    """One weight's products as an :class:`EngineLayer`, in the cheaper form."""
+    weight, bias = found[0].weight, found[0].bias
+    tasks, width = len(deltas), weight.shape[0]
+    rows = sum(p.inputs.shape[0] for p in found)
+    sizes = (rows, tasks, width, weight.shape[1] + (bias is not None))
+    if kernel_cost(*sizes) < blocks_cost(*sizes):
+        inputs = torch.cat([p.inputs for p in found]) if len(found) > 1 else found[0].inputs
+        complete = all(d is not None for task in deltas for d in task)
+        shape = (tasks, rows, width)
+        stacked = inputs.new_empty(shape) if complete else inputs.new_zeros(shape)
+        for k, task in enumerate(deltas):
+            row = 0
+            for d, p in zip(task, found, strict=True):
+                size = p.inputs.shape[0]
+                if d is not None:
+                    stacked[k, row : row + size].copy_(d)
+                row += size
+        return EngineLayer(weight, bias, reached, inputs=inputs, deltas=stacked)
+    blocks = weight.new_zeros(tasks, *weight.shape)
+    bias_blocks = None if bias is None else weight.new_zeros(tasks, width)
+    for k, task in enumerate(deltas):
+        for d, p in zip(task, found, strict=True):
+            if d is not None:
+                blocks[k].addmm_(d.T, p.inputs)
+                if bias_blocks is not None:
+                    bias_blocks[k] += d.sum(dim=0)
+    return EngineLayer(weight, bias, reached, blocks=blocks, bias_blocks=bias_blocks)
 
 
 def engine_serves(strategy: object) -> bool:

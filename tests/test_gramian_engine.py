@@ -9,7 +9,6 @@ from torch import nn
 
 import mtlopt
 from mtlopt.autogram import (
-    EngineLayer,
     engine_serves,
     find_layers,
     gramian_engine_strategies,
@@ -95,7 +94,9 @@ def test_float64_steps_agree_to_rounding(strategy):
 def test_a_layer_block_of_the_gramian_is_J_J_transpose(kernel, monkeypatch):
     """Both ways of forming a layer's block (the input kernel, the stacked weight gradients)
     against the brute-force rows of J, in float64."""
-    monkeypatch.setattr(EngineLayer, "use_kernel", lambda self: kernel)
+    import mtlopt.autogram as autogram
+
+    monkeypatch.setattr(autogram, "kernel_cost", lambda *sizes: 0 if kernel else 10**18)
     torch.manual_seed(1)
     layer = nn.Linear(5, 4).double()
     x = torch.randn(3, 7, 5, dtype=torch.float64)
@@ -113,6 +114,7 @@ def test_a_layer_block_of_the_gramian_is_J_J_transpose(kernel, monkeypatch):
     layers = find_layers(losses, partition)
     assert [(found[0].weight, found[0].bias) for found in layers] == [(layer.weight, layer.bias)]
     recorded = record_gradients(losses, [layer.weight, layer.bias], partition, layers)
+    assert (recorded.layers[0].deltas is not None) == kernel  # the form the test forces
     torch.testing.assert_close(recorded.gramian(torch.float64), jacobian @ jacobian.T,
                                rtol=1e-12, atol=1e-12)
     _, grads = recorded.combined(torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64))
