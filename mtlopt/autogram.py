@@ -57,14 +57,19 @@ def engine_pays(layers: list[list[Product]], tasks: int, margin: float = 0.9) ->
     gradients and the engine only adds copies: ``engine="auto"`` then keeps the Jacobian path."""
     engine = jacobian = 0
     for found in layers:
-        rows = sum(p.inputs.shape[0] for p in found)
-        width, fan_in = found[0].weight.shape[0], found[0].weight.shape[1] + (found[0].bias is not None)
-        sizes = (rows, tasks, width, fan_in)
+        sizes = layer_sizes(found, tasks)
+        rows, _, width, fan_in = sizes
         engine += min(kernel_cost(*sizes), blocks_cost(*sizes)) + 2 * tasks * rows * width
         engine += rows * width * fan_in
-        columns = width * fan_in
-        jacobian += blocks_cost(*sizes) + 2 * tasks * columns
+        jacobian += blocks_cost(*sizes) + 2 * tasks * width * fan_in
     return engine < margin * jacobian
+
+
+def layer_sizes(found: list[Product], tasks: int) -> tuple[int, int, int, int]:
+    """``(N, T, out, in + 1 if a bias)`` of one weight's products, the cost formulas' sizes."""
+    weight = found[0].weight
+    rows = sum(p.inputs.shape[0] for p in found)
+    return rows, tasks, weight.shape[0], weight.shape[1] + (found[0].bias is not None)
 
 
 @dataclass
@@ -153,6 +158,7 @@ class Recorded:
         self._rest = [(k, self.trainable[i]) for k, i in enumerate(self.other)
                       if id(self.trainable[i]) in shared]
         self._rest_jacobian: Tensor | None = None
+        self._reached: list[tuple[bool, ...]] | None = None
 
     @property
     def num_tasks(self) -> int:
@@ -199,7 +205,12 @@ class Recorded:
         return params, grads
 
     def reached(self) -> list[tuple[bool, ...]]:
-        """Per task, which trainable parameters its loss reached."""
+        """Per task, which trainable parameters its loss reached (formed once)."""
+        if self._reached is None:
+            self._reached = self._find_reached()
+        return self._reached
+
+    def _find_reached(self) -> list[tuple[bool, ...]]:
         index = {id(p): i for i, p in enumerate(self.trainable)}
         out = []
         for k, grads in enumerate(self.other_grads):
@@ -374,9 +385,8 @@ def _layer(
 ) -> EngineLayer:
     """One weight's products as an :class:`EngineLayer`, in the cheaper form."""
     weight, bias = found[0].weight, found[0].bias
-    tasks, width = len(deltas), weight.shape[0]
-    rows = sum(p.inputs.shape[0] for p in found)
-    sizes = (rows, tasks, width, weight.shape[1] + (bias is not None))
+    sizes = layer_sizes(found, len(deltas))
+    rows, tasks, width, _ = sizes
     if kernel_cost(*sizes) < blocks_cost(*sizes):
         inputs = torch.cat([p.inputs for p in found]) if len(found) > 1 else found[0].inputs
         complete = all(d is not None for task in deltas for d in task)

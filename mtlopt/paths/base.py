@@ -107,6 +107,13 @@ class PathBase:
                     out[k] = out[k] - previous
         return out
 
+    def _check_reached(self, step: StepTasks, reached: Sequence[Sequence[bool]]) -> None:
+        """A present task whose loss reached no trainable parameter is an error (``reached``:
+        per present task, which trainable parameters its backward pass reached)."""
+        for k, task in enumerate(step.present):
+            if not any(reached[k]):
+                raise unreached_loss(step.names[task])
+
     def _write_own(
         self,
         step: StepTasks,

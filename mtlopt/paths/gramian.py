@@ -20,10 +20,10 @@ from ..engine import _real_dtype
 from ..finite import check_tasks, finite_tensors
 from ..partition import Partition
 from ..stepinfo import StepInfo
-from ..strategies.base import GramianStrategy
+from ..strategies.base import GramianStrategy, host_gramian
 from ..tasks import StepTasks
 from ..window import accumulate, window_losses
-from .base import PathBase, unreached_loss
+from .base import PathBase
 
 ENGINES = ("auto", "jacobian", "gramian")
 """``MTLOptimizer(engine=...)``: the engine where it serves the step, never, or required."""
@@ -73,9 +73,7 @@ class GramianEnginePath(PathBase):
         assert isinstance(self._combiner, GramianStrategy)
         window = self._window
         partition = recorded.partition
-        for k, reached in enumerate(recorded.reached()):
-            if not any(reached):
-                raise unreached_loss(step.present_names[k])
+        self._check_reached(step, recorded.reached())
         own = recorded.own()
         specific = [
             [own[k].get(id(p)) for p in partition.specific[task]]
@@ -138,9 +136,8 @@ class GramianEnginePath(PathBase):
 
 
 def _host(gramian: Tensor, scale: float = 1.0) -> np.ndarray:
-    array = gramian.double().cpu().numpy()
-    if scale != 1.0:
-        array = array / (scale * scale)
-    return (array + array.T) / 2
+    """:func:`host_gramian` of the scaled losses' Gramian, unscaled (exact: a power of two)."""
+    array = host_gramian(gramian)
+    return array if scale == 1.0 else array / (scale * scale)
 
 

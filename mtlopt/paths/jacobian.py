@@ -30,7 +30,6 @@ from ..strategies.base import (
 )
 from ..tasks import StepTasks
 from ..window import accumulate, add_rows, add_to_sum, union, window_losses
-from .base import unreached_loss
 from .gramian import GramianEnginePath
 
 
@@ -72,7 +71,7 @@ class JacobianPath(GramianEnginePath):
                 grads = recorded.task_gradients(buffer)
         if grads is None:
             grads = task_gradients(losses, trainable, partition, buffer, retain_graph=keep_graph)
-        self._check_reached(step, grads)
+        self._check_reached(step, grads.reached)
         counts = None
         if self._replicas is not None:
             step, grads, detached, counts = self._agree_gradients(step, grads, detached)
@@ -228,11 +227,6 @@ class JacobianPath(GramianEnginePath):
             [grads.own[k].get(id(p)) for p in partition.specific[task]]
             for k, task in enumerate(step.present)
         ]
-
-    def _check_reached(self, step: StepTasks, grads: TaskGradients) -> None:
-        for k, task in enumerate(step.present):
-            if not any(grads.reached[k]):
-                raise unreached_loss(step.names[task])
 
     def _agree_gradients(
         self, step: StepTasks, grads: TaskGradients, detached: Tensor

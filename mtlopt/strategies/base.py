@@ -398,15 +398,17 @@ def gramian_of(jacobian: Tensor, float64: bool = False) -> np.ndarray:
         return known[2].copy()
     jacobian = jacobian.detach()
     if float64 and jacobian.dtype != torch.float64:
-        return _symmetric(_gram(jacobian.double()).cpu().numpy())
-    gramian = _gram(jacobian).double().cpu().numpy()
+        return host_gramian(_gram(jacobian.double()))
+    gramian = host_gramian(_gram(jacobian))
     if not np.all(np.isfinite(gramian)) and jacobian.dtype != torch.float64:
-        gramian = _gram(jacobian.double()).cpu().numpy()
-    return _symmetric(gramian)
+        gramian = host_gramian(_gram(jacobian.double()))
+    return gramian
 
 
-def _symmetric(gramian: np.ndarray) -> np.ndarray:
-    return (gramian + gramian.T) / 2
+def host_gramian(gramian: Tensor) -> np.ndarray:
+    """A T×T Gramian as the float64 host array the strategies weigh, symmetrised."""
+    array = gramian.double().cpu().numpy()
+    return (array + array.T) / 2
 
 
 _GRAM_BLOCK = 1 << 14
