@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.optimize import minimize
 
-from mtlopt.solvers import min_norm_simplex, project_dual_cone
+from mtlopt.solvers import matmul, min_norm_simplex, project_dual_cone
 
 
 def _gramian(tasks, dim, seed, rank=None):
@@ -264,3 +264,18 @@ def test_pcd_dual_active_set_equals_lawson_hanson(tasks, dim, tau):
     assert mu.min() >= 0 and np.all(gradient <= tol)
     assert np.all(np.abs(gradient[mu > 0]) <= 1e-9 * scale)
     np.testing.assert_allclose(mu, _lawson_hanson(hessian, b, tol), rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 5), (400, 300, 300), (700, 700, 700)])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_matmul_equals_numpy_below_and_above_the_torch_threshold(shape, dtype):
+    rng = np.random.default_rng(0)
+    n, k, m = shape
+    a, b = rng.standard_normal((n, k)).astype(dtype), rng.standard_normal((k, m)).astype(dtype)
+    expected = a @ b
+    tol = 1e-12 if dtype == np.float64 else 1e-4
+    np.testing.assert_allclose(matmul(a, b), expected, rtol=tol, atol=tol * np.sqrt(k))
+    out = np.full((n, m), np.nan, dtype=dtype)
+    assert matmul(a, b, out=out) is out
+    np.testing.assert_allclose(out, expected, rtol=tol, atol=tol * np.sqrt(k))
+    assert matmul(a, b).dtype == dtype

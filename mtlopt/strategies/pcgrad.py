@@ -8,6 +8,7 @@ from typing import Literal
 import numpy as np
 
 from ..registry import register
+from ..solvers import matmul
 from .base import Commit, GramianStrategy, Randomized
 
 
@@ -130,7 +131,7 @@ def advance_together(
     rows = np.arange(t)[:, None]
     for start in range(0, length, block):
         mine = partners[:, start : start + block]
-        products = gramian if start == 0 else coefficients @ gramian
+        products = gramian if start == 0 else matmul(coefficients, gramian)
         base = products[rows, mine]
         # Row i's G[p_k', p_k] for its partners p in this block, k' < k, by k then k'.
         later, earlier = np.tril_indices(mine.shape[1], -1)
