@@ -121,3 +121,53 @@ def test_gramian_computed_once_per_step(monkeypatch):
     model = _Net(3)
     _train(model, "upgrad", [(torch.randn(8, 8), torch.randn(8, 3))], 1)
     assert len(calls) == 1  # the check, the strategy and the diagnostics share it
+
+
+class _Boom(torch.autograd.Function):
+    """Identity forward; its backward raises (after autograd may have written other .grad)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("boom in backward")
+
+
+@pytest.mark.parametrize("method", ["ew", "dwa", "rlw"])
+def test_loss_strategies_write_autograds_gradients_and_leave_nothing_on_failure(method):
+    """The loss path's first micro-batch lets autograd write ``.grad`` itself (no copy): the
+    gradients equal plain ``backward`` of the scalarized loss, and a backward that raises or a
+    non-finite gradient leaves every ``.grad`` as it was (``None``)."""
+    torch.manual_seed(0)
+    trunk, head_a, head_b = nn.Linear(6, 6), nn.Linear(6, 1), nn.Linear(6, 1)
+    params = [*trunk.parameters(), *head_a.parameters(), *head_b.parameters()]
+    x = torch.randn(8, 6)
+
+    def losses(boom: bool = False, scale: float = 1.0) -> dict[str, torch.Tensor]:
+        z = trunk(x)
+        b_in = _Boom.apply(z) if boom else z
+        return {"a": head_a(z).pow(2).mean() * scale, "b": head_b(b_in).pow(2).mean()}
+
+    opt = mtlopt.MTLOptimizer(torch.optim.SGD(params, lr=0.1), mtlopt.create(method, seed=0)
+                              if method == "rlw" else method)
+    opt.zero_grad()
+    with pytest.raises(RuntimeError, match="boom"):
+        opt.backward(losses(boom=True))
+    assert all(p.grad is None for p in params)
+    opt.zero_grad()
+    with pytest.raises(FloatingPointError):
+        opt.backward(losses(scale=float("inf")))
+    assert all(p.grad is None for p in params)
+
+    opt.zero_grad()
+    info = opt.backward(losses())
+    got = [p.grad.clone() for p in params]
+    weights = info.weights
+    for p in params:
+        p.grad = None
+    given = losses()
+    sum(w * loss for w, loss in zip(weights.tolist(), given.values(), strict=True)).backward()
+    for g, p in zip(got, params, strict=True):
+        torch.testing.assert_close(g, p.grad, rtol=1e-6, atol=1e-7)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ..finite import all_finite, finite_tensors
 from ..partition import reached_parameters
 from ..stepinfo import StepInfo, spread
-from ..strategies.base import LossStrategy
+from ..strategies.base import LossStrategy, Scalarized
 from ..tasks import StepTasks
 from ..window import accumulate, union, window_losses, with_values
 from .base import PathBase, unreached_loss
@@ -46,6 +47,11 @@ class ScalarizedPath(PathBase):
         objective = scalarized.loss
         if self._scaling is not None:
             (objective,), _ = self._scaling.scale([objective])
+        if self._replicas is None and not self._own_ids and all(p.grad is None for p in params):
+            if not self._backward_into_grad(objective, params):
+                return self._bad_gradient(step, detached, "non-finite gradient of the combined loss")
+            params_present = [p for p in params if p.grad is not None]
+            return self._close_scalarized(step, seen, present, scalarized, params_present)
         grads = torch.autograd.grad(objective, params, allow_unused=True)
         if self._replicas is not None:
             anywhere = self._replicas.union(torch.tensor([g is not None for g in grads]))
@@ -61,6 +67,33 @@ class ScalarizedPath(PathBase):
             return self._bad_gradient(step, detached, "non-finite gradient of the combined loss")
         params_present = [p for p, _ in reached]
         accumulate(params_present, self._correct_own(params_present, grads_present), fresh=True)
+        return self._close_scalarized(step, seen, present, scalarized, params_present)
+
+    @staticmethod
+    def _backward_into_grad(objective: Tensor, params: list[Tensor]) -> bool:
+        """``objective.backward(inputs=params)`` into ``.grad`` that are all ``None``: autograd's
+        own accumulation, which keeps a fresh gradient as ``.grad`` without a copy, as plain
+        ``loss.backward()`` does. Whether every gradient is finite; if not, or if the backward
+        raises, every ``.grad`` is ``None`` again (nothing changed)."""
+        finite = False
+        try:
+            torch.autograd.backward(objective, inputs=params)
+            finite = finite_tensors([p.grad for p in params])
+        finally:
+            if not finite:
+                for p in params:
+                    p.grad = None
+        return finite
+
+    def _close_scalarized(
+        self,
+        step: StepTasks,
+        seen: Tensor,
+        present: np.ndarray,
+        scalarized: Scalarized,
+        params_present: list[Tensor],
+    ) -> StepInfo:
+        window = self._window
         window.losses = seen
         window.present = union(window.present, present)
         window.commit = self._combiner.commit_restricted(step.restriction, scalarized.commit)
