@@ -91,6 +91,21 @@ LABELS = {
     "dtme_ungated": "DTME, ungated tokens (paper)",
 }
 
+SHORT = {
+    "dtme": "DTME",
+    "ew_compute": "EW + compute",
+    "random": "random",
+    "reverse": "reverse",
+    "swapped": "swapped",
+    "tm_only": "TM only",
+    "te_only": "TE only",
+    "dtme_budget": "budgeted",
+    "dtme_upgrad": "+UPGrad",
+    "dtme_intrain": "in-training",
+    "dtme_ungated": "ungated",
+}
+"""The arms' names in the cost panel of :func:`plot_gains`."""
+
 
 def plans(setting: vf.Setting, seed: int, analysis: int, bootstrap: int) -> dict[str, TokenPlan]:
     """Every arm's plan for ``seed``, from one offline analysis of the seed's model at
@@ -265,6 +280,7 @@ def run(
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps({"summary": summary, "runs": results}))
         (out / "results.md").write_text(summary["markdown"])
+        plot_gains(summary, out / "placement.png")
         return summary
     start = time.perf_counter()
     trunk_seconds = time.perf_counter()
@@ -322,6 +338,7 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"summary": summary, "runs": results}, indent=1))
     (out / "results.md").write_text(summary["markdown"])
+    plot_gains(summary, out / "placement.png")
     return summary
 
 
@@ -475,6 +492,48 @@ def _layers(counter: dict[str, int]) -> str:
     top, n = max(counter.items(), key=lambda kv: kv[1])
     total = sum(counter.values())
     return top if n == total else f"{top} ({n}/{total} seeds; {len(counter)} distinct)"
+
+
+def plot_gains(summary: dict[str, Any], path: Path) -> None:
+    """Two panels: each arm's paired relative change against EW (one dot per seed, the mean and its
+    95 % interval), and the same means against the arm's step time over EW's (quality for cost)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in summary["rows"] if r["arm"] != "ew" and r["gain_vs_ew"]]
+    if not rows:
+        return
+    fig, (left, right) = plt.subplots(
+        1, 2, figsize=(11, 0.42 * len(rows) + 1.6), layout="constrained",
+        gridspec_kw={"width_ratios": [1.35, 1]},
+    )
+    for y, row in enumerate(reversed(rows)):
+        colour = f"C{y % 10}"
+        gains = row["gain_vs_ew"]
+        mean, low, high = _interval(gains)
+        left.scatter(gains, [y] * len(gains), s=12, color="0.6", zorder=2)
+        error = None if math.isnan(low) else [[mean - low], [high - mean]]
+        left.errorbar(mean, y, xerr=error, fmt="o", color=colour, capsize=3, zorder=3)
+        right.errorbar(row["step_time_vs_ew"], mean, yerr=error, fmt="o", color=colour, capsize=3)
+        right.annotate(SHORT.get(row["arm"], row["arm"]), (row["step_time_vs_ew"], mean),
+                       fontsize=7, color=colour, xytext=(4, 2), textcoords="offset points")
+    left.axvline(0.0, color="k", lw=0.8)
+    left.set_yticks(range(len(rows)), [LABELS.get(r["arm"], r["arm"]) for r in reversed(rows)],
+                    fontsize=8)
+    left.set_xlabel("change against EW, % (paired seeds; mean and 95 % interval)")
+    right.axhline(0.0, color="k", lw=0.8)
+    right.set_xscale("log")
+    right.set_xticks([1, 1.5, 2, 3, 4, 6, 8], ["1", "1.5", "2", "3", "4", "6", "8"])
+    right.minorticks_off()
+    right.set_xlabel("step time / EW's (CPU time, median)")
+    right.set_ylabel("change against EW, %")
+    seeds = max(r["seeds"] for r in rows)
+    fig.suptitle(f"DTME and its controls on the pretrained ViT ({seeds} paired seeds)", fontsize=10)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def markdown(summary: dict[str, Any]) -> str:

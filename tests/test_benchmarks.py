@@ -352,6 +352,7 @@ def test_dtme_placement_runs_every_arm_paired_and_resumes(tmp_path, monkeypatch)
         assert plan["stability"]["resamples"] == 5
     md = (tmp_path / "out" / "results.md").read_text()
     assert "random placement" in md and "Plan stability" in md
+    assert (tmp_path / "out" / "placement.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # a rerun reuses every finished run
     monkeypatch.setattr(study, "train_arm", lambda *a, **k: pytest.fail("retrained"))
     study.run(*args)
