@@ -108,3 +108,9 @@ def moved_to(model: nn.Module, params: Sequence[Tensor], values: Sequence[Tensor
             p.data = original
         for b, original in buffers:
             b.data = original
+
+
+def gradients_of(loss: Tensor, params: Sequence[Tensor], retain_graph: bool) -> list[Tensor]:
+    """``∇ loss`` for each of ``params`` (zeros where the loss does not reach a parameter)."""
+    grads = torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]

@@ -78,7 +78,9 @@ FAMILIES = {
         "Structural methods",
         "These methods change the structure of the training step rather than only the weighting: "
         "a bilevel virtual step on a validation batch (`auto_lambda`: pass the `model` and a "
-        "`validation` closure, and step with a closure), a regulariser on the feature gradients "
+        "`validation` closure, and step with a closure; `moml`, the multi-objective form of that "
+        "upper level: the `model` and a `validation` closure giving every task a loss), a "
+        "regulariser on the feature gradients "
         "∂L_t/∂z back-propagated through the heads (`rep_mtl`: pass the `representation` module), "
         "task weights from the per-sample gradients ∂ℓ/∂z (`ntkmtl_sr`: the same `representation`), "
         "an α-fair shared update with a consistency term on the heads from ∂ℓ_t/∂z (`consmtl`: the "

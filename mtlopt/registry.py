@@ -41,6 +41,9 @@ class Cost(str, enum.Enum):
     VIRTUAL_STEP = "1 backward + virtual step (2 backward, 3 forward)"
     """Auto-λ: the step's backward, a virtual step, the validation gradient at the virtual point
     and two forward passes for the finite difference."""
+    MULTI_OBJECTIVE_VIRTUAL_STEP = "2T + 1 backward (T at θ, T at a virtual step), 2 forward"
+    """MOML: per-task training gradients at θ, one inner step, per-task upper gradients at the
+    virtual point, then the step's backward."""
     DOUBLE_BACKWARD = "1 backward + T to the features, double backward"
     """Rep-MTL: per-task gradients of the shared features with a graph, then one backward of the
     regularised objective through them."""

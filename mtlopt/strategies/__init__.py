@@ -29,6 +29,7 @@ from . import (  # noqa: F401  (importing registers each strategy)
     mgda,
     moco,
     modo,
+    moml,
     nash_mtl,
     ntkmtl,
     ntkmtl_sr,

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..bilevel import (
+    gradients_of,
     moved_to,
     step_closure,
     step_sizes,
@@ -179,15 +180,15 @@ class AutoLambda(LossStrategy):
         assert self.model is not None
         params = trainable_parameters(self.model)
         lam = torch.as_tensor(np.asarray(weights), dtype=losses.dtype, device=losses.device)
-        grads = _grads(lam @ losses, params, retain_graph=True)
+        grads = gradients_of(lam @ losses, params, retain_graph=True)
         sizes = step_sizes(params, self._optimizer)
         with moved_to(self.model, params, virtual_point(params, grads, sizes)):
             with torch.enable_grad():
                 validation = self._primary_loss(self.validation())  # type: ignore[misc]
-            d = _grads(validation, params, retain_graph=False)
+            d = gradients_of(validation, params, retain_graph=False)
         scaled = [size["lr"] * g for size, g in zip(sizes, d, strict=True)]  # α ⊙ d
         if self.hypergradient == "exact":
-            per_task = [_grads(loss, params, retain_graph=True) for loss in losses]
+            per_task = [gradients_of(loss, params, retain_graph=True) for loss in losses]
             return -np.array(
                 [float(sum((g * v).sum() for g, v in zip(gs, scaled, strict=True))) for gs in per_task]
             )
@@ -241,7 +242,3 @@ class AutoLambda(LossStrategy):
             picked = [values[int(k)] for k in chosen]  # type: ignore[call-overload]
         return torch.stack([loss.reshape(()) for loss in picked]).sum()
 
-
-def _grads(loss: Tensor, params: Sequence[Tensor], retain_graph: bool) -> list[Tensor]:
-    grads = torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
