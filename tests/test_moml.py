@@ -181,3 +181,41 @@ def test_an_absent_task_keeps_its_alpha_and_the_weights_cover_the_present_tasks(
     assert torch.isnan(info.weights[1]) or info.weights[1] == 0
     present = info.weights[[0, 2]]
     assert float(present.sum()) == pytest.approx(1.0)
+
+
+def test_a_checkpoint_resumes_the_same_trajectory():
+    """α and Adam's moments go through ``state_dict`` (also via ``torch.save`` / ``torch.load``
+    with PyTorch's defaults): a resumed run takes the same steps as the uninterrupted one."""
+    import copy
+    import io
+
+    def make(model):
+        return mtlopt.MTLOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.01), "moml", model=model,
+            validation=lambda: _losses(model, _data(99)), weight_lr=0.05,
+        )
+
+    torch.manual_seed(0)
+    model = Net().double()
+    opt = make(model)
+    for seed in (11, 12):
+        opt.zero_grad()
+        opt.step(_losses(model, _data(seed)))
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    twin = copy.deepcopy(model)
+    for seed in (13, 14):
+        opt.zero_grad()
+        opt.step(_losses(model, _data(seed)))
+
+    buffer.seek(0)
+    saved = torch.load(buffer)
+    twin.load_state_dict(saved["model"])
+    resumed = make(twin)
+    resumed.load_state_dict(saved["opt"])
+    for seed in (13, 14):
+        resumed.zero_grad()
+        resumed.step(_losses(twin, _data(seed)))
+    np.testing.assert_array_equal(resumed.strategy.logits, opt.strategy.logits)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q)

@@ -170,7 +170,10 @@ class PathBase:
         self, step: StepTasks, losses: Tensor, present: np.ndarray, weights: Tensor | None
     ) -> StepInfo:
         shown = losses.clone()
-        shown[np.setdiff1d(np.arange(len(step.names)), present)] = math.nan
+        if len(present) < len(step.names):
+            absent = np.ones(len(step.names), dtype=bool)
+            absent[present] = False
+            shown[torch.from_numpy(absent)] = math.nan
         return StepInfo(
             list(step.names), shown, weights, present=[step.names[i] for i in present]
         )
