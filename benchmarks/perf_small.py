@@ -210,7 +210,19 @@ SMALL_SECTION = [
     "glibc's default thresholds), and GradDrop and DB-MTL combine without T×P temporaries. "
     "The default `engine=\"auto\"`: on this MLP the Gramian engine takes the Gramian "
     "strategies' steps at T = 5 and 11 (its operation count is lower there), the Jacobian path at "
-    "T = 2 and for every other strategy (the next section compares the two paths).",
+    "T = 2 and for every other strategy (the next section compares the two paths). A loss "
+    "strategy's first micro-batch lets autograd write `.grad` itself, as plain `backward` does "
+    "(no copy of the gradients).",
+    "",
+    "Where the target is out of reach, and why: at T = 2 a Jacobian-path step moves about "
+    "(T + 6)·P more floats through memory than the floor (J written from autograd's outputs, "
+    "read for G and again for wᵀJ, the update written to `.grad`; the floor only adds T − 1 "
+    "gradients into `.grad`), 8 × 790 k floats or 25 MB per step here: a fixed cost of forming "
+    "J at small T. The Gramian engine forms no J but costs more than it saves at T = 2 (next "
+    "section); from T = 5 its steps come within a few % of the floor, at T = 11 at or below it. "
+    "For the loss strategies a profile of one step puts most of the rest in the finiteness "
+    "check of the gradients (one reduction over P) and Python bookkeeping (the tiny model's "
+    "table below).",
     "",
 ]
 TINY_SECTION = [
