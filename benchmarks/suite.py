@@ -131,11 +131,11 @@ def _strategy(spec: RunSpec, problem: Problem, instance: Instance, tasks: int):
 def _structural_kwargs(
     method: str, instance: Instance, given: dict[str, Any], steps: int
 ) -> dict[str, Any]:
-    """What the structural methods need from the problem (i18c): Auto-λ and MOML the model and a
+    """What the structural methods need from the problem (i18c): Auto-λ, MOML and FORUM the model and a
     validation closure (the problem's validation batches where it has them, else another training
     batch per step), Rep-MTL, NTKMTL-SR and ConsMTL the representation module, Recon the candidate layers (the
     transformer blocks) and an analysis of a third of the run (at most 100 steps, as DTME's)."""
-    if method in ("auto_lambda", "moml") and "validation" not in given:
+    if method in ("auto_lambda", "moml", "forum") and "validation" not in given:
         model = instance.model
         held_out = getattr(instance, "validation", None)  # the problem's validation batches
         if held_out is not None:

@@ -15,7 +15,7 @@ back without a trace.
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -114,3 +114,26 @@ def gradients_of(loss: Tensor, params: Sequence[Tensor], retain_graph: bool) -> 
     """``∇ loss`` for each of ``params`` (zeros where the loss does not reach a parameter)."""
     grads = torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True)
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+
+
+def present_losses(
+    given: Any, present: Sequence[int], names: Sequence[str] | None, method: str
+) -> list[Tensor]:
+    """The losses of the ``present`` tasks (indices in task order) from what a closure returned:
+    a dict by task name or a sequence in task order. A present task without a loss is an error
+    that names it."""
+    if isinstance(given, Mapping):
+        keys = list(names) if names else list(given)
+        picked = [given.get(keys[i]) for i in present]
+        wanted: list[Any] = [keys[i] for i in present]
+    else:
+        values = list(given.reshape(-1)) if isinstance(given, Tensor) else list(given)
+        picked = [values[i] if i < len(values) else None for i in present]
+        wanted = list(present)
+    missing = [w for w, loss in zip(wanted, picked, strict=True) if loss is None]
+    if missing:
+        raise ValueError(
+            f"{method}: the closure gave no loss for task(s) {missing}; it must give every task "
+            "of the step a loss"
+        )
+    return [loss.reshape(()) for loss in picked]

@@ -44,6 +44,9 @@ class Cost(str, enum.Enum):
     MULTI_OBJECTIVE_VIRTUAL_STEP = "2T + 1 backward (T at θ, T at a virtual step), 2 forward"
     """MOML: per-task training gradients at θ, one inner step, per-task upper gradients at the
     virtual point, then the step's backward."""
+    INNER_STEPS = "T + K + 1 backward, K + 1 forward (K inner steps)"
+    """FORUM: the lower objective's gradient, K inner SGD steps re-running the batch, the T upper
+    gradients, then the step's backward."""
     DOUBLE_BACKWARD = "1 backward + T to the features, double backward"
     """Rep-MTL: per-task gradients of the shared features with a graph, then one backward of the
     regularised objective through them."""

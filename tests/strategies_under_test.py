@@ -10,7 +10,9 @@ RANDOM = {"pcgrad", "gradvac", "graddrop", "rlw"}
 
 # i18c: strategies that need more than their name (a model, layers, a representation, a
 # validation closure); tests/test_structural.py checks that each refuses clearly without it.
-NEEDS_MORE_THAN_A_NAME = {"dtme", "auto_lambda", "moml", "rep_mtl", "recon", "ntkmtl_sr", "consmtl"}
+NEEDS_MORE_THAN_A_NAME = {
+    "dtme", "auto_lambda", "moml", "forum", "rep_mtl", "recon", "ntkmtl_sr", "consmtl"
+}
 
 
 def by_name_only() -> list[str]:

@@ -153,7 +153,7 @@ def test_errors_say_what_to_pass_and_change_nothing():
         validation=lambda: {"a": _losses(model, train)[0]},
     )
     short.zero_grad()
-    with pytest.raises(ValueError, match="no loss for task"):
+    with pytest.raises(ValueError, match="gave no loss for task"):
         short.backward(dict(zip("abc", _losses(model, train), strict=True)))
     assert all(p.grad is None for p in model.parameters())
     for p, b in zip(model.parameters(), before, strict=True):

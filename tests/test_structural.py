@@ -13,6 +13,7 @@ import mtlopt
 WHAT_TO_PASS = {
     "auto_lambda": "model=model, validation=",
     "moml": "model=model, validation=",
+    "forum": "model=model",
     "rep_mtl": "representation=model.encoder",
     "ntkmtl_sr": "representation=model.encoder",
     "consmtl": "representation=model.encoder",
@@ -37,5 +38,5 @@ def test_a_method_stepped_without_what_it_needs_says_what_to_pass(name):
 
 def test_the_structural_family_is_registered():
     names = {n for n in mtlopt.available() if mtlopt.info(n).kind.value == "structural"}
-    assert names >= {"auto_lambda", "moml", "rep_mtl", "sparse_mtl", "recon", "ntkmtl_sr",
-                     "consmtl"}
+    assert names >= {"auto_lambda", "moml", "forum", "rep_mtl", "sparse_mtl", "recon",
+                     "ntkmtl_sr", "consmtl"}

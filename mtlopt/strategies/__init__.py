@@ -17,6 +17,7 @@ from . import (  # noqa: F401  (importing registers each strategy)
     fairgrad,
     famo,
     fmtl,
+    forum,
     gls,
     go4align,
     graddrop,

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..bilevel import gradients_of, moved_to, trainable_parameters
+from ..bilevel import gradients_of, moved_to, present_losses, trainable_parameters
 from ..registry import register
 from ..solvers import min_norm_simplex
 from ._adam import AdamState, adam_step
@@ -144,7 +144,8 @@ class MOML(LossStrategy):
                 moved.append(p - self.inner_lr * inner[start : start + p.numel()].view_as(p))
                 start += p.numel()
         with moved_to(self.model, params, moved), torch.enable_grad():
-            upper_losses = self._present_losses(self.validation(), len(lower))
+            present = range(len(lower)) if self._present is None else self._present
+            upper_losses = present_losses(self.validation(), present, self.task_names, "moml")
             upper = [
                 _flat(gradients_of(loss, params, retain_graph=k < len(upper_losses) - 1))
                 for k, loss in enumerate(upper_losses)
@@ -152,25 +153,6 @@ class MOML(LossStrategy):
         cross = (torch.stack(upper).double() @ torch.stack(lower).double().T).cpu().numpy()
         jacobian = np.diag(weights) - np.outer(weights, weights)  # of softmax, symmetric
         return -self.inner_lr * cross @ jacobian
-
-    def _present_losses(self, given: Any, count: int) -> list[Tensor]:
-        """The validation losses of the present tasks, in task order."""
-        present = list(range(count)) if self._present is None else list(self._present)
-        if isinstance(given, Mapping):
-            names = self.task_names or tuple(given)
-            picked = [given.get(names[i]) for i in present]
-            wanted = [names[i] for i in present]
-        else:
-            values = list(given.reshape(-1)) if isinstance(given, Tensor) else list(given)
-            picked = [values[i] if i < len(values) else None for i in present]
-            wanted = present
-        absent = [w for w, loss in zip(wanted, picked, strict=True) if loss is None]
-        if absent:
-            raise ValueError(
-                f"moml: the validation closure gave no loss for task(s) {absent}; it must give "
-                "every task of the step a loss"
-            )
-        return [loss.reshape(()) for loss in picked]
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
