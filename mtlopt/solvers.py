@@ -19,8 +19,12 @@ about 300³ NumPy's lower call overhead wins (docs/perf.md, the many-task solver
 def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """``a @ b`` for 2-D float arrays of one dtype (written into ``out`` when given), large products
     through torch's kernels on the same memory (no copies)."""
-    if a.dtype != b.dtype or a.shape[0] * a.shape[1] * b.shape[1] < _TORCH_MATMUL_WORK:
-        return np.matmul(a, b, out=out)
+    if (
+        a.dtype != b.dtype
+        or a.shape[0] * a.shape[1] * b.shape[1] < _TORCH_MATMUL_WORK
+        or min(*a.strides, *b.strides, *(out.strides if out is not None else ())) < 0
+    ):
+        return np.matmul(a, b, out=out)  # small, mixed, or views torch cannot share (reversed)
     if out is None:
         return torch.from_numpy(a).mm(torch.from_numpy(b)).numpy()
     torch.mm(torch.from_numpy(a), torch.from_numpy(b), out=torch.from_numpy(out))

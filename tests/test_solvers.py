@@ -279,3 +279,11 @@ def test_matmul_equals_numpy_below_and_above_the_torch_threshold(shape, dtype):
     assert matmul(a, b, out=out) is out
     np.testing.assert_allclose(out, expected, rtol=tol, atol=tol * np.sqrt(k))
     assert matmul(a, b).dtype == dtype
+
+
+def test_matmul_takes_views_numpy_makes():
+    """Transposed and reversed views (torch cannot share negative strides) give NumPy's result."""
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((400, 350)), rng.standard_normal((400, 350))
+    for x, y in ((a, b.T), (a[::-1], b.T), (a, b[:, ::-1].T), (b.T[::-1], a)):
+        np.testing.assert_allclose(matmul(x, y), x @ y, rtol=1e-12, atol=1e-9)
