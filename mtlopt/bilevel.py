@@ -137,3 +137,16 @@ def present_losses(
             "of the step a loss"
         )
     return [loss.reshape(()) for loss in picked]
+
+
+def flatten(grads: Sequence[Tensor]) -> Tensor:
+    """The gradients as one vector, in parameter order."""
+    return torch.cat([g.reshape(-1) for g in grads])
+
+
+def sgd_point(point: Sequence[Tensor], gradient: Tensor, lr: float) -> list[Tensor]:
+    """``θ − lr g`` per parameter, ``g`` given as one vector in parameter order."""
+    from .engine import unflatten
+
+    with torch.no_grad():
+        return [p - lr * g for p, g in zip(point, unflatten(gradient, point), strict=True)]

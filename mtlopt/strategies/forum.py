@@ -11,9 +11,11 @@ import torch
 from torch import Tensor, nn
 
 from ..bilevel import (
+    flatten,
     gradients_of,
     moved_to,
     present_losses,
+    sgd_point,
     step_closure,
     trainable_parameters,
 )
@@ -21,6 +23,7 @@ from ..registry import register
 from ._adam import AdamState, adam_step
 from ._state import TaskAxes
 from .base import LossStrategy, Scalarized
+from .coba import softmax
 
 
 @register(
@@ -154,7 +157,7 @@ class FORUM(LossStrategy):
         assert self.logits is not None and self._adam is not None and self.ema is not None
         direction = self.direction(losses, self.logits, self.ema, self.steps)
         logits, adam = adam_step(self.logits, direction.alpha, self._adam, self.weight_lr)
-        weights = torch.as_tensor(_softmax(self.logits), dtype=losses.dtype, device=losses.device)
+        weights = torch.as_tensor(softmax(self.logits), dtype=losses.dtype, device=losses.device)
         upper = torch.as_tensor(direction.upper, dtype=losses.dtype, device=losses.device)
         objective = upper @ direction.upper_losses + direction.nu * (weights @ losses)
 
@@ -171,9 +174,9 @@ class FORUM(LossStrategy):
         assert self.model is not None and self.validation is not None
         params = trainable_parameters(self.model)
         present = range(len(losses)) if self._present is None else self._present
-        weights = _softmax(logits)
+        weights = softmax(logits)
         w = torch.as_tensor(weights, dtype=losses.dtype, device=losses.device)
-        lower = _flat(gradients_of(w @ losses, params, retain_graph=True))  # ∇_ω f at ω
+        lower = flatten(gradients_of(w @ losses, params, retain_graph=True))  # ∇_ω f at ω
         values = losses.detach().double().cpu().numpy()
         inner_values = self._inner_losses(params, weights, lower, values, present)
         jacobian = np.diag(weights) - np.outer(weights, weights)  # of softmax, symmetric
@@ -183,7 +186,7 @@ class FORUM(LossStrategy):
                 present_losses(self.validation(), present, self.task_names, "forum")
             )
         upper = torch.stack([
-            _flat(gradients_of(loss, params, retain_graph=True)) for loss in upper_losses
+            flatten(gradients_of(loss, params, retain_graph=True)) for loss in upper_losses
         ]).double()
         norms = upper.norm(dim=1) + 1e-8
         unit = upper / norms[:, None]
@@ -235,8 +238,8 @@ class FORUM(LossStrategy):
                                             device=values.device) @ values
                     if k == self.inner_steps or float(total.detach()) > 1e5:
                         return values.detach().double().cpu().numpy()
-                    gradient = _flat(gradients_of(total, params, retain_graph=False))
-            point = _moved(point, gradient, self.inner_lr)
+                    gradient = flatten(gradients_of(total, params, retain_graph=False))
+            point = sgd_point(point, gradient, self.inner_lr)
         raise AssertionError("unreachable")
 
 
@@ -278,20 +281,3 @@ def progress_qp(gram: np.ndarray, pi: np.ndarray, reward: float) -> np.ndarray:
     )
     return np.maximum(result.x, 0.0)
 
-
-def _moved(point: list[Tensor], gradient: Tensor, lr: float) -> list[Tensor]:
-    moved, start = [], 0
-    with torch.no_grad():
-        for p in point:
-            moved.append(p - lr * gradient[start : start + p.numel()].view_as(p))
-            start += p.numel()
-    return moved
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - np.max(logits))
-    return shifted / shifted.sum()
-
-
-def _flat(grads: list[Tensor]) -> Tensor:
-    return torch.cat([g.reshape(-1) for g in grads])

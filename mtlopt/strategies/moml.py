@@ -9,12 +9,20 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..bilevel import gradients_of, moved_to, present_losses, trainable_parameters
+from ..bilevel import (
+    flatten,
+    gradients_of,
+    moved_to,
+    present_losses,
+    sgd_point,
+    trainable_parameters,
+)
 from ..registry import register
 from ..solvers import min_norm_simplex
 from ._adam import AdamState, adam_step
 from ._state import TaskAxes
 from .base import LossStrategy, Scalarized
+from .coba import softmax
 
 
 @register(
@@ -124,7 +132,7 @@ class MOML(LossStrategy):
         unit = np.divide(hyper, norms, out=np.zeros_like(hyper), where=norms > 0)
         direction = min_norm_simplex(unit @ unit.T) @ unit
         logits, adam = adam_step(self.logits, direction, self._adam, self.weight_lr)
-        w = torch.as_tensor(_softmax(logits), dtype=losses.dtype, device=losses.device)
+        w = torch.as_tensor(softmax(logits), dtype=losses.dtype, device=losses.device)
 
         def commit() -> None:
             self.logits, self._adam = logits, adam
@@ -135,30 +143,18 @@ class MOML(LossStrategy):
         """The rows ``h_t = ∂L_t^val(θ'(α))/∂α`` for the present tasks (T × T, float64)."""
         assert self.model is not None and self.validation is not None
         params = trainable_parameters(self.model)
-        weights = _softmax(logits)
-        lower = [_flat(gradients_of(loss, params, retain_graph=True)) for loss in losses]
+        weights = softmax(logits)
+        lower = [flatten(gradients_of(loss, params, retain_graph=True)) for loss in losses]
         inner = sum(w * g for w, g in zip(weights.tolist(), lower, strict=True))
-        moved, start = [], 0
-        with torch.no_grad():
-            for p in params:
-                moved.append(p - self.inner_lr * inner[start : start + p.numel()].view_as(p))
-                start += p.numel()
+        moved = sgd_point([p.detach() for p in params], inner, self.inner_lr)
         with moved_to(self.model, params, moved), torch.enable_grad():
             present = range(len(lower)) if self._present is None else self._present
             upper_losses = present_losses(self.validation(), present, self.task_names, "moml")
             upper = [
-                _flat(gradients_of(loss, params, retain_graph=k < len(upper_losses) - 1))
+                flatten(gradients_of(loss, params, retain_graph=k < len(upper_losses) - 1))
                 for k, loss in enumerate(upper_losses)
             ]
         cross = (torch.stack(upper).double() @ torch.stack(lower).double().T).cpu().numpy()
         jacobian = np.diag(weights) - np.outer(weights, weights)  # of softmax, symmetric
         return -self.inner_lr * cross @ jacobian
 
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - np.max(logits))
-    return shifted / shifted.sum()
-
-
-def _flat(grads: list[Tensor]) -> Tensor:
-    return torch.cat([g.reshape(-1) for g in grads])
