@@ -26,6 +26,7 @@ that reads ``J`` itself.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,12 +50,15 @@ def blocks_cost(rows: int, tasks: int, width: int, fan_in: int) -> int:
     return tasks * rows * width * fan_in + tasks * tasks * width * fan_in
 
 
-def engine_pays(layers: list[list[Product]], tasks: int, margin: float = 0.9) -> bool:
-    """Whether the engine's work on these layers (each block of ``G`` the cheaper way, the copy
-    of the output gradients, the update as one product) is below ``margin`` × the Jacobian
-    path's (the T weight gradients of the backward passes, their copy into ``J``, the blocks of
-    ``J Jᵀ``, ``wᵀ J``). Where N is large against the layers' widths both form the same weight
-    gradients and the engine only adds copies: ``engine="auto"`` then keeps the Jacobian path."""
+def operation_ratio(layers: list[list[Product]], tasks: int) -> float:
+    """The engine's work on these layers over the Jacobian path's, in multiply-adds.
+
+    Engine: each layer's block of ``G`` the cheaper way, the copy of the output gradients, the
+    update as one product. Jacobian path: the T weight gradients of the backward passes, their
+    copy into ``J``, the blocks of ``J Jᵀ``, ``wᵀ J``. Both skip what they share (the forward,
+    the backward passes to the layers' outputs). Where N is large against the layers' widths the
+    block form wins for every layer: both then form the same T weight gradients and the ratio is
+    at least 1."""
     engine = jacobian = 0
     for found in layers:
         sizes = layer_sizes(found, tasks)
@@ -62,7 +66,18 @@ def engine_pays(layers: list[list[Product]], tasks: int, margin: float = 0.9) ->
         engine += min(kernel_cost(*sizes), blocks_cost(*sizes)) + 2 * tasks * rows * width
         engine += rows * width * fan_in
         jacobian += blocks_cost(*sizes) + 2 * tasks * width * fan_in
-    return engine < margin * jacobian
+    return engine / jacobian if jacobian else math.inf
+
+
+AUTO_MARGIN = 0.9
+"""``engine="auto"`` takes the engine where its operation count is below this share of the
+Jacobian path's: the engine's copies and smaller products run less efficiently per operation."""
+
+
+def engine_pays(layers: list[list[Product]], tasks: int, margin: float = AUTO_MARGIN) -> bool:
+    """Whether the engine's work on these layers is below ``margin`` × the Jacobian path's
+    (:func:`operation_ratio`); ``engine="auto"`` keeps the Jacobian path where it is not."""
+    return operation_ratio(layers, tasks) < margin
 
 
 def layer_sizes(found: list[Product], tasks: int) -> tuple[int, int, int, int]:

@@ -252,12 +252,22 @@ def test_perf_gramian_engine_and_memory_sections(monkeypatch):
     from mtlopt_bench import perf, perf_gramian
 
     # every shared parameter of the MLP is in a product x Wᵀ + b; the ViT's LayerNorms are not
-    assert perf_gramian.engine_share(perf_gramian._bench("mlp", 5)) == (1.0, True)
-    share, pays = perf_gramian.engine_share(perf.bench("multifashion", 2))
-    assert 0.9 < share < 1.0 and not pays
+    share, ops = perf_gramian.engine_share(perf_gramian._bench("mlp", 5))
+    assert share == 1.0 and ops < 0.9
+    share, ops = perf_gramian.engine_share(perf.bench("multifashion", 2))
+    assert 0.9 < share < 1.0 and ops >= 1.0  # 4,608 rows against width 64: blocks everywhere
     monkeypatch.setattr(perf_gramian, "MODELS", ["mlp"])
     lines = perf_gramian.speed_table([2], 1, 0, lambda m: None)
-    assert [line.split(" | ")[5] for line in lines[2:]] == perf_gramian.ENGINE_METHODS
+    assert [line.split(" | ")[6] for line in lines[2:]] == perf_gramian.ENGINE_METHODS
+    from mtlopt_bench.perf_small import mlp_bench
+
+    cases = [("MLP", 32, n, lambda t, n=n: mlp_bench(t, width=32, batch=n)) for n in (8, 128)]
+    cases.append(("encoder", 512, 6, lambda t: perf_gramian.encoder_bench(t, 2, 3)))
+    crossover = perf_gramian.crossover_table(3, cases, 1, 0, lambda m: None)
+    cells = [line.split(" | ") for line in crossover[2:]]
+    assert [(c[2], c[3]) for c in cells] == [("8", "0.25"), ("128", "4"), ("6", "0.0117188")]
+    assert [c[6] for c in cells] == ["engine", "J path", "engine"]  # few rows: the kernel pays
+    assert {line.count("|") for line in crossover} == {11}  # every row fills the 10 columns
     for mode in ("jacobian", "gramian", "representation"):
         result = perf_gramian.memory_child(3000, 2, mode)
         assert result["peak"] >= 0 and 2500 < result["shared"] < 3500

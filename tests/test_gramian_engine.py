@@ -348,6 +348,28 @@ def test_auto_takes_the_engine_where_its_work_is_smaller(batch, width, expected)
     assert info.engine == expected
 
 
+def test_operation_ratio_counts_the_two_paths_work():
+    """One layer Linear(w, w) with a bias, N rows, T tasks, counted by hand from the module's
+    formulas: kernel N²·(w+1) + T·N²·w + T²·N·w, blocks T·N·w·(w+1) + T²·w·(w+1); the engine
+    adds the copy of the output gradients (2·T·N·w) and the update (N·w·(w+1)), the J path its
+    copy into J (2·T·w·(w+1))."""
+    from mtlopt.autogram import operation_ratio
+
+    w, tasks = 16, 3
+    for rows in (4, 64):
+        layer = nn.Linear(w, w)
+        y = layer(torch.randn(rows, w))
+        losses = [y.pow(k + 1).mean() for k in range(tasks)]
+        partition = Partition(shared=list(layer.parameters()), specific=[[]] * tasks)
+        found = find_layers(losses, partition)
+        kernel = rows**2 * (w + 1) + tasks * rows**2 * w + tasks**2 * rows * w
+        blocks = tasks * rows * w * (w + 1) + tasks**2 * w * (w + 1)
+        engine = min(kernel, blocks) + 2 * tasks * rows * w + rows * w * (w + 1)
+        jacobian = blocks + 2 * tasks * w * (w + 1)
+        assert operation_ratio(found, tasks) == pytest.approx(engine / jacobian)
+    assert operation_ratio(found, tasks) > 1  # 64 rows against width 16: blocks, plus copies
+
+
 def test_engine_options_fail_clearly():
     model = Trunk()
     with pytest.raises(ValueError, match="engine must be one of"):

@@ -46,5 +46,5 @@ class TrimmedMean(GradientStrategy):
     def combine(self, jacobian: Tensor, losses: Tensor | None = None) -> Combined:
         t = jacobian.shape[0]
         trim = min(self.trim_number, (t - 1) // 2)
-        kept = jacobian.sort(dim=0).values[trim : t - trim]
+        kept = jacobian.sort(dim=0).values[trim : t - trim] if trim else jacobian
         return Combined(direction=kept.mean(dim=0), weights=None)
