@@ -127,6 +127,17 @@ def test_excess_mtl_follows_the_official_update():
         np.testing.assert_allclose(out.numpy(), w @ g, rtol=1e-9)
 
 
+def test_excess_mtl_keeps_its_sums_in_the_gradients_dtype():
+    """float32 gradients: S is float32 (as the official code keeps it) and the update agrees with
+    the float64 run to float32 rounding."""
+    single, double = (mtlopt.create("excess_mtl", robust_step_size=0.5) for _ in range(2))
+    for k in range(4):
+        jacobian = random_jacobian(3, 50, 30 + k) * (k + 1)
+        out = single.aggregate(jacobian.float())
+        torch.testing.assert_close(out, double.aggregate(jacobian).float(), rtol=2e-5, atol=1e-6)
+    assert single.squared_sums.dtype == torch.float32
+
+
 def test_excess_mtl_warmup_averages_the_baseline():
     strategy = mtlopt.create("excess_mtl", robust_step_size=1.0, warmup=2)
     jacobians = [random_jacobian(2, 4, 30 + k) for k in range(3)]

@@ -32,8 +32,9 @@ class ExcessMTL(GradientStrategy):
     Hessian: ``S_i ← S_i + g_i ⊙ g_i``, ``e_i = Σ_p g_ip² / √(S_ip + 10⁻⁷)`` (Eqs. 6–7). The first
     estimates (or their average over ``warmup`` steps) are the baseline ``e⁰``; afterwards the
     weights take an exponentiated-gradient step ``w_i ← w_i exp(η e_i / e⁰_i)``, renormalised to
-    sum to T (Eq. 9). The update is ``Σ_i w_i g_i``. ``S`` is a persistent T×P buffer that follows
-    each shared parameter when the shared set changes.
+    sum to T (Eq. 9). The update is ``Σ_i w_i g_i``. ``S`` is a persistent T×P buffer in the
+    gradients' dtype (as in the official code) that follows each shared parameter when the shared
+    set changes; each ``e_i`` is summed in float64.
 
     Reference code: yifei-he/ExcessMTL as carried by LibMTL's ``weighting/ExcessMTL.py``;
     torchjd's ``ExcessMTL``.
@@ -83,14 +84,15 @@ class ExcessMTL(GradientStrategy):
 
     def combine(self, jacobian: Tensor, losses: Tensor | None = None) -> Combined:
         t = jacobian.shape[0]
-        squared = jacobian.double() ** 2
-        previous = torch.zeros_like(squared) if self.squared_sums is None else self.squared_sums
-        if previous.shape != squared.shape:
+        squared = jacobian.square()
+        previous = self.squared_sums
+        if previous is not None and previous.shape != squared.shape:
             raise ValueError(
                 f"excess_mtl's sums have shape {tuple(previous.shape)}, J has {tuple(squared.shape)}"
             )
-        sums = previous.to(squared) + squared
-        excess = (squared / torch.sqrt(sums + 1e-7)).sum(dim=1).cpu().numpy()
+        sums = squared if previous is None else previous.to(squared) + squared
+        scaled = sums.add(1e-7).rsqrt_().mul_(squared)
+        excess = scaled.sum(dim=1, dtype=torch.float64).cpu().numpy()
         seen = np.zeros(t) if self._seen is None else self._seen
         weights = np.ones(t) if self.weights is None else self.weights.copy()
         baseline = np.full(t, np.nan) if self.baseline is None else self.baseline.copy()
