@@ -428,9 +428,13 @@ def _layer(
 
 def engine_serves(strategy: object) -> bool:
     """Whether the engine can take this strategy's steps: its combination is a function of ``G``
-    alone (a :class:`~mtlopt.strategies.base.GramianStrategy` that keeps the base ``combine``)."""
+    alone (a :class:`~mtlopt.strategies.base.GramianStrategy` that keeps the base ``combine``, or
+    a strategy whose ``serves_gramian_engine()`` says so and that has ``combine_gramian``)."""
     from .strategies.base import GramianStrategy
 
+    serves = getattr(strategy, "serves_gramian_engine", None)
+    if serves is not None:
+        return bool(serves())
     return isinstance(strategy, GramianStrategy) and (
         type(strategy).combine is GramianStrategy.combine
     )

@@ -72,8 +72,9 @@ def assert_same(build, strategy, batches=None, steps=3, dtype=torch.float32, tol
 
 def test_the_engine_serves_the_gramian_strategies_and_not_the_others():
     for name in ("mgda", "upgrad", "dualproj", "nash_mtl", "fairgrad", "imtl_g", "aligned_mtl",
-                 "cagrad", "pcgrad", "gradvac", "ntkmtl"):
+                 "cagrad", "pcgrad", "gradvac", "ntkmtl", "cr_mogm"):
         assert name in SERVED, name
+    assert not engine_serves(mtlopt.create("cr_mogm", base="graddrop", num_tasks=2))
     for name in ("ew", "graddrop", "db_mtl", "moco", "trimmed_mean", "uw"):
         assert name not in SERVED
         assert not engine_serves(mtlopt.create(name, num_tasks=2))

@@ -11,6 +11,8 @@ forms the first's rows of ``J`` from what the engine kept.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -20,7 +22,7 @@ from ..engine import _real_dtype
 from ..finite import check_tasks, finite_tensors
 from ..partition import Partition
 from ..stepinfo import StepInfo
-from ..strategies.base import GramianStrategy, host_gramian
+from ..strategies.base import host_gramian
 from ..tasks import StepTasks
 from ..window import accumulate, window_losses
 from .base import PathBase
@@ -70,7 +72,8 @@ class GramianEnginePath(PathBase):
         losses: ``G`` is divided by the scale squared and the update written as it comes (the
         scale times the update, as ``.grad`` holds until ``scaler.unscale_``), both exact since
         the scales are powers of two."""
-        assert isinstance(self._combiner, GramianStrategy)
+        assert engine_serves(self._combiner)
+        combiner: Any = self._combiner  # a GramianStrategy or a wrapper of one (CR-MOGM)
         window = self._window
         partition = recorded.partition
         self._check_reached(step, recorded.reached())
@@ -80,7 +83,7 @@ class GramianEnginePath(PathBase):
             for k, task in enumerate(step.present)
         ]
         dtype = _real_dtype(partition.shared)
-        precision = torch.float64 if self._combiner.float64_gramian else dtype
+        precision = torch.float64 if combiner.float64_gramian else dtype
         gramian = _host(recorded.gramian(precision), scale)
         diagonal = gramian.diagonal()
         if not (np.all(np.isfinite(diagonal)) and np.all(diagonal > 0)):
@@ -103,7 +106,7 @@ class GramianEnginePath(PathBase):
         device = partition.shared[0].device
         try:
             with self._combiner.restricted_to(restriction):
-                combined = self._combiner.combine_gramian(
+                combined = combiner.combine_gramian(
                     gramian, losses_sum[present].to(device), dtype, partition.num_shared, device
                 )
         except FloatingPointError as error:

@@ -62,3 +62,7 @@ class Wrapping(GradientStrategy):
             for strategy in self.inner():
                 stack.enter_context(strategy.restricted_to(tasks))
             yield
+
+    def observe_columns(self, shared: list[Tensor], param_groups: list[dict]) -> None:
+        for strategy in self.inner():
+            strategy.observe_columns(shared, param_groups)

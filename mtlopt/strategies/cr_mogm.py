@@ -11,7 +11,15 @@ from torch import Tensor
 from ..registry import register
 from ._state import TaskAxes, decode, encode
 from ._wrapping import Wrapping, wrapped_strategy
-from .base import STRATEGY_KEY, Combined, GradientStrategy, Strategy, chain
+from .base import (
+    STRATEGY_KEY,
+    Combined,
+    GradientStrategy,
+    GramianStrategy,
+    Strategy,
+    chain,
+    gramian_of,
+)
 
 
 @register(
@@ -74,8 +82,47 @@ class CRMOGM(Wrapping):
     def remap_columns(self, mapping: Tensor) -> None:
         self.base.remap_columns(mapping)
 
+    @property
+    def float64_gramian(self) -> bool:
+        return bool(getattr(self.base, "float64_gramian", False))
+
+    def serves_gramian_engine(self) -> bool:
+        """The Gramian engine takes the steps where it takes the base's: the average is a
+        function of the base's weights alone."""
+        from ..autogram import engine_serves
+
+        return engine_serves(self.base)
+
     def combine(self, jacobian: Tensor, losses: Tensor | None = None) -> Combined:
-        inner = self.base.combine(jacobian, losses)
+        if self.serves_gramian_engine():
+            combined = self.combine_gramian(
+                gramian_of(jacobian, self.float64_gramian),
+                losses,
+                jacobian.dtype,
+                jacobian.shape[1],
+                jacobian.device,
+            )
+        else:
+            combined = self._smoothed(self.base.combine(jacobian, losses), jacobian.dtype)
+        assert combined.weights is not None
+        combined.direction = combined.weights @ jacobian
+        return combined
+
+    def combine_gramian(
+        self,
+        gramian: np.ndarray,
+        losses: Tensor | None,
+        dtype: torch.dtype,
+        width: int,
+        device: torch.device,
+    ) -> Combined:
+        """The Gramian engine's entry: the base's weights from ``G``, averaged."""
+        assert isinstance(self.base, GramianStrategy)
+        return self._smoothed(self.base.combine_gramian(gramian, losses, dtype, width, device), dtype)
+
+    def _smoothed(self, inner: Combined, dtype: torch.dtype) -> Combined:
+        """``inner`` with its weights replaced by their running average (direction left to the
+        caller)."""
         if inner.weights is None:
             raise TypeError(
                 f"cr_mogm averages task weights, and {self.base.info.name} reports none (its "
@@ -85,14 +132,14 @@ class CRMOGM(Wrapping):
         fresh = inner.weights.detach().double().cpu().numpy()
         previous = fresh if self.lambd is None else np.where(np.isnan(self.lambd), fresh, self.lambd)
         averaged = self.alpha * previous + (1 - self.alpha) * fresh
-        weights = torch.from_numpy(averaged).to(jacobian.device, jacobian.dtype)
+        weights = torch.from_numpy(averaged).to(inner.weights.device, dtype)
 
         def commit() -> None:
             self.lambd = averaged
 
         head = None if inner.head_weights is None else weights
         return Combined(
-            direction=weights @ jacobian,
+            direction=None,
             weights=weights,
             commit=chain(inner.commit, commit),
             gramian=inner.gramian,
