@@ -247,6 +247,29 @@ def test_cr_mogm_averages_the_base_weights():
         mtlopt.create("cr_mogm", base="uw")
 
 
+def test_cr_mogm_tells_its_base_which_columns_are_which():
+    """A base that reads the column layout (as per-group aggregation does) is told it through
+    the wrapper, on both engines."""
+    from mtlopt.strategies.mgda import MGDA
+
+    class Observing(MGDA):
+        seen: list[int] = []
+
+        def observe_columns(self, shared, param_groups):
+            self.seen.append(sum(p.numel() for p in shared))
+
+    for engine in ("jacobian", "gramian"):
+        model, base = SharedTrunkNet(), Observing()
+        opt = mtlopt.MTLOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1), mtlopt.create("cr_mogm", base=base),
+            engine=engine,
+        )
+        x, y = make_batch()
+        info = opt.step([((p - y[:, i]) ** 2).mean() for i, p in enumerate(model(x))])
+        assert info.engine == engine
+        assert base.seen[-1] == sum(p.numel() for p in model.trunk.parameters())
+
+
 # Per-group aggregation ---------------------------------------------------------------------------
 def _pcgrad_two(g: np.ndarray) -> np.ndarray:
     """PCGrad with two tasks (deterministic: each visits the other once)."""
