@@ -253,7 +253,9 @@ def test_cr_mogm_tells_its_base_which_columns_are_which():
     from mtlopt.strategies.mgda import MGDA
 
     class Observing(MGDA):
-        seen: list[int] = []
+        def __init__(self):
+            super().__init__()
+            self.seen: list[int] = []
 
         def observe_columns(self, shared, param_groups):
             self.seen.append(sum(p.numel() for p in shared))
