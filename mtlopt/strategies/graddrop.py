@@ -73,11 +73,11 @@ class GradDrop(Randomized, GradientStrategy):
             purity.shape, generator=generator, device=jacobian.device, dtype=torch.float32
         )
         # Mask M_ij = leak + (1 − leak)·[sign kept], so Σ_i M_ij J_ij = leak·Σ_i J_ij + (1 − leak)
-        # × (the positive entries' sum where purity > U, the negative ones' where purity < U).
-        drop_positive, drop_negative = purity <= uniform, purity >= uniform
-        kept = torch.add(total, magnitude).mul_(0.5).masked_fill_(drop_positive, 0.0)
-        negative = torch.sub(total, magnitude, out=magnitude).mul_(0.5)
-        kept.add_(negative.masked_fill_(drop_negative, 0.0))
+        # × (the positive entries' sum ½(Σ + Σ|·|) where purity > U, the negative ones'
+        # ½(Σ − Σ|·|) where purity < U, neither at a tie): with s = sign(purity − U) that is
+        # ½(|s|·Σ + s·Σ|·|), in float arithmetic (boolean masks are several times slower on CPU).
+        side = torch.sub(purity, uniform, out=purity).sign_()
+        kept = side.abs().mul_(total).addcmul_(side, magnitude).mul_(0.5)
         direction = kept if self.leak == 0.0 else kept.mul_(1 - self.leak).add_(total, alpha=self.leak)
         if self.keep_gradnorm_constant:
             norm = direction.norm()
