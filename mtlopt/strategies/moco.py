@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..registry import register
 from ._state import TaskAxes
-from .base import Combined, GradientStrategy
+from .base import Combined, GradientStrategy, gramian_of
 
 
 @register(
@@ -120,16 +120,14 @@ class MoCo(GradientStrategy):
                 raise ValueError("moco with normalize='loss' needs the task losses")
             norms = jacobian.norm(dim=1, keepdim=True)
             target = jacobian / (norms + 1e-8) * losses.to(jacobian)[:, None]
-        previous = torch.zeros_like(jacobian) if self.y is None else self.y.to(jacobian)
-        if previous.shape != jacobian.shape:
-            raise ValueError(f"moco's y has shape {tuple(previous.shape)}, J has {tuple(jacobian.shape)}")
-        y = previous - (self.beta / step**self.beta_sigma) * (previous - target)
+        if self.y is not None and self.y.shape != jacobian.shape:
+            raise ValueError(f"moco's y has shape {tuple(self.y.shape)}, J has {tuple(jacobian.shape)}")
+        # y ← y − β_k (y − target), y₀ = 0: one fused pass over T×P (torch.lerp)
+        rate = self.beta / step**self.beta_sigma
+        y = target * rate if self.y is None else torch.lerp(self.y.to(jacobian), target, rate)
         lambd = np.full(t, 1.0 / t) if self.lambd is None else self.lambd.astype(np.float64)
         lambd = lambd / lambd.sum() if lambd.sum() > 0 else np.full(t, 1.0 / t)
-        gram = (y @ y.T).double().cpu().numpy()
-        if not np.all(np.isfinite(gram)):
-            wide = y.double()
-            gram = (wide @ wide.T).cpu().numpy()
+        gram = gramian_of(y)  # float64 where y's dtype overflows
         stepped = lambd - (self.gamma / step**self.gamma_sigma) * (gram + self.rho * np.eye(t)) @ lambd
         new = project_simplex(stepped) if self.projection == "simplex" else _softmax(stepped)
         weights = torch.from_numpy(new).to(jacobian)
