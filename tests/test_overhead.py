@@ -29,6 +29,10 @@ def test_blocked_gramian_is_j_jt(tasks, width):
     got = _gram(jacobian).double().numpy()
     assert np.max(np.abs(got - expected)) <= 1e-5 * scale
     assert np.allclose(_gram(wide).numpy(), expected, rtol=1e-12, atol=1e-10 * scale)
+    # float64 from float32 J, each block cast on its own: the float64 Gramian of the same values
+    assert np.allclose(_gram(jacobian, torch.float64).numpy(), expected, rtol=1e-12,
+                       atol=1e-10 * scale)
+    assert np.allclose(gramian_of(jacobian, float64=True), expected, rtol=1e-12, atol=1e-10 * scale)
 
 
 @pytest.mark.parametrize("width", [7, 3 * _GRAM_BLOCK + 5])

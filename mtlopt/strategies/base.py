@@ -398,10 +398,10 @@ def gramian_of(jacobian: Tensor, float64: bool = False) -> np.ndarray:
         return known[2].copy()
     jacobian = jacobian.detach()
     if float64 and jacobian.dtype != torch.float64:
-        return host_gramian(_gram(jacobian.double()))
+        return host_gramian(_gram(jacobian, torch.float64))
     gramian = host_gramian(_gram(jacobian))
     if not np.all(np.isfinite(gramian)) and jacobian.dtype != torch.float64:
-        gramian = host_gramian(_gram(jacobian.double()))
+        gramian = host_gramian(_gram(jacobian, torch.float64))
     return gramian
 
 
@@ -414,17 +414,24 @@ def host_gramian(gramian: Tensor) -> np.ndarray:
 _GRAM_BLOCK = 1 << 14
 
 
-def _gram(jacobian: Tensor) -> Tensor:
-    """``J Jᵀ`` in ``J``'s dtype. On the host, a wide ``J`` is multiplied block of columns by
-    block of columns (cache-sized, accumulated in place): MKL's single ``T×P @ P×T`` product is
-    slow at some task counts (T = 11, P = 790 k, 1 thread: 18–23 ms, against 3–8 ms blocked,
-    on a busy machine)."""
+def _gram(jacobian: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """``J Jᵀ`` in ``dtype`` (``J``'s by default). On the host, a wide ``J`` is multiplied block
+    of columns by block of columns (cache-sized, accumulated in place, each block cast to
+    ``dtype`` on its own: no T×P copy): MKL's single ``T×P @ P×T`` product is slow at some task
+    counts (T = 11, P = 790 k, 1 thread: 18–23 ms, against 3–8 ms blocked, on a busy machine)."""
+    dtype = dtype or jacobian.dtype
     tasks, width = jacobian.shape
-    if jacobian.device.type != "cpu" or tasks < 3 or width < 4 * _GRAM_BLOCK:
-        return jacobian @ jacobian.T
-    gramian = jacobian.new_zeros(tasks, tasks)
+    if jacobian.device.type != "cpu" or width < 4 * _GRAM_BLOCK or (
+        tasks < 3 and dtype == jacobian.dtype
+    ):
+        wide = jacobian.to(dtype)
+        return wide @ wide.T
+    gramian = jacobian.new_zeros(tasks, tasks, dtype=dtype)
+    scratch = jacobian.new_empty(tasks, _GRAM_BLOCK, dtype=dtype)
     for start in range(0, width, _GRAM_BLOCK):
         block = jacobian[:, start : start + _GRAM_BLOCK]
+        if dtype != jacobian.dtype:
+            block = scratch[:, : block.shape[1]].copy_(block)
         gramian.addmm_(block, block.T)
     return gramian
 
