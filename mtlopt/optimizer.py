@@ -151,6 +151,7 @@ class MTLOptimizer(JacobianPath, RepresentationPath, ScalarizedPath, torch.optim
         self._sparse_ids: set[int] = set()
         self._signal_sources: dict[str, Callable[[], Any]] = {}  # opt.observe(x=function)
         self.engine = engine
+        self._engine_declined: tuple[int, int] | None = None
         if engine == "gramian":
             self._require_engine()
 

@@ -371,7 +371,31 @@ def test_operation_ratio_counts_the_two_paths_work():
     assert operation_ratio(found, tasks) > 1  # 64 rows against width 16: blocks, plus copies
 
 
-def test_engine_options_fail_clearly():
+def test_auto_walks_the_graph_again_only_every_so_many_updates(monkeypatch):
+    """Where the engine does not pay, "auto" remembers it: the graph is walked on the first
+    update and again ENGINE_RECHECK updates later (or at once when the task count changes)."""
+    import mtlopt.paths.gramian as path
+
+    walks = []
+    real = path.find_layers
+    monkeypatch.setattr(path, "find_layers", lambda *a: walks.append(1) or real(*a))
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8))
+    heads = nn.ModuleList(nn.Linear(8, 1) for _ in range(3))
+    opt = mtlopt.MTLOptimizer(
+        torch.optim.SGD([*trunk.parameters(), *heads.parameters()], lr=0.01), "mgda"
+    )
+    x = torch.randn(512, 8)  # many rows against width 8: the J path
+    for step in range(path.ENGINE_RECHECK + 5):
+        opt.zero_grad()
+        z = trunk(x)
+        losses = [h(z).pow(2).mean() for h in heads]
+        if step == 3:
+            losses[1] = None  # two tasks present
+        assert opt.step(losses).engine == "jacobian"
+    # updates 0, 3 (two tasks), 4 (three again) and 4 + ENGINE_RECHECK
+    assert len(walks) == 4
+
     model = Trunk()
     with pytest.raises(ValueError, match="engine must be one of"):
         mtlopt.MTLOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "mgda", engine="fast")
