@@ -58,6 +58,15 @@ def finite_tensors(grads: Sequence[Tensor | None]) -> bool:
     return all(_finite(v, g) for v, g in zip(_norms(present).tolist(), present, strict=True))
 
 
+def combination_bounded(weights: Tensor, gramian: np.ndarray, dtype: torch.dtype) -> bool:
+    """Whether ``wᵀJ`` is surely finite in ``dtype`` without reading it: every entry, and every
+    partial sum forming it, is at most ``Σ_i |w_i| ‖g_i‖`` in magnitude, with ``‖g_i‖² = G_ii``
+    of a finite ``J``."""
+    w = np.abs(weights.detach().double().cpu().numpy())
+    bound = float(w @ np.sqrt(np.clip(np.diagonal(gramian), 0.0, None)))
+    return math.isfinite(bound) and bound < torch.finfo(dtype).max / 4
+
+
 def all_finite(values: Tensor) -> bool:
     return bool(torch.isfinite(values).all())
 

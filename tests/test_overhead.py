@@ -175,3 +175,17 @@ def test_loss_strategies_write_autograds_gradients_and_leave_nothing_on_failure(
     sum(w * loss for w, loss in zip(weights.tolist(), given.values(), strict=True)).backward()
     for g, p in zip(got, params, strict=True):
         torch.testing.assert_close(g, p.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_a_combination_is_trusted_finite_only_below_its_bound():
+    """wᵀJ is not read for finiteness where Σ|w_i|‖g_i‖ bounds it well inside the dtype; where it
+    does not, the check reads it (and there it does overflow)."""
+    from mtlopt.finite import combination_bounded
+
+    jacobian = torch.full((2, 4), 3e37)  # float32: finite, each row's norm 6e37
+    gramian = gramian_of(jacobian)
+    assert combination_bounded(torch.tensor([0.5, 0.5]), gramian, torch.float32)
+    assert torch.isfinite(torch.tensor([0.5, 0.5]) @ jacobian).all()
+    assert not combination_bounded(torch.tensor([8.0, 8.0]), gramian, torch.float32)
+    assert not torch.isfinite(torch.tensor([8.0, 8.0]) @ jacobian).all()
+    assert combination_bounded(torch.tensor([8.0, 8.0]), gramian, torch.float64)

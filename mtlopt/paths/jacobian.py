@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..autogram import engine_serves
 from ..engine import (
     TaskGradients,
     flat_gradient,
@@ -17,7 +18,7 @@ from ..engine import (
     task_gradients,
     unflatten,
 )
-from ..finite import all_finite, check_tasks, finite_tensors
+from ..finite import all_finite, check_tasks, combination_bounded, finite_tensors
 from ..partition import Partition, column_map
 from ..stepinfo import StepInfo
 from ..strategies.base import (
@@ -136,7 +137,13 @@ class JacobianPath(GramianEnginePath):
                 )
         except FloatingPointError as error:
             return self._nonfinite(step, detached, str(error))
-        if not check_tasks(combined.direction[None], [[]])[0].finite:
+        bounded = (
+            engine_serves(self._combiner)  # direction = wᵀJ by construction, G from this J
+            and combined.weights is not None
+            and combined.gramian is not None
+            and combination_bounded(combined.weights, combined.gramian, jacobian.dtype)
+        )
+        if not bounded and not check_tasks(combined.direction[None], [[]])[0].finite:
             return self._nonfinite(
                 step, detached, f"{self._combiner.info.name} produced a non-finite update"
             )
