@@ -330,16 +330,7 @@ class GramianStrategy(GradientStrategy):
     normalisation divides by ``wᵀ G w``, which cancels where the constraints nearly conflict)."""
 
     def combine(self, jacobian: Tensor, losses: Tensor | None = None) -> Combined:
-        combined = self.combine_gramian(
-            gramian_of(jacobian, self.float64_gramian),
-            losses,
-            jacobian.dtype,
-            jacobian.shape[1],
-            jacobian.device,
-        )
-        assert combined.weights is not None
-        combined.direction = combined.weights @ jacobian
-        return combined
+        return combine_through_gramian(self, jacobian, losses)
 
     def combine_gramian(
         self,
@@ -368,6 +359,21 @@ class GramianStrategy(GradientStrategy):
         """Per task, a factor for the gradients of its own parameters (see
         :attr:`Combined.head_weights`); ``None``, the raw gradients, by default."""
         return None
+
+
+def combine_through_gramian(strategy: Any, jacobian: Tensor, losses: Tensor | None) -> Combined:
+    """The Jacobian path of a strategy whose combination is known from ``G`` alone (its
+    ``combine_gramian`` and ``float64_gramian``): ``G`` of this ``J``, then ``direction = wᵀJ``."""
+    combined = strategy.combine_gramian(
+        gramian_of(jacobian, strategy.float64_gramian),
+        losses,
+        jacobian.dtype,
+        jacobian.shape[1],
+        jacobian.device,
+    )
+    assert combined.weights is not None
+    combined.direction = combined.weights @ jacobian
+    return combined
 
 
 _known_gramian: ContextVar[tuple[Tensor, int, np.ndarray] | None] = ContextVar(

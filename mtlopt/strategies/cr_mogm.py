@@ -18,7 +18,7 @@ from .base import (
     GramianStrategy,
     Strategy,
     chain,
-    gramian_of,
+    combine_through_gramian,
 )
 
 
@@ -95,15 +95,8 @@ class CRMOGM(Wrapping):
 
     def combine(self, jacobian: Tensor, losses: Tensor | None = None) -> Combined:
         if self.serves_gramian_engine():
-            combined = self.combine_gramian(
-                gramian_of(jacobian, self.float64_gramian),
-                losses,
-                jacobian.dtype,
-                jacobian.shape[1],
-                jacobian.device,
-            )
-        else:
-            combined = self._smoothed(self.base.combine(jacobian, losses), jacobian.dtype)
+            return combine_through_gramian(self, jacobian, losses)
+        combined = self._smoothed(self.base.combine(jacobian, losses), jacobian.dtype)
         assert combined.weights is not None
         combined.direction = combined.weights @ jacobian
         return combined
