@@ -43,6 +43,12 @@ def step_closure() -> Callable[[], Any] | None:
     return _CLOSURE.get()
 
 
+def check_model(model: object) -> None:
+    """A bilevel strategy's ``model=``: ``None`` (given later) or an ``nn.Module``."""
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+
+
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 

@@ -36,6 +36,14 @@ def test_a_method_stepped_without_what_it_needs_says_what_to_pass(name):
     assert opt.task_names is None
 
 
+@pytest.mark.parametrize("name", ["auto_lambda", "moml", "forum"])
+def test_a_bilevel_method_refuses_a_model_that_is_not_a_module(name):
+    model = SharedTrunkNet()
+    with pytest.raises(TypeError, match="model must be an nn.Module, got list"):
+        mtlopt.create(name, model=list(model.parameters()))
+    assert mtlopt.create(name, model=model).model is model
+
+
 def test_the_structural_family_is_registered():
     names = {n for n in mtlopt.available() if mtlopt.info(n).kind.value == "structural"}
     assert names >= {"auto_lambda", "moml", "forum", "rep_mtl", "sparse_mtl", "recon",

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..bilevel import (
+    check_model,
     gradients_of,
     moved_to,
     step_closure,
@@ -115,8 +116,7 @@ class AutoLambda(LossStrategy):
             )
         if not weight_lr > 0 or not epsilon > 0:
             raise ValueError("weight_lr and epsilon must be positive")
-        if model is not None and not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        check_model(model)
         self.model, self.validation = model, validation
         self.primary = [primary] if isinstance(primary, (str, int)) else primary
         self.init, self.weight_lr, self.epsilon = float(init), float(weight_lr), float(epsilon)

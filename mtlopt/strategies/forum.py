@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..bilevel import (
+    check_model,
     flatten,
     gradients_of,
     moved_to,
@@ -112,8 +113,7 @@ class FORUM(LossStrategy):
         if steps_per_epoch is not None and (int(steps_per_epoch) != steps_per_epoch
                                             or steps_per_epoch < 1):
             raise ValueError(f"steps_per_epoch must be a positive integer, got {steps_per_epoch}")
-        if model is not None and not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        check_model(model)
         self.model, self.validation = model, validation
         self.inner_lr, self.inner_steps, self.rho = float(inner_lr), int(inner_steps), float(rho)
         self.weight_lr, self.steps_per_epoch = float(weight_lr), steps_per_epoch

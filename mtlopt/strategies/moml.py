@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..bilevel import (
+    check_model,
     flatten,
     gradients_of,
     moved_to,
@@ -100,8 +101,7 @@ class MOML(LossStrategy):
             raise ValueError(
                 f"inner_lr and weight_lr must be positive, got {inner_lr} and {weight_lr}"
             )
-        if model is not None and not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        check_model(model)
         self.model, self.validation = model, validation
         self.inner_lr, self.weight_lr = float(inner_lr), float(weight_lr)
         self.logits: np.ndarray | None = None
