@@ -39,7 +39,7 @@ def test_a_method_stepped_without_what_it_needs_says_what_to_pass(name):
 @pytest.mark.parametrize("name", ["auto_lambda", "moml", "forum"])
 def test_a_bilevel_method_refuses_a_model_that_is_not_a_module(name):
     model = SharedTrunkNet()
-    with pytest.raises(TypeError, match="model must be an nn.Module, got list"):
+    with pytest.raises(TypeError, match=r"model must be an nn\.Module, got list"):
         mtlopt.create(name, model=list(model.parameters()))
     assert mtlopt.create(name, model=model).model is model
 
