@@ -276,7 +276,7 @@ def project_dual_cone(gramian: np.ndarray, lower: np.ndarray) -> np.ndarray:
     a row whose KKT conditions it does not meet to rounding (very ill-conditioned ``G``) is solved
     again by the Lawson–Hanson active-set method (:func:`_project_row_nnls`).
     """
-    unit, rows, conflicting = _conflicting_rows(gramian, lower)
+    unit, rows, conflicting, scale = _conflicting_rows(gramian, lower)
     result = rows.copy()
     if conflicting.size:
         targets = rows[conflicting]
@@ -287,22 +287,30 @@ def project_dual_cone(gramian: np.ndarray, lower: np.ndarray) -> np.ndarray:
             root = _square_root(unit)
             for k in unsolved:
                 result[k] = rows[k] + _project_row_nnls(root, rows[k])
-    return result.reshape(np.shape(lower))
+    return (result / scale).reshape(np.shape(lower))
 
 
 def _conflicting_rows(
     gramian: np.ndarray, lower: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``G`` over its largest diagonal entry, the rows of ``lower`` (2-D, float64), and the
-    indices of the rows whose combination ``Jᵀ lower`` conflicts with some task (the only rows
-    that need a projection; none when ``G`` is zero)."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The problem :func:`project_dual_cone` solves, in the variables ``v̂ = D v`` with
+    ``D = diag(√G_jj)`` (``1`` where ``G_jj = 0``): the Gramian ``D⁻¹ G D⁻¹`` of the normalised
+    task gradients, the rows ``D l`` of ``lower`` (2-D, float64), the indices of the rows whose
+    combination ``Jᵀ lower`` conflicts with some task (the only rows that need a projection; none
+    when ``G`` is zero), and ``D``'s diagonal. A positive diagonal change of variables keeps the
+    bounds ``v ≥ l`` bounds and the KKT signs ``(G v)_j ≥ 0`` signs, so the solution maps back
+    exactly as ``v = D⁻¹ v̂``; it is Jacobi preconditioning for the conjugate gradients of
+    :func:`_project_rows`, whose iterations otherwise grow with the spread of the task
+    gradients' norms (docs/perf.md, the many-task solver table)."""
     gramian = np.asarray(gramian, dtype=np.float64)
     rows = np.atleast_2d(np.asarray(lower, dtype=np.float64))
-    scale = float(np.max(np.abs(np.diag(gramian))))
-    if not scale > 0:
-        return gramian, rows, np.zeros(0, dtype=np.int64)
-    unit = gramian / scale
-    return unit, rows, np.flatnonzero(np.any(matmul(rows, unit) < 0, axis=1))
+    diagonal = np.diag(gramian)
+    scale = np.sqrt(np.where(diagonal > 0, diagonal, 1.0))
+    if not np.any(diagonal > 0):
+        return gramian, rows, np.zeros(0, dtype=np.int64), scale
+    unit = gramian / scale[:, None] / scale[None, :]
+    rows = rows * scale
+    return unit, rows, np.flatnonzero(np.any(matmul(rows, unit) < 0, axis=1)), scale
 
 
 def _square_root(gramian: np.ndarray) -> np.ndarray:
@@ -322,13 +330,13 @@ def _project_row_nnls(root: np.ndarray, lower: np.ndarray) -> np.ndarray:
 def _project_dual_cone_nnls(gramian: np.ndarray, lower: np.ndarray) -> np.ndarray:
     """:func:`project_dual_cone` row by row with Lawson–Hanson only: the reference the batched
     solver is tested against (and the method it falls back to)."""
-    unit, rows, conflicting = _conflicting_rows(gramian, lower)
+    unit, rows, conflicting, scale = _conflicting_rows(gramian, lower)
     result = rows.copy()
     if conflicting.size:
         root = _square_root(unit)
         for k in conflicting:
             result[k] += _project_row_nnls(root, rows[k])
-    return result.reshape(np.shape(lower))
+    return (result / scale).reshape(np.shape(lower))
 
 
 def _projected_gradient(gramian: np.ndarray, lower: np.ndarray, max_iter: int = 20) -> np.ndarray:
@@ -462,22 +470,21 @@ def _project_rows(
         cut = limit < alpha
         bend = cut & (bends < max_bends)
         alpha = np.where(cut & ~bend, limit, alpha)
-        np.multiply(direction, alpha[:, None], out=scratch)
-        z += scratch
+        step = torch.from_numpy(alpha[:, None])
+        torch.from_numpy(z).addcmul_(torch.from_numpy(direction), step)
         cut_rows = np.flatnonzero(cut)
         if cut_rows.size:
             exact = np.flatnonzero(cut & ~bend)
             z[exact, block[exact]] = 0.0
             z[cut_rows] = np.maximum(z[cut_rows], 0.0)
             bends += bend
-        np.multiply(q, alpha[:, None], out=scratch)
-        residual -= scratch
+        torch.from_numpy(residual).addcmul_(torch.from_numpy(q), step, value=-1.0)
         new_squared = np.einsum("ij,ij->i", residual, residual)
         # Rows to look at afresh: a bound was met, or CG converged on the free set.
         refresh = cut | (new_squared <= tolerance**2) | (curvature <= 0)
         beta = np.where(refresh, 0.0, new_squared / np.where(squared > 0, squared, 1.0))
-        direction *= beta[:, None]
-        direction += residual
+        d = torch.from_numpy(direction)
+        torch.addcmul(torch.from_numpy(residual), d, torch.from_numpy(beta[:, None]), out=d)
         squared = new_squared
     return result, solved
 

@@ -155,6 +155,26 @@ def test_dual_cone_projection_without_ridge_on_rank_deficient_gradients(seed):
     )
 
 
+def test_dual_cone_projection_solves_spread_gradient_norms_without_fallback(monkeypatch):
+    """80 task gradients whose norms span e⁶ ≈ 400×, no ridge: the batched solver (Jacobi scaled)
+    solves every row itself (it used to solve 1 of 80 and hand 79 to Lawson–Hanson), and the
+    answer is Lawson–Hanson's."""
+    import mtlopt.solvers as solvers
+
+    rng = np.random.default_rng(0)
+    j = rng.standard_normal((80, 160)) * np.exp(rng.uniform(-3, 3, (80, 1)))
+    g = j @ j.T
+    reference = solvers._project_dual_cone_nnls(g, np.eye(80))
+
+    def refuse(root, lower):
+        raise AssertionError("a row fell back to Lawson-Hanson")
+
+    monkeypatch.setattr(solvers, "_project_row_nnls", refuse)
+    v = project_dual_cone(g, np.eye(80))
+    assert _kkt_violation(g, np.eye(80), v) < 1e-9
+    np.testing.assert_allclose(v, reference, rtol=1e-8, atol=1e-10)
+
+
 def test_rows_left_unsolved_fall_back_to_lawson_hanson(monkeypatch):
     """A row the batched solver reports unsolved is solved by nnls: same answer."""
     import mtlopt.solvers as solvers
