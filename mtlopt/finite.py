@@ -80,7 +80,7 @@ def _norms(grads: Sequence[Tensor]) -> Tensor:
     if not grads:
         return torch.zeros(0, dtype=torch.float64)
     values = [_dense_values(g) for g in grads]
-    return torch.stack([n.double() for n in torch._foreach_norm(values, 2)])
+    return torch.stack(torch._foreach_norm(values, 2)).double()  # stack promotes mixed dtypes
 
 
 def _dense_values(g: Tensor) -> Tensor:

@@ -137,6 +137,7 @@ class MTLOptimizer(JacobianPath, RepresentationPath, ScalarizedPath, torch.optim
         self._partition_key: tuple[int, ...] | None = None
         self._reach: Reach | None = None
         self._loss_reach_checked: set[tuple[int, ...]] = set()
+        self._objective_closed: dict[tuple[int, ...], bool] = {}
         self._tasks: tuple[str, ...] | None = None
         self._window = Window()
         self.last_step: StepInfo | None = None

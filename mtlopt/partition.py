@@ -30,6 +30,19 @@ def reached_parameters(loss: Tensor, candidates: Sequence[Tensor]) -> list[int]:
     return sorted(reached)
 
 
+def reaches_other_leaves(loss: Tensor, params: Sequence[Tensor]) -> bool:
+    """Whether ``loss``'s graph reaches a leaf that requires grad other than ``params`` (a
+    parameter of another optimizer, an input with ``requires_grad``): a plain ``loss.backward()``
+    would then write a ``.grad`` there too."""
+    own = {id(p) for p in params}
+    if loss.grad_fn is None:
+        return loss.requires_grad and id(loss) not in own
+    return any(
+        getattr(node, "variable", None) is not None and id(node.variable) not in own
+        for node in _nodes(loss)
+    )
+
+
 def compiled_graph(loss: Tensor) -> bool:
     """Whether ``loss`` comes out of a ``torch.compile``'d region: its backward is one opaque node
     through which every output reaches every parameter of the region."""

@@ -138,3 +138,41 @@ def test_imtl_scales_learn_to_make_scaled_losses_one():
     torch.testing.assert_close(
         torch.exp(imtl.learned) * losses, torch.ones(2), atol=1e-3, rtol=0
     )
+
+
+@pytest.mark.parametrize("name", ["ew", "dwa"])
+def test_the_loss_path_writes_grad_only_into_the_optimizers_parameters(name, monkeypatch):
+    """One backward of the objective writes ``.grad`` into the optimizer's parameters (and the
+    strategy's own) only: a tensor the losses reach outside the optimizer (an input
+    with ``requires_grad``, another module's weight) gets none. Where the graph reaches nothing
+    else, the backward runs without ``inputs=`` (plain ``loss.backward()``, the cheaper call),
+    decided once per set of tasks."""
+    import mtlopt.paths.scalarized as scalarized
+
+    calls = []
+    backward = torch.autograd.backward
+
+    def recording(tensors, *args, inputs=None, **kwargs):
+        calls.append(inputs)
+        return backward(tensors, *args, inputs=inputs, **kwargs)
+
+    monkeypatch.setattr(scalarized.torch.autograd, "backward", recording)
+    model = SharedTrunkNet()
+    opt = mtlopt.MTLOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), name)
+    x, y = make_batch()
+    for _ in range(2):
+        opt.zero_grad()
+        opt.step(losses_of(model, x, y))
+    assert calls == [None, None]
+    assert all(p.grad is not None for p in model.parameters())
+
+    other = torch.nn.Linear(x.shape[1], x.shape[1])
+    leaf = x.clone().requires_grad_(True)
+    opt = mtlopt.MTLOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), name)
+    calls.clear()
+    for _ in range(2):
+        opt.zero_grad()
+        opt.step(losses_of(model, other(leaf), y))
+    assert all(inputs is not None for inputs in calls) and len(calls) == 2
+    assert other.weight.grad is None and other.bias.grad is None and leaf.grad is None
+    assert all(p.grad is not None for p in model.parameters())

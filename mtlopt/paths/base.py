@@ -44,6 +44,7 @@ class PathBase:
     _shared_ids: set[int] | None
     _sparse_ids: set[int]
     _loss_reach_checked: set[tuple[int, ...]]
+    _objective_closed: dict[tuple[int, ...], bool]
     _warned: set[str]
     _agreed: bool
     diagnostics: bool
