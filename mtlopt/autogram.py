@@ -108,6 +108,8 @@ class EngineLayer:
     """T × out × in: each task's ``Σ δ_iᵀ x`` over the products (block form)."""
     bias_blocks: Tensor | None = None
     """T × out: each task's bias gradient (block form, with a bias)."""
+    products: Tensor | None = None
+    """T × N × out: where ``K δ_i`` is written (kernel form; reused across steps on the host)."""
 
     @property
     def has_bias(self) -> bool:
@@ -122,7 +124,9 @@ class EngineLayer:
             if self.has_bias:
                 kernel += 1
             tasks = d.shape[0]
-            return d.reshape(tasks, -1) @ torch.matmul(kernel, d).reshape(tasks, -1).T
+            out = self.products if self.products is not None and self.products.dtype == d.dtype else None
+            products = torch.matmul(kernel, d, out=out) if out is not None else kernel @ d
+            return d.reshape(tasks, -1) @ products.reshape(tasks, -1).T
         assert self.blocks is not None
         rows = self.blocks.reshape(self.blocks.shape[0], -1).to(dtype)
         gram = rows @ rows.T
@@ -363,14 +367,39 @@ def _product(node: Any, into: Counter, shared: set[int]) -> Product | None:
     return Product(node, inputs.detach(), weight, bias)
 
 
+class BufferPool:
+    """The engine's T × N × out work arrays, kept from one step to the next on the host.
+
+    Fresh ones every step are, past glibc's ``mmap`` threshold, mapped, page-faulted and unmapped
+    each time: on the defaults ``nn.TransformerEncoder`` of docs/perf.md (T = 11, 128 rows) that
+    was about a tenth of the step. An array is handed out again only to the next step's
+    :func:`record_gradients`, when nothing of the previous one is kept (the optimizer passes no
+    pool while a micro-batch of the same step is kept, so none is written under it). On an accelerator the
+    caching allocator already reuses blocks: no pool there."""
+
+    def __init__(self) -> None:
+        self._arrays: dict[tuple[int, str], Tensor] = {}
+
+    def take(self, owner: Tensor, slot: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """An uninitialised array of ``shape`` in ``like``'s dtype and device for ``owner``'s
+        ``slot``: last step's where it fits."""
+        key = (id(owner), slot)
+        array = self._arrays.get(key)
+        if array is None or array.shape != shape or array.dtype != like.dtype:
+            array = like.new_empty(shape)
+            self._arrays[key] = array
+        return array
+
+
 def record_gradients(
     losses: Sequence[Tensor],
     trainable: Sequence[Tensor],
     partition: Partition,
     layers: list[list[Product]],
+    pool: BufferPool | None = None,
 ) -> Recorded:
     """One backward pass per loss, to the products' outputs and the other trainable parameters;
-    the graph is freed at the end."""
+    the graph is freed at the end. ``pool``: where the work arrays come from (host only)."""
     taken = {
         id(p) for found in layers for p in (found[0].weight, found[0].bias) if p is not None
     }
@@ -390,13 +419,16 @@ def record_gradients(
         stop = start + len(found)
         given = [task[start:stop] for task in deltas]
         reached = [any(d is not None for d in task) for task in given]
-        out.append(_layer(found, given, reached))
+        out.append(_layer(found, given, reached, pool))
         start = stop
     return Recorded(out, other, other_grads, trainable, partition)
 
 
 def _layer(
-    found: list[Product], deltas: list[list[Tensor | None]], reached: list[bool]
+    found: list[Product],
+    deltas: list[list[Tensor | None]],
+    reached: list[bool],
+    pool: BufferPool | None = None,
 ) -> EngineLayer:
     """One weight's products as an :class:`EngineLayer`, in the cheaper form."""
     weight, bias = found[0].weight, found[0].bias
@@ -406,7 +438,14 @@ def _layer(
         inputs = torch.cat([p.inputs for p in found]) if len(found) > 1 else found[0].inputs
         complete = all(d is not None for task in deltas for d in task)
         shape = (tasks, rows, width)
-        stacked = inputs.new_empty(shape) if complete else inputs.new_zeros(shape)
+        products = None
+        if pool is None or inputs.device.type != "cpu":
+            stacked = inputs.new_empty(shape)
+        else:
+            stacked = pool.take(weight, "deltas", shape, inputs)
+            products = pool.take(weight, "products", shape, inputs)
+        if not complete:
+            stacked.zero_()
         for k, task in enumerate(deltas):
             row = 0
             for d, p in zip(task, found, strict=True):
@@ -414,7 +453,9 @@ def _layer(
                 if d is not None:
                     stacked[k, row : row + size].copy_(d)
                 row += size
-        return EngineLayer(weight, bias, reached, inputs=inputs, deltas=stacked)
+        return EngineLayer(
+            weight, bias, reached, inputs=inputs, deltas=stacked, products=products
+        )
     blocks = weight.new_zeros(tasks, *weight.shape)
     bias_blocks = None if bias is None else weight.new_zeros(tasks, width)
     for k, task in enumerate(deltas):

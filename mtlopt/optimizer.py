@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from . import hooks
 from .amp import LossScaling
-from .autogram import engine_serves, gramian_engine_strategies
+from .autogram import BufferPool, engine_serves, gramian_engine_strategies
 from .bilevel import within_step
 from .distributed import ReplicaError, Replicas
 from .finite import all_finite
@@ -153,6 +153,7 @@ class MTLOptimizer(JacobianPath, RepresentationPath, ScalarizedPath, torch.optim
         self._signal_sources: dict[str, Callable[[], Any]] = {}  # opt.observe(x=function)
         self.engine = engine
         self._engine_declined: tuple[int, int] | None = None
+        self._engine_pool = BufferPool()
         if engine == "gramian":
             self._require_engine()
 

@@ -86,6 +86,27 @@ def test_every_served_strategy_takes_the_same_steps_as_with_J(strategy):
     assert [i.engine for i in infos] == ["gramian"] * 3
 
 
+def test_the_kernel_form_reuses_its_work_arrays_from_step_to_step():
+    """On the host the kernel form's T × N × out arrays (output gradients, ``K δ_i``) are last
+    step's, not fresh ones (page-faulted on every step past glibc's mmap threshold), and the
+    steps stay the Jacobian path's."""
+    wide = lambda: Trunk(width=256)  # noqa: E731  12 rows against 256 columns: the kernel form
+    torch.manual_seed(0)
+    model = wide()
+    opt = mtlopt.MTLOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.05), "mgda", engine="gramian"
+    )
+    arrays = []
+    for step in range(3):
+        opt.zero_grad()
+        info = opt.step(model(_inputs(step)))
+        assert info.engine == "gramian"
+        arrays.append({k: a.data_ptr() for k, a in opt._engine_pool._arrays.items()})
+    assert {slot for _, slot in arrays[0]} == {"deltas", "products"}
+    assert arrays[0] == arrays[1] == arrays[2]
+    assert_same(wide, "mgda")
+
+
 @pytest.mark.parametrize("strategy", ["upgrad", "mgda", "pcgrad"])
 def test_float64_steps_agree_to_rounding(strategy):
     assert_same(Trunk, strategy, dtype=torch.float64, tol=1e-11)

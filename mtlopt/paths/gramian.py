@@ -17,7 +17,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..autogram import Recorded, engine_pays, engine_serves, find_layers, record_gradients
+from ..autogram import (
+    BufferPool,
+    Recorded,
+    engine_pays,
+    engine_serves,
+    find_layers,
+    record_gradients,
+)
 from ..engine import _real_dtype
 from ..finite import check_tasks, finite_tensors
 from ..partition import Partition
@@ -43,6 +50,7 @@ class GramianEnginePath(PathBase):
     engine: str
     _updates: int
     _engine_declined: tuple[int, int] | None
+    _engine_pool: BufferPool
     """``(tasks, update)``: ``engine="auto"`` declined at this task count until that update."""
 
     def _engine_gradients(
@@ -63,7 +71,11 @@ class GramianEnginePath(PathBase):
             if auto:
                 self._engine_declined = (len(losses), self._updates + ENGINE_RECHECK)
             return None
-        return record_gradients(losses, trainable, partition, layers)
+        window = self._window
+        fresh = window.engine is None and window.jacobian is None
+        return record_gradients(
+            losses, trainable, partition, layers, self._engine_pool if fresh else None
+        )
 
     def _engine_takes_step(self, step: StepTasks, recorded: Recorded) -> bool:
         """Whether the engine's combination is the Jacobian path's for this step (else the full
@@ -132,7 +144,7 @@ class GramianEnginePath(PathBase):
             return self._nonfinite(
                 step, detached, f"{self._combiner.info.name} produced a non-finite update"
             )
-        accumulate(params, grads)
+        accumulate(params, grads, fresh=True)  # each a new product, kept nowhere else
         self._write_own(step, partition, specific, combined, present, scale)
         window.present, window.losses = present, losses_sum
         window.engine = (recorded, combined.weights)
