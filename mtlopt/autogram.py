@@ -374,8 +374,8 @@ class BufferPool:
     each time: on the defaults ``nn.TransformerEncoder`` of docs/perf.md (T = 11, 128 rows) that
     was about a tenth of the step. An array is handed out again only to the next step's
     :func:`record_gradients`, when nothing of the previous one is kept (the optimizer passes no
-    pool while a micro-batch of the same step is kept, so none is written under it). On an accelerator the
-    caching allocator already reuses blocks: no pool there."""
+    pool while a micro-batch of the same step is kept, so none is written under it). On an
+    accelerator the caching allocator already reuses blocks: no pool there."""
 
     def __init__(self) -> None:
         self._arrays: dict[tuple[int, str], Tensor] = {}
