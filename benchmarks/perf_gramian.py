@@ -264,8 +264,8 @@ def memory_child(parameters: int, tasks: int, mode: str) -> dict[str, float]:
         torch.optim.SGD(model.parameters(), lr=1e-6), "mgda",
         engine="gramian" if mode == "gramian" else "jacobian",
     )
-    before = _rss()
     _reset_peak()
+    before = _rss()  # after the reset: the peak since then is at least this
     for _ in range(2):
         opt.zero_grad()
         z = trunk(x)

@@ -38,6 +38,7 @@ from torch.autograd.graph import GradientEdge
 
 from .engine import TaskGradients, collect_task_gradients, flat_gradient, unflatten
 from .partition import Partition, graph_nodes
+from .wide import gram
 
 
 def kernel_cost(rows: int, tasks: int, width: int, fan_in: int) -> int:
@@ -124,16 +125,17 @@ class EngineLayer:
             if self.has_bias:
                 kernel += 1
             tasks = d.shape[0]
-            out = self.products if self.products is not None and self.products.dtype == d.dtype else None
-            products = torch.matmul(kernel, d, out=out) if out is not None else kernel @ d
-            return d.reshape(tasks, -1) @ products.reshape(tasks, -1).T
+            out = self.products
+            if out is None or out.dtype != d.dtype:
+                out = torch.empty_like(d)
+            torch.matmul(kernel, d, out=out)
+            return gram(d.reshape(tasks, -1), out.reshape(tasks, -1))
         assert self.blocks is not None
-        rows = self.blocks.reshape(self.blocks.shape[0], -1).to(dtype)
-        gram = rows @ rows.T
+        block = gram(self.blocks.reshape(self.blocks.shape[0], -1), dtype=dtype)
         if self.bias_blocks is not None:
             bias = self.bias_blocks.to(dtype)
-            gram += bias @ bias.T
-        return gram
+            block += bias @ bias.T
+        return block
 
     def task_gradients(self) -> tuple[Tensor, Tensor | None]:
         """Per task, the weight's and the bias's gradients (T × out × in, T × out)."""

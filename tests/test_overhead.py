@@ -16,26 +16,40 @@ import mtlopt
 import mtlopt.engine
 import mtlopt.paths.jacobian
 from mtlopt.finite import check_tasks
-from mtlopt.strategies.base import _GRAM_BLOCK, _gram, column_abs_sum, gramian_of, known_gramian
+from mtlopt.strategies.base import gramian_of, known_gramian
+from mtlopt.wide import BLOCK, column_abs_sum, gram
 
 
 @pytest.mark.parametrize("tasks", [2, 3, 11, 16])
-@pytest.mark.parametrize("width", [5 * _GRAM_BLOCK, 5 * _GRAM_BLOCK + 37, 100])
+@pytest.mark.parametrize("width", [5 * BLOCK, 5 * BLOCK + 37, 100])
 def test_blocked_gramian_is_j_jt(tasks, width):
     jacobian = torch.randn(tasks, width, generator=torch.Generator().manual_seed(tasks + width))
     wide = jacobian.double()
     expected = np.einsum("ip,jp->ij", wide.numpy(), wide.numpy())  # float64 reference
     scale = float(np.max(np.diag(expected)))
-    got = _gram(jacobian).double().numpy()
+    got = gram(jacobian).double().numpy()
     assert np.max(np.abs(got - expected)) <= 1e-5 * scale
-    assert np.allclose(_gram(wide).numpy(), expected, rtol=1e-12, atol=1e-10 * scale)
+    assert np.allclose(gram(wide).numpy(), expected, rtol=1e-12, atol=1e-10 * scale)
     # float64 from float32 J, each block cast on its own: the float64 Gramian of the same values
-    assert np.allclose(_gram(jacobian, torch.float64).numpy(), expected, rtol=1e-12,
+    assert np.allclose(gram(jacobian, dtype=torch.float64).numpy(), expected, rtol=1e-12,
                        atol=1e-10 * scale)
     assert np.allclose(gramian_of(jacobian, float64=True), expected, rtol=1e-12, atol=1e-10 * scale)
 
 
-@pytest.mark.parametrize("width", [7, 3 * _GRAM_BLOCK + 5])
+@pytest.mark.parametrize("dtype", [None, torch.float64])
+@pytest.mark.parametrize("width", [5 * BLOCK + 37, 100])
+def test_blocked_product_of_two_matrices_is_a_bt(width, dtype):
+    """``gram(a, b)`` = ``a bᵀ`` (the engine's ``⟨δ_i, K δ_j⟩`` blocks), blocked or not."""
+    generator = torch.Generator().manual_seed(width)
+    a, b = torch.randn(11, width, generator=generator), torch.randn(7, width, generator=generator)
+    expected = a.double().numpy() @ b.double().numpy().T
+    got = gram(a, b, dtype=dtype)
+    assert got.shape == (11, 7) and got.dtype == (dtype or torch.float32)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert np.max(np.abs(got.double().numpy() - expected)) <= tol * np.sqrt(width) * 3
+
+
+@pytest.mark.parametrize("width", [7, 3 * BLOCK + 5])
 def test_column_abs_sum(width):
     jacobian = torch.randn(5, width, dtype=torch.float64)
     expected = sum(row.abs() for row in jacobian)
@@ -117,9 +131,9 @@ def test_reused_jacobian_memory_gives_the_same_steps(method, micro, monkeypatch)
 
 def test_gramian_computed_once_per_step(monkeypatch):
     calls = []
-    original = mtlopt.strategies.base._gram
+    original = mtlopt.strategies.base.gram
     monkeypatch.setattr(
-        mtlopt.strategies.base, "_gram", lambda j: calls.append(1) or original(j)
+        mtlopt.strategies.base, "gram", lambda j, **kw: calls.append(1) or original(j, **kw)
     )
     torch.manual_seed(0)
     model = _Net(3)

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from ..registry import StrategyInfo
 from ..tasks import resolve_task
+from ..wide import gram
 from ._state import TaskAxes, decode, encode, put, take, task_count
 
 Commit = Callable[[], None]
@@ -404,10 +405,10 @@ def gramian_of(jacobian: Tensor, float64: bool = False) -> np.ndarray:
         return known[2].copy()
     jacobian = jacobian.detach()
     if float64 and jacobian.dtype != torch.float64:
-        return host_gramian(_gram(jacobian, torch.float64))
-    gramian = host_gramian(_gram(jacobian))
+        return host_gramian(gram(jacobian, dtype=torch.float64))
+    gramian = host_gramian(gram(jacobian))
     if not np.all(np.isfinite(gramian)) and jacobian.dtype != torch.float64:
-        gramian = host_gramian(_gram(jacobian, torch.float64))
+        gramian = host_gramian(gram(jacobian, dtype=torch.float64))
     return gramian
 
 
@@ -415,47 +416,6 @@ def host_gramian(gramian: Tensor) -> np.ndarray:
     """A T×T Gramian as the float64 host array the strategies weigh, symmetrised."""
     array = gramian.double().cpu().numpy()
     return (array + array.T) / 2
-
-
-_GRAM_BLOCK = 1 << 14
-
-
-def _gram(jacobian: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """``J Jᵀ`` in ``dtype`` (``J``'s by default). On the host, a wide ``J`` is multiplied block
-    of columns by block of columns (cache-sized, accumulated in place, each block cast to
-    ``dtype`` on its own: no T×P copy): MKL's single ``T×P @ P×T`` product is slow at some task
-    counts (T = 11, P = 790 k, 1 thread: 18–23 ms, against 3–8 ms blocked, on a busy machine)."""
-    dtype = dtype or jacobian.dtype
-    tasks, width = jacobian.shape
-    if jacobian.device.type != "cpu" or width < 4 * _GRAM_BLOCK or (
-        tasks < 3 and dtype == jacobian.dtype
-    ):
-        wide = jacobian.to(dtype)
-        return wide @ wide.T
-    gramian = jacobian.new_zeros(tasks, tasks, dtype=dtype)
-    scratch = jacobian.new_empty(tasks, _GRAM_BLOCK, dtype=dtype)
-    for start in range(0, width, _GRAM_BLOCK):
-        block = jacobian[:, start : start + _GRAM_BLOCK]
-        if dtype != jacobian.dtype:
-            block = scratch[:, : block.shape[1]].copy_(block)
-        gramian.addmm_(block, block.T)
-    return gramian
-
-
-def column_abs_sum(jacobian: Tensor) -> Tensor:
-    """``Σ_i |J_ij|`` for every column j, without a T×P temporary (``J.abs()`` of a large ``J``
-    is a fresh mapping, page-faulted every step; the 1-norm along dim 0 is ~100× slower)."""
-    tasks, width = jacobian.shape
-    if jacobian.device.type != "cpu" or width <= _GRAM_BLOCK:
-        return jacobian.abs().sum(dim=0)
-    total = jacobian.new_empty(width)
-    scratch = jacobian.new_empty(tasks, _GRAM_BLOCK)
-    for start in range(0, width, _GRAM_BLOCK):
-        block = jacobian[:, start : start + _GRAM_BLOCK]
-        part = scratch[:, : block.shape[1]]
-        torch.abs(block, out=part)
-        torch.sum(part, dim=0, out=total[start : start + block.shape[1]])
-    return total
 
 
 def clip_weights(weights: np.ndarray, gramian: np.ndarray, max_norm: float | None) -> np.ndarray:

@@ -6,7 +6,8 @@ import torch
 from torch import Tensor
 
 from ..registry import register
-from .base import Combined, GradientStrategy, Randomized, column_abs_sum
+from ..wide import column_abs_sum
+from .base import Combined, GradientStrategy, Randomized
 
 
 @register(
