@@ -28,6 +28,9 @@ class Window:
     """Summed losses of every task (0 for a task not yet present), float64."""
     written: Tensor | None = None
     """The combined update written to the shared parameters' ``.grad`` so far (a P-vector)."""
+    written_weights: Tensor | None = None
+    """In place of ``written`` where that update was ``wᵀJ`` of the window's ``J`` and went to
+    ``.grad`` itself (no copy): ``w``, to form it again if another micro-batch comes."""
     written_own: dict[tuple[int | None, int], Tensor] = field(default_factory=dict)
     """``(task, id(parameter)) →`` what was written for a strategy's own parameter (UW's)."""
     own_sums: dict[tuple[int, int], Tensor] = field(default_factory=dict)
@@ -45,14 +48,19 @@ class Window:
 
 
 def accumulate(
-    params: Sequence[Tensor], grads: Sequence[Tensor | None], fresh: bool = False
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor | None],
+    fresh: bool = False,
+    pieces: bool = False,
 ) -> None:
     """``p.grad += g`` for every pair, creating ``p.grad`` where it is ``None`` (a ``None``
     gradient leaves its parameter alone).
 
     ``fresh``: the gradients come straight from ``autograd.grad`` and nothing else keeps them, so
     one that is contiguous, not a view and not shared with another becomes ``p.grad`` itself, as
-    ``loss.backward()`` would leave it (no copy)."""
+    ``loss.backward()`` would leave it (no copy). ``pieces``: the gradients are disjoint pieces of
+    one new update (:func:`~mtlopt.engine.unflatten` of ``wᵀJ``) that nothing writes again; each
+    contiguous one becomes ``p.grad`` as it is."""
     if any(g is None for g in grads):
         kept = [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
         params, grads = [p for p, _ in kept], [g for _, g in kept]
@@ -75,12 +83,9 @@ def accumulate(
             (shared if ptr in seen else seen).add(ptr)
     for p, g in zip(params, grads, strict=True):
         if p.grad is None:
-            if (
-                fresh
-                and g.dtype == p.dtype
-                and g._base is None
-                and g.is_contiguous()
-                and g.untyped_storage().data_ptr() not in shared
+            if g.dtype == p.dtype and g.is_contiguous() and (
+                pieces
+                or (fresh and g._base is None and g.untyped_storage().data_ptr() not in shared)
             ):
                 p.grad = g.detach()
                 continue

@@ -129,6 +129,26 @@ def test_reused_jacobian_memory_gives_the_same_steps(method, micro, monkeypatch)
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize(("method", "handed"), [("mgda", True), ("upgrad", True), ("graddrop", False)])
+def test_a_gramian_strategys_update_becomes_grad_without_a_copy(method, handed):
+    """On the Jacobian path a Gramian strategy's ``wᵀJ`` is new memory: its pieces become the
+    shared parameters' ``.grad`` (one storage), where a copy used to be made; a strategy that
+    forms its own direction (GradDrop) still has it copied. (A second micro-batch forms the
+    first's update again from its weights: test_in_place_clipping_between_micro_batches_is_kept.)"""
+    torch.manual_seed(0)
+    model = _Net(3)
+    opt = mtlopt.MTLOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        mtlopt.create(method, num_tasks=3, **({"seed": 0} if method in RANDOMIZED else {})),
+        engine="jacobian",
+    )
+    x, y = torch.randn(8, 8), torch.randn(8, 3)
+    opt.zero_grad()
+    opt.backward([((o - y[:, i]) ** 2).mean() for i, o in enumerate(model(x))])
+    storages = {p.grad.untyped_storage().data_ptr() for p in model.trunk.parameters()}
+    assert (len(storages) == 1) == handed
+
+
 def test_gramian_computed_once_per_step(monkeypatch):
     calls = []
     original = mtlopt.strategies.base.gram

@@ -56,6 +56,10 @@ class JacobianPath(GramianEnginePath):
         window = self._window
         if window.engine is not None:
             self._unfold_engine_window()
+        if window.written_weights is not None:  # the update handed to .grad, formed again
+            assert window.jacobian is not None
+            window.written = window.written_weights @ window.jacobian
+            window.written_weights = None
         trainable = self._trainable()
         partition = self._partition_for(step, losses, trainable)
         # J's memory from the last step, unless this window already holds rows (accumulation).
@@ -160,12 +164,21 @@ class JacobianPath(GramianEnginePath):
         )
         if scale != 1.0:
             delta = delta * scale  # .grad holds scaled gradients until scaler.unscale_
-        accumulate(partition.shared, unflatten(delta, partition.shared))
+        # A new update is handed to .grad as it is: a difference or product formed here, or a
+        # Gramian strategy's wᵀJ, which the window then keeps as w (a strategy's own direction may
+        # be its state, and .grad may be clipped in place between micro-batches: both copied).
+        handed = delta is combined.direction and engine_serves(self._combiner)
+        accumulate(
+            partition.shared,
+            unflatten(delta, partition.shared),
+            pieces=handed or delta is not combined.direction,
+        )
         self._write_own(step, partition, specific, combined, present, scale, extras)
         if partition.sparse:
             self._write_sparse(step, grads, partition, present, combined, scale)
         window.present, window.jacobian, window.losses = present, jacobian, losses_sum
-        window.written = combined.direction
+        window.written = None if handed else combined.direction
+        window.written_weights = combined.weights if handed else None
         window.commit = self._combiner.commit_restricted(restriction, combined.commit)
         window.marker = partition.shared[0] if partition.shared else None
         window.info = self._gradient_info(step, losses_sum, present, jacobian, combined)
