@@ -140,10 +140,10 @@ def test_imtl_scales_learn_to_make_scaled_losses_one():
     )
 
 
-@pytest.mark.parametrize("name", ["ew", "dwa"])
+@pytest.mark.parametrize("name", ["ew", "dwa", "uw"])
 def test_the_loss_path_writes_grad_only_into_the_optimizers_parameters(name, monkeypatch):
     """One backward of the objective writes ``.grad`` into the optimizer's parameters (and the
-    strategy's own) only: a tensor the losses reach outside the optimizer (an input
+    strategy's own, UW's log-variances) only: a tensor the losses reach outside the optimizer (an input
     with ``requires_grad``, another module's weight) gets none. Where the graph reaches nothing
     else, the backward runs without ``inputs=`` (plain ``loss.backward()``, the cheaper call),
     decided once per set of tasks."""

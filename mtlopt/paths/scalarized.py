@@ -48,7 +48,7 @@ class ScalarizedPath(PathBase):
         objective = scalarized.loss
         if self._scaling is not None:
             (objective,), _ = self._scaling.scale([objective])
-        if self._replicas is None and not self._own_ids and all(p.grad is None for p in params):
+        if self._replicas is None and all(p.grad is None for p in params):
             key = (*step.present.tolist(), -1, *map(id, params))
             closed = self._objective_closed.get(key)
             if closed is None:
@@ -56,6 +56,8 @@ class ScalarizedPath(PathBase):
             if not self._backward_into_grad(objective, params, closed):
                 return self._bad_gradient(step, detached, "non-finite gradient of the combined loss")
             params_present = [p for p in params if p.grad is not None]
+            # The strategy's own parameters (UW's): what was written, for a later micro-batch.
+            self._correct_own(params_present, [p.grad for p in params_present])
             return self._close_scalarized(step, seen, present, scalarized, params_present)
         grads = torch.autograd.grad(objective, params, allow_unused=True)
         if self._replicas is not None:
