@@ -242,8 +242,10 @@ MEMORY_SECTION = [
     "square Linear layers holding P shared parameters, batch 64, T heads Linear(w, 1), SGD). "
     "Jacobian path: T×P `J` and one task's gradients; engine: the layers' inputs and T output "
     "gradients per layer, no `J`; representation mode: gradients with respect to the trunk's "
-    "output only. Below the table: a least-squares fit of each path's peak, and the largest T "
-    "whose step fits 24 GiB.",
+    "output only; `jacobian_rows=4` (Jacobian path, `mtlopt.chunked`): 4 rows of `J` at a time, "
+    "each later task's gradient formed again for its column of `G` (T + T²/8 backward passes "
+    "instead of T; at T ≤ 4 it is the Jacobian path). Below the table: a least-squares fit of "
+    "each path's peak, and the largest T whose step fits 24 GiB.",
     "",
 ]
 
@@ -263,6 +265,7 @@ def memory_child(parameters: int, tasks: int, mode: str) -> dict[str, float]:
     opt = mtlopt.MTLOptimizer(
         torch.optim.SGD(model.parameters(), lr=1e-6), "mgda",
         engine="gramian" if mode == "gramian" else "jacobian",
+        jacobian_rows=CHUNK_ROWS if mode == "chunked" else None,
     )
     _reset_peak()
     before = _rss()  # after the reset: the peak since then is at least this
@@ -302,8 +305,9 @@ def _rss() -> int:
 
 def memory_table(sizes: list[int], tasks: list[int], progress) -> list[str]:
     lines = [
-        "| P (shared) | T | Jacobian path (MB) | engine (MB) | representation (MB) | J alone (MB) |",
-        "|---|---|---|---|---|---|",
+        "| P (shared) | T | Jacobian path (MB) | engine (MB) | representation (MB) | "
+        f"jacobian_rows={CHUNK_ROWS} (MB) | J alone (MB) |",
+        "|---|---|---|---|---|---|---|",
     ]
     measured: dict[str, list[tuple[int, int, float]]] = {m: [] for m in MODES}
     for parameters in sizes:
@@ -325,14 +329,15 @@ def memory_table(sizes: list[int], tasks: list[int], progress) -> list[str]:
                 measured[mode].append((t, shared, float(result["peak"])))
             lines.append(
                 f"| {shared / 1e6:.1f} M | {t} | {cells['jacobian']} | {cells['gramian']} | "
-                f"{cells['representation']} | {4 * t * shared / 1e6:.0f} |"
+                f"{cells['representation']} | {cells['chunked']} | {4 * t * shared / 1e6:.0f} |"
             )
             progress(f"memory P={parameters} T={t}")
     lines += ["", *fit_lines(measured)]
     return lines
 
 
-MODES = ("jacobian", "gramian", "representation")
+MODES = ("jacobian", "gramian", "representation", "chunked")
+CHUNK_ROWS = 4
 BUDGET = 24 * 2**30
 
 

@@ -87,6 +87,12 @@ class MTLOptimizer(JacobianPath, RepresentationPath, ScalarizedPath, torch.optim
             engine wherever it serves the step (for its memory: no T × P ``J``), and a strategy it
             cannot serve is an error.
             :attr:`StepInfo.engine` says which path took each step.
+        jacobian_rows: for the same strategies, on a step the Gramian engine does not take, hold
+            at most this many rows of ``J`` (:mod:`mtlopt.chunked`): ``G`` block by block, each
+            later task's gradient formed again for its column (about T + T²/(2k) backward passes
+            instead of T), the update by one backward of ``Σ_i w_i L_i``. Memory for time, where
+            the T × P ``J`` does not fit; the same steps to rounding. One backward per step
+            (gradient accumulation is refused); ``None`` (default): the whole ``J``.
         **strategy_kwargs: hyperparameters passed to the strategy when it is given by name.
     """
 
@@ -102,6 +108,7 @@ class MTLOptimizer(JacobianPath, RepresentationPath, ScalarizedPath, torch.optim
         scaler: torch.amp.GradScaler | None = None,
         process_group: Any = None,
         engine: Engine = "auto",
+        jacobian_rows: int | None = None,
         **strategy_kwargs: Any,
     ) -> None:
         if isinstance(optimizer, (list, tuple)):
@@ -112,6 +119,10 @@ class MTLOptimizer(JacobianPath, RepresentationPath, ScalarizedPath, torch.optim
             raise TypeError("the optimizer is already an MTLOptimizer")
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+        if jacobian_rows is not None and (
+            isinstance(jacobian_rows, bool) or not isinstance(jacobian_rows, int) or jacobian_rows < 1
+        ):
+            raise ValueError(f"jacobian_rows must be a positive int or None, got {jacobian_rows!r}")
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
         names = check_names(tasks) if tasks is not None else None
@@ -154,8 +165,17 @@ class MTLOptimizer(JacobianPath, RepresentationPath, ScalarizedPath, torch.optim
         self.engine = engine
         self._engine_declined: tuple[int, int] | None = None
         self._engine_pool = BufferPool()
+        self._jacobian_rows = jacobian_rows
         if engine == "gramian":
             self._require_engine()
+        if jacobian_rows is not None and (
+            isinstance(strategy, TokenStrategy) or not engine_serves(self._combiner)
+        ):
+            raise ValueError(
+                f"jacobian_rows= applies to strategies whose weights come from the Gramian "
+                f"G = J Jᵀ alone ({', '.join(gramian_engine_strategies())}); "
+                f"{self._combiner.info.name} reads J itself (or takes its own gradient path)"
+            )
 
         # The torch.optim.Optimizer contract, sharing the wrapped optimizer's groups and state.
         delegating_optimizer_init(self, optimizer.defaults)

@@ -37,7 +37,9 @@ class StepInfo:
     """The tasks that had a loss in this step."""
     engine: str | None = None
     """How a gradient strategy's step got its task gradients: ``"gramian"`` where the Gramian
-    engine took it (``G`` without ``J``, :mod:`mtlopt.autogram`), ``"jacobian"`` for ``J``."""
+    engine took it (``G`` without ``J``, :mod:`mtlopt.autogram`), ``"chunked"`` where ``G`` was
+    formed k rows of ``J`` at a time (``jacobian_rows=k``, :mod:`mtlopt.chunked`), ``"jacobian"``
+    for ``J``."""
 
     def as_dict(self) -> dict[str, Any]:
         """Plain Python numbers keyed by task name (present tasks only), for loggers."""

@@ -268,7 +268,7 @@ def test_perf_gramian_engine_and_memory_sections(monkeypatch):
     assert [(c[2], c[3]) for c in cells] == [("8", "0.25"), ("128", "4"), ("6", "0.0117188")]
     assert [c[6] for c in cells] == ["engine", "J path", "engine"]  # few rows: the kernel pays
     assert {line.count("|") for line in crossover} == {11}  # every row fills the 10 columns
-    for mode in ("jacobian", "gramian", "representation"):
+    for mode in ("jacobian", "gramian", "representation", "chunked"):
         result = perf_gramian.memory_child(3000, 2, mode)
         assert result["peak"] >= 0 and 2500 < result["shared"] < 3500
     vjp = perf_gramian.batched_vjp_lines(2, 1, 0, lambda m: None)

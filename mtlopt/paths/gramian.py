@@ -25,6 +25,7 @@ from ..autogram import (
     find_layers,
     record_gradients,
 )
+from ..chunked import ChunkedRecorded, record_chunked
 from ..engine import _real_dtype
 from ..finite import check_tasks, finite_tensors
 from ..partition import Partition
@@ -51,16 +52,27 @@ class GramianEnginePath(PathBase):
     _updates: int
     _engine_declined: tuple[int, int] | None
     _engine_pool: BufferPool
+    _jacobian_rows: int | None
     """``(tasks, update)``: ``engine="auto"`` declined at this task count until that update."""
 
     def _engine_gradients(
         self, losses: list[Tensor], trainable: list[Tensor], partition: Partition
-    ) -> Recorded | None:
+    ) -> Recorded | ChunkedRecorded | None:
         """The engine's backward passes, where it finds shared linear layers in these losses'
-        graph."""
-        if self.engine == "jacobian" or self._replicas is not None:
+        graph; elsewhere, with ``jacobian_rows=k`` and more than k tasks, ``G`` k rows of ``J``
+        at a time (:mod:`mtlopt.chunked`)."""
+        if self._replicas is not None or not engine_serves(self._combiner):
             return None
-        if not engine_serves(self._combiner):
+        recorded = self._linear_layers_gradients(losses, trainable, partition)
+        rows = self._jacobian_rows
+        if recorded is None and rows is not None and len(losses) > rows:
+            return record_chunked(losses, trainable, partition, rows)
+        return recorded
+
+    def _linear_layers_gradients(
+        self, losses: list[Tensor], trainable: list[Tensor], partition: Partition
+    ) -> Recorded | None:
+        if self.engine == "jacobian":
             return None
         auto = self.engine == "auto"
         declined = self._engine_declined
@@ -77,7 +89,7 @@ class GramianEnginePath(PathBase):
             losses, trainable, partition, layers, self._engine_pool if fresh else None
         )
 
-    def _engine_takes_step(self, step: StepTasks, recorded: Recorded) -> bool:
+    def _engine_takes_step(self, step: StepTasks, recorded: Recorded | ChunkedRecorded) -> bool:
         """Whether the engine's combination is the Jacobian path's for this step (else the full
         ``J`` is formed from the same backward passes)."""
         assert self._reach is not None and self._partition_key is not None
@@ -93,7 +105,7 @@ class GramianEnginePath(PathBase):
         )
 
     def _backward_gramian(
-        self, step: StepTasks, recorded: Recorded, detached: Tensor, scale: float
+        self, step: StepTasks, recorded: Recorded | ChunkedRecorded, detached: Tensor, scale: float
     ) -> StepInfo:
         """The engine's step. Under a GradScaler the recorded gradients are those of the scaled
         losses: ``G`` is divided by the scale squared and the update written as it comes (the
@@ -151,7 +163,7 @@ class GramianEnginePath(PathBase):
         window.commit = self._combiner.commit_restricted(restriction, combined.commit)
         window.marker = partition.shared[0]
         window.info = self._gradient_info(step, losses_sum, present, None, combined)
-        window.info.engine = "gramian"
+        window.info.engine = "chunked" if isinstance(recorded, ChunkedRecorded) else "gramian"
         return window.info
 
     def _unfold_engine_window(self) -> None:
@@ -160,8 +172,9 @@ class GramianEnginePath(PathBase):
         window = self._window
         assert window.engine is not None
         recorded, weights = window.engine
+        jacobian = recorded.task_gradients().jacobian  # before any change: it may refuse
         window.engine = None
-        window.jacobian = recorded.task_gradients().jacobian
+        window.jacobian = jacobian
         window.written = weights.to(window.jacobian) @ window.jacobian
 
 
