@@ -92,7 +92,8 @@ class MTLOptimizer(JacobianPath, RepresentationPath, ScalarizedPath, torch.optim
             later task's gradient formed again for its column (about T + T²/(2k) backward passes
             instead of T), the update by one backward of ``Σ_i w_i L_i``. Memory for time, where
             the T × P ``J`` does not fit; the same steps to rounding. One backward per step
-            (gradient accumulation is refused); ``None`` (default): the whole ``J``.
+            (gradient accumulation is refused); under torch.distributed the whole ``J`` is
+            formed (its rows are averaged across ranks); ``None`` (default): the whole ``J``.
         **strategy_kwargs: hyperparameters passed to the strategy when it is given by name.
     """
 
