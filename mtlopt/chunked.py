@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .engine import TaskGradients, collect_task_gradients, flat_gradient
+from .engine import TaskGradients, collect_task_gradients, flat_gradient, task_gradients
 from .partition import Partition
 from .wide import gram
 
@@ -36,8 +36,6 @@ class ChunkedRecorded:
     reached_by_task: list[tuple[bool, ...]]
     own_by_task: list[dict[int, Tensor]]
     sparse: bool
-    passes: int = 0
-    """Backward passes taken (the update's excluded)."""
     _spent: bool = field(default=False, repr=False)
 
     def reached(self) -> list[tuple[bool, ...]]:
@@ -72,12 +70,7 @@ class ChunkedRecorded:
                 "first one's J, which this mode does not keep; call step() after each backward "
                 "or leave jacobian_rows unset for gradient accumulation"
             )
-        count = len(self.losses)
-        per_task = (
-            torch.autograd.grad(loss, self.trainable, retain_graph=k < count - 1, allow_unused=True)
-            for k, loss in enumerate(self.losses)
-        )
-        return collect_task_gradients(per_task, self.trainable, self.partition, buffer, count)
+        return task_gradients(self.losses, self.trainable, self.partition, buffer)
 
 
 def record_chunked(
@@ -92,7 +85,6 @@ def record_chunked(
     reached: list[tuple[bool, ...]] = []
     own: list[dict[int, Tensor]] = []
     sparse = False
-    passes = 0
     for start in range(0, tasks, rows):
         stop = min(start + rows, tasks)
         block = collect_task_gradients(
@@ -104,7 +96,6 @@ def record_chunked(
             partition,
             num_tasks=stop - start,
         )
-        passes += stop - start
         reached += block.reached
         own += block.own
         sparse = sparse or bool(block.sparse)
@@ -112,7 +103,6 @@ def record_chunked(
         gramian[start:stop, start:stop] = gram(rows_a, dtype=torch.float64)
         for j in range(stop, tasks):
             grads = torch.autograd.grad(losses[j], shared, retain_graph=True, allow_unused=True)
-            passes += 1
             column = torch.cat(
                 [flat_gradient(None if g is not None and g.is_sparse else g, p)
                  for g, p in zip(grads, shared, strict=True)]
@@ -122,4 +112,4 @@ def record_chunked(
             gramian[start:stop, j] = products
             gramian[j, start:stop] = products
         del block, rows_a  # before the next block is formed: k rows alive, not 2k
-    return ChunkedRecorded(losses, partition, trainable, gramian, reached, own, sparse, passes)
+    return ChunkedRecorded(losses, partition, trainable, gramian, reached, own, sparse)

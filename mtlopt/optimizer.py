@@ -168,15 +168,11 @@ class MTLOptimizer(JacobianPath, RepresentationPath, ScalarizedPath, torch.optim
         self._engine_pool = BufferPool()
         self._jacobian_rows = jacobian_rows
         if engine == "gramian":
-            self._require_engine()
-        if jacobian_rows is not None and (
-            isinstance(strategy, TokenStrategy) or not engine_serves(self._combiner)
-        ):
-            raise ValueError(
-                f"jacobian_rows= applies to strategies whose weights come from the Gramian "
-                f"G = J Jᵀ alone ({', '.join(gramian_engine_strategies())}); "
-                f"{self._combiner.info.name} reads J itself (or takes its own gradient path)"
+            self._require_gramian_strategy(
+                "engine='gramian'", "use engine='jacobian' (or leave 'auto')"
             )
+        if jacobian_rows is not None:
+            self._require_gramian_strategy("jacobian_rows=", "leave jacobian_rows unset")
 
         # The torch.optim.Optimizer contract, sharing the wrapped optimizer's groups and state.
         delegating_optimizer_init(self, optimizer.defaults)
@@ -189,18 +185,19 @@ class MTLOptimizer(JacobianPath, RepresentationPath, ScalarizedPath, torch.optim
         if hasattr(self._combiner, "bind_optimizer"):  # i18c: Auto-λ's virtual step reads the lr
             self._combiner.bind_optimizer(optimizer)
 
-    def _require_engine(self) -> None:
-        """``engine="gramian"``: a strategy the engine cannot serve is an error here."""
+    def _require_gramian_strategy(self, option: str, remedy: str) -> None:
+        """``option`` (``engine='gramian'``, ``jacobian_rows=``) serves only strategies whose
+        weights come from ``G`` alone: any other is an error here, saying ``remedy``."""
         if isinstance(self.strategy, TokenStrategy):
             raise ValueError(
-                f"engine='gramian' does not serve {self.strategy.info.name}: its task streams "
-                "take their own gradient path; use engine='jacobian' (or leave 'auto')"
+                f"{option} does not serve {self.strategy.info.name}: its task streams take "
+                f"their own gradient path; {remedy}"
             )
         if not engine_serves(self._combiner):
             raise ValueError(
-                f"engine='gramian' serves strategies whose weights come from the Gramian "
-                f"G = J Jᵀ alone ({', '.join(gramian_engine_strategies())}); "
-                f"{self._combiner.info.name} reads J itself: use engine='jacobian'"
+                f"{option} serves strategies whose weights come from the Gramian G = J Jᵀ "
+                f"alone ({', '.join(gramian_engine_strategies())}); "
+                f"{self._combiner.info.name} reads J itself: {remedy}"
             )
 
     # torch.optim.Optimizer views ------------------------------------------------------------------

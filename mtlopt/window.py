@@ -29,8 +29,9 @@ class Window:
     written: Tensor | None = None
     """The combined update written to the shared parameters' ``.grad`` so far (a P-vector)."""
     written_weights: Tensor | None = None
-    """In place of ``written`` where that update was ``wᵀJ`` of the window's ``J`` and went to
-    ``.grad`` itself (no copy): ``w``, to form it again if another micro-batch comes."""
+    """In place of ``written``: ``w`` of an update written as ``wᵀJ`` of the window's ``J`` (handed
+    to ``.grad`` without a copy, or formed layer by layer by the Gramian engine), formed again if
+    another micro-batch comes."""
     written_own: dict[tuple[int | None, int], Tensor] = field(default_factory=dict)
     """``(task, id(parameter)) →`` what was written for a strategy's own parameter (UW's)."""
     own_sums: dict[tuple[int, int], Tensor] = field(default_factory=dict)

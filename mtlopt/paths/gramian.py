@@ -51,9 +51,9 @@ class GramianEnginePath(PathBase):
     engine: str
     _updates: int
     _engine_declined: tuple[int, int] | None
+    """``(tasks, update)``: ``engine="auto"`` declined at this task count until that update."""
     _engine_pool: BufferPool
     _jacobian_rows: int | None
-    """``(tasks, update)``: ``engine="auto"`` declined at this task count until that update."""
 
     def _engine_gradients(
         self, losses: list[Tensor], trainable: list[Tensor], partition: Partition
@@ -167,15 +167,14 @@ class GramianEnginePath(PathBase):
         return window.info
 
     def _unfold_engine_window(self) -> None:
-        """A second micro-batch after the engine's: the first's rows of ``J`` and its written
-        update, formed from what the engine kept."""
+        """A second micro-batch after the engine's: the first's rows of ``J`` formed from what the
+        engine kept, and the weights of the update it wrote (formed by the Jacobian path)."""
         window = self._window
         assert window.engine is not None
         recorded, weights = window.engine
         jacobian = recorded.task_gradients().jacobian  # before any change: it may refuse
         window.engine = None
-        window.jacobian = jacobian
-        window.written = weights.to(window.jacobian) @ window.jacobian
+        window.jacobian, window.written_weights = jacobian, weights
 
 
 def _host(gramian: Tensor, scale: float = 1.0) -> np.ndarray:

@@ -56,9 +56,9 @@ class JacobianPath(GramianEnginePath):
         window = self._window
         if window.engine is not None:
             self._unfold_engine_window()
-        if window.written_weights is not None:  # the update handed to .grad, formed again
+        if window.written_weights is not None:  # the update written as wᵀJ, formed again
             assert window.jacobian is not None
-            window.written = window.written_weights @ window.jacobian
+            window.written = window.written_weights.to(window.jacobian) @ window.jacobian
             window.written_weights = None
         trainable = self._trainable()
         partition = self._partition_for(step, losses, trainable)
